@@ -1,0 +1,1 @@
+"""Operations and operator tools: set-up scripts, benchmarks (later: backup, integrity, recovery)."""

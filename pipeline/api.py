@@ -1,0 +1,167 @@
+"""The Python API for scripts: submit, wait, status, search, resume.
+
+Every function takes an optional ``config``; without one, ``Config.from_env()`` is used
+(``INDEXQ_HOME`` and friends). Errors are the ``pipeline.errors`` classes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import psutil
+
+from pipeline.config import Config
+from pipeline.errors import NotFoundError
+from pipeline.ledger import JobProgress, Ledger
+from pipeline.locks import writer_alive
+from pipeline.producer import Producer
+
+# How often wait() looks at the ledger.
+POLL_SECONDS = 0.5
+
+
+def _config(config: Config | None) -> Config:
+    return config if config is not None else Config.from_env()
+
+
+def submit_paths(
+    paths: Sequence[str | os.PathLike[str]], collection: str, include: Sequence[str] = (),
+    exclude: Sequence[str] = (), config: Config | None = None,
+) -> str:  # fmt: skip
+    """Index files and directories (recursively) into ``collection``; returns the job id."""
+    producer = Producer(_config(config))
+    try:
+        return producer.submit_paths(paths, collection, include, exclude).job
+    finally:
+        producer.close()
+
+
+def submit_records(
+    records: Iterable[dict[str, Any]], collection: str, source: str = "records", config: Config | None = None
+) -> str:
+    """Index records ``{"id"?, "text", "metadata"?}``; returns the job id."""
+    producer = Producer(_config(config))
+    try:
+        return producer.submit_records(records, collection, source).job
+    finally:
+        producer.close()
+
+
+def submit_jsonl(path: str | os.PathLike[str], collection: str, config: Config | None = None) -> str:
+    """Index a JSONL file of records; returns the job id."""
+    producer = Producer(_config(config))
+    try:
+        return producer.submit_jsonl(path, collection).job
+    finally:
+        producer.close()
+
+
+def job(job_id: str, config: Config | None = None) -> JobProgress:
+    ledger = Ledger(_config(config).ledger_path)
+    try:
+        progress = ledger.progress(job_id)
+    finally:
+        ledger.close()
+    if progress is None:
+        raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
+    return progress
+
+
+def wait(job_id: str, config: Config | None = None, timeout: float | None = None, progress: bool = False) -> JobProgress:
+    """Block until every chunk of the job is committed (or failed); returns its progress.
+
+    With ``timeout``, returns the progress so far when it expires.
+    """
+    cfg = _config(config)
+    ledger = Ledger(cfg.ledger_path)
+    bar = None
+    warned = False
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            state = ledger.progress(job_id)
+            if state is None:
+                raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
+            if progress:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=state.chunks, unit="chunk", desc=job_id, file=sys.stderr, dynamic_ncols=True)
+                bar.total = state.chunks
+                bar.update(state.committed + state.failed - bar.n)
+                bar.set_postfix(pending=state.pending, failed=state.failed, refresh=False)
+            if state.state in ("done", "failed") or (deadline is not None and time.monotonic() >= deadline):
+                return state
+            if progress and not warned and writer_alive(cfg.writer_lock_path) is None:
+                warned = True
+                print(f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)", file=sys.stderr)
+            time.sleep(POLL_SECONDS)
+    finally:
+        if bar is not None:
+            bar.close()
+        ledger.close()
+
+
+def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
+    """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
+    from workers.queue import WriterHuey
+
+    cfg = _config(config)
+    cfg.ensure_home()
+    ledger = Ledger(cfg.ledger_path)
+    try:
+        holder = writer_alive(cfg.writer_lock_path)
+        progress = [p for p in (ledger.progress(j) for j in ledger.job_ids(jobs)) if p is not None]
+        commits = ledger.commit_stats()
+        memory = psutil.virtual_memory()
+        disk = shutil.disk_usage(cfg.chroma_dir)
+        return {
+            "home": str(cfg.home),
+            "chroma": str(cfg.chroma_dir),
+            "writer": {"alive": holder is not None, **(holder or {})},
+            "queue_depth": WriterHuey(cfg).pending_count(),
+            "last_commit": commits["last_commit"],
+            "recent_rate": round(commits["recent_rate"], 2),
+            "chunks": ledger.counts(),
+            "embedded_more_than_once": ledger.embedded_more_than_once(),
+            "memory": {"percent": memory.percent, "threshold": cfg.memory_threshold},
+            "disk": {"free_mb": disk.free // 2**20, "min_free_mb": cfg.min_free_mb},
+            "jobs": [p.as_dict() for p in progress],
+        }
+    finally:
+        ledger.close()
+
+
+def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:
+    """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
+    from pipeline.embedder import load_embedder
+    from pipeline.locks import CommitLock
+    from pipeline.store import Store
+
+    cfg = _config(config)
+    if not cfg.ledger_path.exists():
+        raise NotFoundError(f"no indexq data home at {cfg.home}", hint="set --home or INDEXQ_HOME")
+    vector = load_embedder(cfg.model).embed([text])[0]
+    # Opening Chroma from a second process is only safe while the writer is between
+    # commits: hold the commit lock for the open and the query (milliseconds).
+    lock = CommitLock(cfg.commit_lock_path)
+    try:
+        with lock.held(timeout=cfg.lock_timeout):
+            store = Store(cfg.chroma_dir)
+            if not store.exists(collection):
+                raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_dir}")
+            return store.query(collection, vector, k)
+    finally:
+        lock.close()
+
+
+def resume(config: Config | None = None) -> int:
+    """Enqueue every outstanding chunk again; returns the number of tasks enqueued."""
+    from workers.queue import WriterHuey
+
+    return WriterHuey(_config(config)).requeue()

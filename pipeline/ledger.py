@@ -1,0 +1,340 @@
+"""The ledger: one SQLite row per chunk, the source of truth of every collection.
+
+Producers write pending rows *before* they enqueue work; the writer stores each
+embedding as soon as it is computed and marks rows committed *after* Chroma accepted
+them. WAL with ``synchronous=FULL``: a row the ledger reported written survives power
+loss. Transactions are short and ``BEGIN IMMEDIATE`` so that a producer and the writer
+wait for each other instead of failing on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+PENDING = "pending"  # needs an embedding
+EMBEDDED = "embedded"  # embedding stored, not yet in Chroma
+COMMITTED = "committed"  # in Chroma
+DELETING = "deleting"  # stale: to be removed from Chroma, then from the ledger
+FAILED = "failed"  # refused by validation; the reason is in `error`
+OUTSTANDING = (PENDING, EMBEDDED, DELETING)
+
+# SQLite allows 32766 host parameters; stay far below for IN (...) lists.
+_IN_CHUNK = 500
+
+
+@dataclasses.dataclass
+class Row:
+    collection: str
+    id: str
+    text: str
+    metadata: dict[str, Any]
+    hash: str
+    state: str
+    embedding: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobProgress:
+    id: str
+    collection: str
+    state: str
+    chunks: int
+    committed: int
+    pending: int
+    failed: int
+    created: float
+    skipped_files: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        new = not path.exists()
+        conn = sqlite3.connect(str(path), timeout=120, isolation_level=None, check_same_thread=False)
+        if new:
+            path.chmod(0o600)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA busy_timeout=120000")
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        # The writer's worker thread and status probes may share one Ledger.
+        self._lock = threading.RLock()
+        self._create()
+
+    def _create(self) -> None:
+        with self._tx():
+            self.db["jobs"].create(
+                {
+                    "id": str, "collection": str, "kind": str, "sources": str, "state": str,
+                    "created": float, "finished": float, "total": int, "new": int, "changed": int,
+                    "unchanged": int, "stale": int, "skipped_files": int, "skipped": str,
+                },
+                pk="id", if_not_exists=True,
+            )  # fmt: skip
+            self.db["chunks"].create(
+                {
+                    "collection": str, "id": str, "source": str, "ordinal": int, "text": str,
+                    "metadata": str, "hash": str, "state": str, "embedding": bytes, "model": str,
+                    "embeds": int, "seq": int, "committed_at": float, "updated": float,
+                    "error": str, "job": str,
+                },
+                pk=("collection", "id"), if_not_exists=True,
+            )  # fmt: skip
+            self.db["job_chunks"].create(
+                {"job": str, "collection": str, "id": str}, pk=("job", "collection", "id"), if_not_exists=True
+            )
+            self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            chunks = self.db["chunks"]
+            chunks.create_index(["collection", "source", "ordinal"], if_not_exists=True)
+            chunks.create_index(["collection", "hash"], if_not_exists=True)
+            chunks.create_index(["state"], if_not_exists=True)
+            chunks.create_index(["committed_at"], if_not_exists=True)
+            chunks.create_index(["job", "state"], if_not_exists=True)
+            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', '0')")
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            self.conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ---- producers -------------------------------------------------------------
+
+    def create_job(self, collection: str, kind: str, sources: list[str]) -> str:
+        job = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
+                " unchanged, stale, skipped_files, skipped) VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]')",
+                (job, collection, kind, json.dumps(sources), time.time()),
+            )
+        return job
+
+    def finish_submission(self, job: str, counts: dict[str, int], skipped: list[dict[str, str]]) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE jobs SET state='queued', total=?, new=?, changed=?, unchanged=?, stale=?,"
+                " skipped_files=?, skipped=? WHERE id=?",
+                (counts["total"], counts["new"], counts["changed"], counts["unchanged"], counts["stale"],
+                 len(skipped), json.dumps(skipped), job),
+            )  # fmt: skip
+
+    def fail_submission(self, job: str, reason: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET state='failed', skipped=? WHERE id=?", (json.dumps([{"error": reason}]), job))
+
+    def by_source(self, collection: str, source: str) -> dict[int, tuple[str, str, str]]:
+        """ordinal -> (id, hash, state) of the rows a source has now."""
+        rows = self.conn.execute(
+            "SELECT ordinal, id, hash, state FROM chunks WHERE collection=? AND source=?", (collection, source)
+        )
+        return {ordinal: (id_, hash_, state) for ordinal, id_, hash_, state in rows}
+
+    def by_ids(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """id -> (hash, state) for those of ``ids`` the ledger has."""
+        found: dict[str, tuple[str, str]] = {}
+        for part in _batched(ids, _IN_CHUNK):
+            marks = ",".join("?" * len(part))
+            for id_, hash_, state in self.conn.execute(
+                f"SELECT id, hash, state FROM chunks WHERE collection=? AND id IN ({marks})", (collection, *part)
+            ):
+                found[id_] = (hash_, state)
+        return found
+
+    def reusable_embedding(self, collection: str, hash_: str, model: str) -> bytes | None:
+        """An embedding already computed for the same text with the same model."""
+        row = self.conn.execute(
+            "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL LIMIT 1",
+            (collection, hash_, model),
+        ).fetchone()
+        return row[0] if row else None
+
+    def write_submission(
+        self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str]
+    ) -> None:
+        """One transaction: new or changed rows, the job's membership, stale rows to delete."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.executemany(
+                "INSERT INTO chunks(collection, id, source, ordinal, text, metadata, hash, state, embedding,"
+                " model, embeds, updated, job) VALUES (:collection, :id, :source, :ordinal, :text, :metadata,"
+                " :hash, :state, :embedding, :model, 0, :updated, :job)"
+                " ON CONFLICT(collection, id) DO UPDATE SET source=excluded.source, ordinal=excluded.ordinal,"
+                " text=excluded.text, metadata=excluded.metadata, hash=excluded.hash, state=excluded.state,"
+                " embedding=excluded.embedding, model=excluded.model, embeds=0, error=NULL,"
+                " updated=excluded.updated, job=excluded.job",
+                [{**row, "collection": collection, "updated": now, "job": job} for row in rows],
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO job_chunks(job, collection, id) VALUES (?, ?, ?)",
+                [(job, collection, id_) for id_ in linked],
+            )
+            conn.executemany(
+                "UPDATE chunks SET state='deleting', job=?, updated=? WHERE collection=? AND id=?",
+                [(job, now, collection, id_) for id_ in stale],
+            )
+
+    # ---- the writer ------------------------------------------------------------
+
+    def load(self, collection: str, ids: Sequence[str], states: Iterable[str]) -> list[Row]:
+        wanted = tuple(states)
+        rows: list[Row] = []
+        for part in _batched(ids, _IN_CHUNK):
+            marks = ",".join("?" * len(part))
+            smarks = ",".join("?" * len(wanted))
+            cursor = self.conn.execute(
+                f"SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
+                f" WHERE collection=? AND id IN ({marks}) AND state IN ({smarks})",
+                (collection, *part, *wanted),
+            )
+            rows.extend(Row(c, i, t, json.loads(m or "{}"), h, s, e) for c, i, t, m, h, s, e in cursor)
+        order = {id_: n for n, id_ in enumerate(ids)}
+        rows.sort(key=lambda r: order.get(r.id, 0))
+        return rows
+
+    def begin_embedding(self, collection: str, ids: Sequence[str]) -> None:
+        """Count an embedding attempt before it starts, so a kill mid-way still shows."""
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE chunks SET embeds=embeds+1 WHERE collection=? AND id=?", [(collection, i) for i in ids]
+            )
+
+    def store_embeddings(self, collection: str, items: Sequence[tuple[str, str, bytes]], model: str) -> None:
+        """(id, hash, embedding): stored only if the text was not replaced meanwhile."""
+        now = time.time()
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE chunks SET embedding=?, model=?, state='embedded', updated=?"
+                " WHERE collection=? AND id=? AND hash=? AND state='pending'",
+                [(blob, model, now, collection, id_, hash_) for id_, hash_, blob in items],
+            )
+
+    def checkpoint(self, collection: str, items: Sequence[tuple[str, str]]) -> int:
+        """Mark (id, hash) committed under one new commit sequence number."""
+        now = time.time()
+        with self._tx() as conn:
+            (seq,) = conn.execute(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='seq' RETURNING CAST(value AS INTEGER)"
+            ).fetchone()
+            conn.executemany(
+                "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?"
+                " WHERE collection=? AND id=? AND hash=? AND state='embedded'",
+                [(seq, now, now, collection, id_, hash_) for id_, hash_ in items],
+            )
+        return int(seq)
+
+    def fail(self, collection: str, items: Sequence[tuple[str, str]]) -> None:
+        """(id, reason): rows the writer refused; kept, visible, never silently dropped."""
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE chunks SET state='failed', error=?, updated=? WHERE collection=? AND id=?",
+                [(reason, time.time(), collection, id_) for id_, reason in items],
+            )
+
+    def forget(self, collection: str, ids: Sequence[str]) -> None:
+        """Drop stale rows once Chroma no longer has them (unless re-submitted meanwhile)."""
+        with self._tx() as conn:
+            conn.executemany(
+                "DELETE FROM chunks WHERE collection=? AND id=? AND state='deleting'", [(collection, i) for i in ids]
+            )
+
+    def outstanding(self, batch: int) -> Iterator[tuple[str, str, list[str]]]:
+        """(collection, state, ids) in batches: every row that still needs the writer."""
+        cursor = self.conn.execute(
+            "SELECT collection, state, id FROM chunks WHERE state IN (?, ?, ?) ORDER BY collection, state, rowid",
+            OUTSTANDING,
+        )
+        key: tuple[str, str] | None = None
+        ids: list[str] = []
+        for collection, state, id_ in cursor.fetchall():
+            kind = "delete" if state == DELETING else "index"
+            if (collection, kind) != key or len(ids) >= batch:
+                if key and ids:
+                    yield key[0], key[1], ids
+                key, ids = (collection, kind), []
+            ids.append(id_)
+        if key and ids:
+            yield key[0], key[1], ids
+
+    # ---- status ------------------------------------------------------------------
+
+    def progress(self, job: str) -> JobProgress | None:
+        row = self.conn.execute(
+            "SELECT collection, state, created, skipped_files FROM jobs WHERE id=?", (job,)
+        ).fetchone()
+        if row is None:
+            return None
+        collection, state, created, skipped_files = row
+        chunks, committed, pending, failed = self.conn.execute(
+            "SELECT count(*), coalesce(sum(c.state='committed'), 0),"
+            " coalesce(sum(c.state IN ('pending', 'embedded')), 0), coalesce(sum(c.state='failed'), 0)"
+            " FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id WHERE j.job=?",
+            (job,),
+        ).fetchone()
+        (deleting,) = self.conn.execute(
+            "SELECT count(*) FROM chunks WHERE job=? AND state='deleting'", (job,)
+        ).fetchone()
+        pending += deleting
+        if state == "queued":
+            state = "running" if pending else ("failed" if failed else "done")
+        return JobProgress(job, collection, state, chunks, committed, pending, failed, created, skipped_files)
+
+    def job_ids(self, limit: int = 20) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
+
+    def skipped(self, job: str) -> list[dict[str, str]]:
+        row = self.conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
+        return json.loads(row[0]) if row else []
+
+    def commit_stats(self, window: float = 60.0) -> dict[str, Any]:
+        now = time.time()
+        (last,) = self.conn.execute("SELECT max(committed_at) FROM chunks").fetchone()
+        (recent,) = self.conn.execute(
+            "SELECT count(*) FROM chunks WHERE committed_at >= ?", (now - window,)
+        ).fetchone()
+        return {"last_commit": last, "recent_rate": recent / window}
+
+    def counts(self) -> dict[str, int]:
+        return {state: n for state, n in self.conn.execute("SELECT state, count(*) FROM chunks GROUP BY state")}
+
+    def embedded_more_than_once(self) -> int:
+        """Chunks whose current text was embedded twice or more (resume waste)."""
+        (n,) = self.conn.execute("SELECT count(*) FROM chunks WHERE embeds > 1").fetchone()
+        return int(n)
+
+    def committed(self, collection: str) -> Iterator[Row]:
+        cursor = self.conn.execute(
+            "SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
+            " WHERE collection=? AND state='committed' ORDER BY id",
+            (collection,),
+        )
+        for c, i, t, m, h, s, e in cursor:
+            yield Row(c, i, t, json.loads(m or "{}"), h, s, e)

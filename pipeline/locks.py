@@ -1,0 +1,135 @@
+"""OS locks of the data home: the writer lock (held for life) and the commit lock.
+
+Both are ``fcntl.flock`` locks, so the kernel releases them when the holder dies, even
+by SIGKILL: a stale lock file never blocks a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BusyError, WriterLockedError
+
+
+def _open(path: Path) -> int:
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def read_holder(path: Path) -> dict[str, Any] | None:
+    """What the holder of a lock wrote about itself, if anything."""
+    try:
+        data = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def describe_holder(holder: dict[str, Any] | None) -> str:
+    if not holder:
+        return "an unknown process"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    return f"pid {holder.get('pid')} on {holder.get('host')} since {since}"
+
+
+class WriterLock:
+    """Exclusive lock that makes a process the one writer of a data home."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = _open(self.path)
+        # A status probe holds a shared lock for microseconds: retry briefly so that
+        # it is never mistaken for a writer.
+        deadline = time.monotonic() + 1.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+            os.close(fd)
+            holder = describe_holder(read_holder(self.path))
+            raise WriterLockedError(
+                f"another writer holds {self.path}: {holder}",
+                hint="stop that writer first; only one writer may write a data home",
+            ) from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def writer_alive(path: Path) -> dict[str, Any] | None:
+    """The holder's details if a writer holds the lock now, else None."""
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_holder(path) or {}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+class CommitLock:
+    """Held by the writer around each commit; others take it to see Chroma quiet."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = _open(path)
+
+    @contextlib.contextmanager
+    def held(self, timeout: float | None = None) -> Iterator[float]:
+        """Hold the lock; yields the seconds spent waiting for it."""
+        started = time.monotonic()
+        if timeout is None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        else:
+            delay = 0.005
+            while True:
+                try:
+                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - started >= timeout:
+                        raise BusyError(
+                            f"the commit lock {self.path} stayed busy for {timeout:g}s",
+                            hint="the writer or a maintenance task is working; try again",
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.1)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self._fd)

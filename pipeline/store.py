@@ -1,0 +1,87 @@
+"""Chroma behind a small interface: the one place that knows the client API.
+
+Collections are created without an embedding function (indexq computes every vector,
+and Chroma's default function would download a model) and with cosine distance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        import chromadb
+
+        self.path = path
+        self.client = chromadb.PersistentClient(
+            path=str(path), settings=chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
+        )
+        self._collections: dict[str, Any] = {}
+
+    def collection(self, name: str, create: bool = True) -> Any:
+        if name not in self._collections:
+            if create:
+                self._collections[name] = self.client.get_or_create_collection(
+                    name, embedding_function=None, metadata={"hnsw:space": "cosine"}
+                )
+            else:
+                from chromadb.errors import NotFoundError as ChromaNotFound
+
+                try:
+                    self._collections[name] = self.client.get_collection(name, embedding_function=None)
+                except ChromaNotFound:
+                    return None
+        return self._collections[name]
+
+    def upsert(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        embeddings: np.ndarray,
+        documents: Sequence[str],
+        metadatas: Sequence[dict[str, Any]],
+    ) -> None:
+        self.collection(collection).upsert(
+            ids=list(ids), embeddings=embeddings, documents=list(documents), metadatas=list(metadatas)
+        )
+
+    def delete(self, collection: str, ids: Sequence[str]) -> None:
+        self.collection(collection).delete(ids=list(ids))
+
+    def query(self, collection: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
+        col = self.collection(collection, create=False)
+        if col is None:
+            return []
+        result = col.query(
+            query_embeddings=embedding.reshape(1, -1), n_results=k, include=["documents", "metadatas", "distances"]
+        )
+        hits = []
+        for id_, doc, meta, dist in zip(
+            result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]
+        ):
+            hits.append({"id": id_, "distance": float(dist), "document": doc, "metadata": dict(meta or {})})
+        return hits
+
+    def exists(self, collection: str) -> bool:
+        return self.collection(collection, create=False) is not None
+
+    def dump(self, collection: str) -> dict[str, dict[str, Any]]:
+        """id -> {document, metadata, embedding}: every record, for checks and tests."""
+        col = self.collection(collection, create=False)
+        if col is None:
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        total = col.count()
+        for offset in range(0, total, 1000):
+            page = col.get(include=["documents", "metadatas", "embeddings"], limit=1000, offset=offset)
+            for id_, doc, meta, emb in zip(page["ids"], page["documents"], page["metadatas"], page["embeddings"]):
+                out[id_] = {"document": doc, "metadata": dict(meta or {}), "embedding": np.asarray(emb)}
+        return out

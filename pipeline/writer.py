@@ -1,0 +1,126 @@
+"""The one writer: embed a micro-batch, then commit it to Chroma ten records at a time.
+
+Every step leaves the ledger able to say what to do next after a kill at any instant:
+an embedding attempt is counted before it starts; embeddings are stored as soon as
+they exist (so a resumed run re-embeds at most the micro-batch that was in flight);
+a row is marked committed only after Chroma accepted it, and a replayed upsert of the
+same deterministic ids is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.embedder import Embedder, load_embedder
+from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
+from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
+from pipeline.locks import CommitLock
+from pipeline.store import Store
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Writer:
+    def __init__(self, config: Config, embedder: Embedder | None = None, stop: threading.Event | None = None) -> None:
+        self.config = config
+        self.ledger = Ledger(config.ledger_path)
+        self.embedder = embedder or load_embedder(config.model)
+        self.store = Store(config.chroma_dir)
+        self.commit_lock = CommitLock(config.commit_lock_path)
+        self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
+        self.stop = stop or threading.Event()
+
+    def index(self, collection: str, ids: Sequence[str]) -> int:
+        """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
+        rows = self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED)))
+        for batch in batched([r for r in rows if r.state == PENDING], self.config.micro_batch):
+            if self.stop.is_set():
+                return 0
+            self._embed(collection, batch)
+        ready = [r for r in rows if r.state == EMBEDDED]
+        committed = 0
+        for group in batched(ready, self.config.commit_batch):
+            if not self.guard.wait_until_clear(self.stop):
+                logger.info("stopping with %d chunks of %s left for the next start", len(ready) - committed, collection)
+                break
+            self._commit(collection, group)
+            committed += len(group)
+        return committed
+
+    def _valid(self, collection: str, rows: list[Row]) -> list[Row]:
+        good: list[Row] = []
+        refused: list[tuple[str, str]] = []
+        for row in rows:
+            row.text = clean_text(row.text)
+            try:
+                row.metadata = clean_metadata(row.metadata)
+            except ValueError as exc:
+                refused.append((row.id, str(exc)))
+                continue
+            if not row.text.strip():
+                refused.append((row.id, "empty text"))
+                continue
+            good.append(row)
+        if refused:
+            for id_, reason in refused:
+                logger.error("chunk %s of %s refused: %s", id_, collection, reason)
+            self.ledger.fail(collection, refused)
+        return good
+
+    def _embed(self, collection: str, batch: Sequence[Row]) -> None:
+        ids = [r.id for r in batch]
+        self.ledger.begin_embedding(collection, ids)
+        vectors = self.embedder.embed([r.text for r in batch])
+        stored: list[tuple[str, str, bytes]] = []
+        refused: list[tuple[str, str]] = []
+        for row, vector in zip(batch, vectors):
+            reason = check_vector(vector, self.embedder.dimension)
+            if reason:
+                refused.append((row.id, reason))
+                continue
+            row.embedding = vector.astype(np.float32).tobytes()
+            row.state = EMBEDDED
+            stored.append((row.id, row.hash, row.embedding))
+        self.ledger.store_embeddings(collection, stored, self.embedder.name)
+        if refused:
+            self.ledger.fail(collection, refused)
+        logger.debug("embedded %d chunks of %s", len(stored), collection)
+
+    def _commit(self, collection: str, group: Sequence[Row]) -> int:
+        vectors = np.stack([np.frombuffer(r.embedding or b"", dtype=np.float32) for r in group])
+        # Chroma and the ledger change together under the commit lock, so a backup
+        # that holds it sees them agree.
+        with self.commit_lock.held():
+            self.store.upsert(collection, [r.id for r in group], vectors, [r.text for r in group], [r.metadata for r in group])
+            seq = self.ledger.checkpoint(collection, [(r.id, r.hash) for r in group])
+        logger.debug("commit %d: %d chunks of %s", seq, len(group), collection)
+        return seq
+
+    def delete(self, collection: str, ids: Sequence[str]) -> int:
+        """Remove stale chunks from Chroma, then from the ledger."""
+        rows = self.ledger.load(collection, ids, (DELETING,))
+        done = 0
+        for group in batched([r.id for r in rows], self.config.commit_batch):
+            if not self.guard.wait_until_clear(self.stop):
+                break
+            with self.commit_lock.held():
+                self.store.delete(collection, group)
+                self.ledger.forget(collection, group)
+            done += len(group)
+        return done
+
+    def close(self) -> None:
+        self.ledger.close()
+        self.commit_lock.close()

@@ -1,0 +1,46 @@
+"""The writer's tasks: index chunks, delete stale chunks, requeue what was lost."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING, Any
+
+from huey import crontab
+
+if TYPE_CHECKING:
+    from workers.queue import WriterHuey
+
+logger = logging.getLogger(__name__)
+
+# A task lost with a killed consumer loses nothing (its ledger rows stay outstanding);
+# retries cover transient Chroma or disk errors without waiting for a requeue.
+RETRIES = 3
+RETRY_DELAY = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Tasks:
+    index_chunks: Any
+    delete_chunks: Any
+    requeue_lost: Any
+
+
+def register(huey: WriterHuey) -> Tasks:
+    @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
+    def index_chunks(collection: str, ids: list[str]) -> int:
+        return huey.running_writer().index(collection, ids)
+
+    @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
+    def delete_chunks(collection: str, ids: list[str]) -> int:
+        return huey.running_writer().delete(collection, ids)
+
+    @huey.periodic_task(crontab(minute="*/5"))
+    def requeue_lost() -> int:
+        # Only an empty queue with outstanding rows means work was lost: requeueing
+        # while tasks wait would just queue the same chunks twice.
+        if huey.pending_count():
+            return 0
+        return huey.requeue()
+
+    return Tasks(index_chunks, delete_chunks, requeue_lost)

@@ -1,0 +1,146 @@
+"""The writer's Huey instance: the queue producers enqueue into and the one writer drains.
+
+``WriterHuey.create_consumer`` is where a process becomes the writer, whether it was
+started by ``indexq worker`` or by ``huey_consumer workers.writer.huey``: it takes
+the data home's writer lock (a second writer is refused before it touches Chroma),
+loads the model, opens Chroma, and requeues every chunk the ledger still owes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+from typing import Any
+
+from huey import SqliteHuey
+from huey.consumer import Consumer
+from huey.serializer import SignedSerializer
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, IndexqError
+from pipeline.locks import WriterLock
+from pipeline.writer import Writer
+from tasks.indexing import Tasks, register
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def queue_secret(config: Config) -> str:
+    """The key that signs queue payloads: INDEXQ_SECRET, else a per-home key file."""
+    if secret := os.environ.get("INDEXQ_SECRET"):
+        return secret
+    path = config.secret_path
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path.read_text().strip()
+
+
+class WriterConsumer(Consumer):
+    """Huey's consumer with SIGTERM made graceful, like SIGINT.
+
+    Huey treats SIGTERM as "stop now", which with thread workers ends the process in
+    the middle of a commit. The writer's tasks check the stop flag between commits,
+    so a graceful stop finishes the commit in hand and then stops.
+    """
+
+    def __init__(self, huey: WriterHuey, **options: Any) -> None:
+        super().__init__(huey, **options)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._signal_actions[signum] = (False, True)
+
+
+class WriterHuey(SqliteHuey):
+    def __init__(self, config: Config) -> None:
+        config.ensure_home()
+        self.config = config
+        self.writer: Writer | None = None
+        self._lock = WriterLock(config.writer_lock_path)
+        super().__init__(
+            name="indexq-writer",
+            filename=str(config.queue_path),
+            results=False,
+            serializer=SignedSerializer(secret=queue_secret(config), salt="indexq-writer"),
+        )
+        os.chmod(config.queue_path, 0o600)
+        self.tasks: Tasks = register(self)
+
+    def running_writer(self) -> Writer:
+        if self.writer is None:
+            raise RuntimeError("this process is not the writer: start it with `indexq worker`")
+        return self.writer
+
+    def start_writer(self, **options: Any) -> WriterConsumer:
+        """Become the one writer of the data home and return its consumer (raises)."""
+        workers = options.get("workers", 1)
+        worker_type = options.get("worker_type", "thread")
+        if workers != 1 or worker_type != "thread":
+            raise ConfigError(
+                f"the writer runs exactly one thread worker, got workers={workers} worker_type={worker_type!r}",
+                hint="run: huey_consumer workers.writer.huey -w 1 -k thread",
+            )
+        self._lock.acquire()
+        try:
+            _log_to_home(self.config)
+            consumer = WriterConsumer(self, **options)
+            self.writer = Writer(self.config, stop=consumer.stop_flag)
+            # The ledger is the truth: drop whatever the queue holds and requeue from it,
+            # so a restart neither loses a task that died with the last writer nor
+            # carries duplicates.
+            self.flush()
+            queued = self.requeue()
+            logger.info("writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued)
+        except BaseException:
+            self._lock.release()
+            raise
+        return consumer
+
+    def create_consumer(self, **options: Any) -> WriterConsumer:
+        # Entry point of `huey_consumer workers.writer.huey`: that script has no error
+        # handling of ours, so a refusal becomes a one-line message and an exit code.
+        try:
+            return self.start_writer(**options)
+        except IndexqError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"Hint: {exc.hint}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+
+    def stop_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        self._lock.release()
+
+    def requeue(self) -> int:
+        """Enqueue a task for every outstanding ledger row; returns the task count."""
+        from pipeline.ledger import Ledger
+
+        ledger = self.writer.ledger if self.writer else Ledger(self.config.ledger_path)
+        count = 0
+        for collection, kind, ids in ledger.outstanding(self.config.micro_batch):
+            task = self.tasks.delete_chunks if kind == "delete" else self.tasks.index_chunks
+            task(collection, ids)
+            count += 1
+        return count
+
+
+def _log_to_home(config: Config) -> None:
+    """The writer logs to logs/writer.log in the data home as well as to stderr."""
+    handler = logging.FileHandler(config.logs_path / "writer.log")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    os.chmod(config.logs_path / "writer.log", 0o600)
