@@ -128,6 +128,7 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
             "last_commit": commits["last_commit"],
             "recent_rate": round(commits["recent_rate"], 2),
             "chunks": ledger.counts(),
+            "embeddings_total": ledger.embeddings_total(),
             "embedded_more_than_once": ledger.embedded_more_than_once(),
             "memory": {"percent": memory.percent, "threshold": cfg.memory_threshold},
             "disk": {"free_mb": disk.free // 2**20, "min_free_mb": cfg.min_free_mb},

@@ -110,7 +110,7 @@ class Ledger:
             chunks.create_index(["state"], if_not_exists=True)
             chunks.create_index(["committed_at"], if_not_exists=True)
             chunks.create_index(["job", "state"], if_not_exists=True)
-            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', '0')")
+            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', '0'), ('embeddings', '0')")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -226,6 +226,9 @@ class Ledger:
             conn.executemany(
                 "UPDATE chunks SET embeds=embeds+1 WHERE collection=? AND id=?", [(collection, i) for i in ids]
             )
+            conn.execute(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='embeddings'", (len(ids),)
+            )
 
     def store_embeddings(self, collection: str, items: Sequence[tuple[str, str, bytes]], model: str) -> None:
         """(id, hash, embedding): stored only if the text was not replaced meanwhile."""
@@ -324,6 +327,11 @@ class Ledger:
 
     def counts(self) -> dict[str, int]:
         return {state: n for state, n in self.conn.execute("SELECT state, count(*) FROM chunks GROUP BY state")}
+
+    def embeddings_total(self) -> int:
+        """Embeddings computed in this data home since it was created (all attempts)."""
+        (n,) = self.conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key='embeddings'").fetchone()
+        return int(n)
 
     def embedded_more_than_once(self) -> int:
         """Chunks whose current text was embedded twice or more (resume waste)."""

@@ -143,4 +143,10 @@ def _log_to_home(config: Config) -> None:
     root.addHandler(handler)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):
+        # Under huey_consumer only Huey's own logger prints: show ours on stderr too.
+        console = logging.StreamHandler()
+        console.setFormatter(logging.Formatter(LOG_FORMAT))
+        for name in ("pipeline", "workers", "tasks"):
+            logging.getLogger(name).addHandler(console)
     os.chmod(config.logs_path / "writer.log", 0o600)

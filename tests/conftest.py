@@ -1,0 +1,124 @@
+"""Shared fixtures: data homes in tmp_path, real corpora, real writer subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+# Real text that exists wherever Python does: ~150 chunks, ~5 s of embedding here.
+CORPUS_FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py",
+                "textwrap.py", "shlex.py", "fnmatch.py"]  # fmt: skip
+
+
+def copy_corpus(target: Path, files: list[str] = CORPUS_FILES) -> Path:
+    for rel in files:
+        dest = target / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(STDLIB / rel, dest)
+    return target
+
+
+def env_for(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEXQ_", "CHROMADB_"))}
+    env.update({"INDEXQ_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def run_cli(home: Path, *args: str, timeout: float = 120, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "indexq"), *args], env=env_for(home, **extra), capture_output=True, text=True, timeout=timeout
+    )
+
+
+class Proc:
+    """A writer subprocess whose output goes to a file; killed if a test forgets."""
+
+    def __init__(self, argv: list[str], home: Path, log: Path, **extra: str) -> None:
+        self.log = log
+        self.handle = log.open("ab")
+        self.popen = subprocess.Popen(
+            argv, env=env_for(home, **extra), stdout=self.handle, stderr=subprocess.STDOUT, cwd=str(home.parent),
+            start_new_session=True,
+        )  # fmt: skip
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_started(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while "tasks requeued from the ledger" not in self.output():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"writer exited {self.popen.returncode}:\n{self.output()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"writer did not start:\n{self.output()[-3000:]}")
+            time.sleep(0.1)
+
+    def kill9(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=30)
+
+    def terminate(self, timeout: float = 60) -> int:
+        self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=timeout)
+
+    def cleanup(self) -> None:
+        if self.popen.poll() is None:
+            self.kill9()
+        self.handle.close()
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for proc in started:
+        proc.cleanup()
+
+
+def start_worker(procs: list[Proc], home: Path, *argv: str, **extra: str) -> Proc:
+    home.mkdir(parents=True, exist_ok=True)
+    command = list(argv) or [str(BIN / "indexq"), "worker"]
+    proc = Proc(command, home, home.parent / f"{home.name}-writer-{len(procs)}.log", **extra)
+    procs.append(proc)
+    return proc
+
+
+def ledger_query(home: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    conn = sqlite3.connect(f"file:{home / 'ledger.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+def wait_for(predicate: Any, timeout: float = 180, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def dump_collection(chroma: Path, name: str) -> dict[str, dict[str, Any]]:
+    """Open Chroma in this process (no writer running) and read every record."""
+    from chromadb.api.client import SharedSystemClient
+
+    from pipeline.store import Store
+
+    # Chroma caches one client per path in a process: start from what is on disk.
+    SharedSystemClient.clear_system_cache()
+    return Store(chroma).dump(name)
