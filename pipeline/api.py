@@ -61,8 +61,14 @@ def submit_jsonl(path: str | os.PathLike[str], collection: str, config: Config |
         producer.close()
 
 
+def _existing_ledger(config: Config) -> Ledger:
+    if not config.ledger_path.exists():
+        raise NotFoundError(f"no indexq data home at {config.home}", hint="set --home or INDEXQ_HOME")
+    return Ledger(config.ledger_path)
+
+
 def job(job_id: str, config: Config | None = None) -> JobProgress:
-    ledger = Ledger(_config(config).ledger_path)
+    ledger = _existing_ledger(_config(config))
     try:
         progress = ledger.progress(job_id)
     finally:
@@ -72,13 +78,15 @@ def job(job_id: str, config: Config | None = None) -> JobProgress:
     return progress
 
 
-def wait(job_id: str, config: Config | None = None, timeout: float | None = None, progress: bool = False) -> JobProgress:
+def wait(
+    job_id: str, config: Config | None = None, timeout: float | None = None, progress: bool = False
+) -> JobProgress:
     """Block until every chunk of the job is committed (or failed); returns its progress.
 
     With ``timeout``, returns the progress so far when it expires.
     """
     cfg = _config(config)
-    ledger = Ledger(cfg.ledger_path)
+    ledger = _existing_ledger(cfg)
     bar = None
     warned = False
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -99,7 +107,10 @@ def wait(job_id: str, config: Config | None = None, timeout: float | None = None
                 return state
             if progress and not warned and writer_alive(cfg.writer_lock_path) is None:
                 warned = True
-                print(f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)", file=sys.stderr)
+                print(
+                    f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)",
+                    file=sys.stderr,
+                )
             time.sleep(POLL_SECONDS)
     finally:
         if bar is not None:
@@ -145,8 +156,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.store import Store
 
     cfg = _config(config)
-    if not cfg.ledger_path.exists():
-        raise NotFoundError(f"no indexq data home at {cfg.home}", hint="set --home or INDEXQ_HOME")
+    _existing_ledger(cfg).close()
     vector = load_embedder(cfg.model).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between
     # commits: hold the commit lock for the open and the query (milliseconds).

@@ -63,7 +63,7 @@ def _lines(text: str, tokenizer: Tokenizer, budget: int) -> list[_Line]:
         else:
             # Cut the line at token starts, `budget` tokens a piece.
             cuts = [starts[i] - position for i in range(first, last, budget)][1:]
-            pieces = [line[a:b] for a, b in zip([0, *cuts], [*cuts, len(line)])]
+            pieces = [line[a:b] for a, b in zip([0, *cuts], [*cuts, len(line)], strict=True)]
             for index, piece in enumerate(pieces):
                 tokens = min(budget, count - index * budget)
                 out.append(_Line(number, piece, tokens))
@@ -117,7 +117,7 @@ def _tail(group: list[_Line], overlap: int) -> list[_Line]:
 def _verified(chunks: list[Chunk], tokenizer: Tokenizer, budget: int) -> list[Chunk]:
     """Re-count each chunk as a whole: joined lines may tokenize differently."""
     counts = tokenizer.counts([c.text for c in chunks]) if chunks else []
-    too_long = [c.ordinal for c, n in zip(chunks, counts) if n > budget]
+    too_long = [c.ordinal for c, n in zip(chunks, counts, strict=True) if n > budget]
     if too_long:
         raise AssertionError(f"chunker produced chunks over {budget} tokens: {too_long}")
     return chunks

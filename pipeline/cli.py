@@ -82,7 +82,9 @@ def main() -> None:
 @click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), help="Index records from a JSONL file.")
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until every chunk is committed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the submission as JSON.")
-@click.option("--chunk-tokens", type=int, envvar="INDEXQ_CHUNK_TOKENS", help="Tokens per chunk (default: the model's limit).")
+@click.option(
+    "--chunk-tokens", type=int, envvar="INDEXQ_CHUNK_TOKENS", help="Tokens per chunk (default: the model's limit)."
+)
 @click.option("--chunk-overlap", type=int, envvar="INDEXQ_CHUNK_OVERLAP", help="Tokens of overlap between chunks [32].")
 @_model
 @_home
@@ -125,9 +127,7 @@ def index(
         )
     if wait_:
         result = api.wait(sub.job, config, progress=True)
-        click.echo(
-            f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed", err=True
-        )
+        click.echo(f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed", err=True)
         if result.state == "failed":
             sys.exit(EXIT_FAILED)
 
@@ -135,7 +135,9 @@ def index(
 @main.command()
 @click.option("--memory-threshold", type=float, envvar="INDEXQ_MEMORY_THRESHOLD",
               help="Hold commits while system memory use is at or above this percentage [80].")  # fmt: skip
-@click.option("--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", help="Records per Chroma upsert, at most 10 [10].")
+@click.option(
+    "--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", help="Records per Chroma upsert, at most 10 [10]."
+)
 @click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", help="Chunks embedded together [32].")
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
 @_model
@@ -194,7 +196,11 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     click.echo(f"home:        {info['home']}")
     click.echo(f"queue:       {info['queue_depth']} tasks")
     last = info["last_commit"]
-    last_text = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))} ({time.time() - last:.0f}s ago)" if last else "never"
+    last_text = (
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))} ({time.time() - last:.0f}s ago)"
+        if last
+        else "never"
+    )
     click.echo(f"last commit: {last_text}")
     click.echo(f"rate:        {info['recent_rate']:.1f} chunks/s (last minute)")
     chunks = ", ".join(f"{n} {state}" for state, n in sorted(info["chunks"].items())) or "none"
@@ -202,7 +208,8 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     click.echo(f"memory:      {info['memory']['percent']:.0f}% used (threshold {info['memory']['threshold']:g}%)")
     click.echo(f"disk:        {info['disk']['free_mb']} MB free (minimum {info['disk']['min_free_mb']} MB)")
     if info["jobs"]:
-        click.echo(f"\n{'job':<24} {'collection':<20} {'state':<10} {'chunks':>7} {'committed':>9} {'pending':>7} {'failed':>6}")
+        header = ("job", "collection", "state", "chunks", "committed", "pending", "failed")
+        click.echo("\n{:<24} {:<20} {:<10} {:>7} {:>9} {:>7} {:>6}".format(*header))
         for j in info["jobs"]:
             click.echo(
                 f"{j['id']:<24} {j['collection'][:20]:<20} {j['state']:<10} {j['chunks']:>7} {j['committed']:>9}"

@@ -149,7 +149,9 @@ class Config:
                 try:
                     values[field] = kind(raw)
                 except ValueError:
-                    raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}") from None
+                    raise ConfigError(
+                        f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}"
+                    ) from None
 
         if found := pick("INDEXQ_HOME"):
             values["home"] = Path(found[1])

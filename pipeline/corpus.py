@@ -111,13 +111,13 @@ def _record(raw: Any, position: int, where: str) -> Record:
         raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     id_ = raw.get("id")
     if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, (str, int)) or str(id_) == ""):
-        raise ValueError(f"{where}: \"id\" must be a non-empty string or an integer")
+        raise ValueError(f'{where}: "id" must be a non-empty string or an integer')
     text = raw.get("text")
     if not isinstance(text, str):
-        raise ValueError(f"{where}: \"text\" must be a string")
+        raise ValueError(f'{where}: "text" must be a string')
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
-        raise ValueError(f"{where}: \"metadata\" must be an object")
+        raise ValueError(f'{where}: "metadata" must be an object')
     try:
         metadata = clean_metadata(metadata)
     except ValueError as exc:

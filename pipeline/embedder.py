@@ -14,7 +14,7 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class Tokenizer:
         location = resolve_model(model)
         self.max_seq_length = _max_seq_length(location)
         tokenizer_file = Path(location) / "tokenizer.json"
+        self._fast: Any
+        self._hf: Any
         if tokenizer_file.exists():
             import tokenizers
 

@@ -37,7 +37,9 @@ def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
         if value is None:
             continue
         if not isinstance(value, _SCALARS):
-            raise ValueError(f"metadata {key!r} has a {type(value).__name__}; only str, int, float and bool are allowed")
+            raise ValueError(
+                f"metadata {key!r} has a {type(value).__name__}; only str, int, float and bool are allowed"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metadata {key!r} is not a finite number")
         out[clean_text(key)] = clean_text(value) if isinstance(value, str) else value

@@ -83,7 +83,7 @@ class Ledger:
 
     def _create(self) -> None:
         with self._tx():
-            self.db["jobs"].create(
+            self.db.table("jobs").create(
                 {
                     "id": str, "collection": str, "kind": str, "sources": str, "state": str,
                     "created": float, "finished": float, "total": int, "new": int, "changed": int,
@@ -91,7 +91,7 @@ class Ledger:
                 },
                 pk="id", if_not_exists=True,
             )  # fmt: skip
-            self.db["chunks"].create(
+            self.db.table("chunks").create(
                 {
                     "collection": str, "id": str, "source": str, "ordinal": int, "text": str,
                     "metadata": str, "hash": str, "state": str, "embedding": bytes, "model": str,
@@ -100,11 +100,11 @@ class Ledger:
                 },
                 pk=("collection", "id"), if_not_exists=True,
             )  # fmt: skip
-            self.db["job_chunks"].create(
+            self.db.table("job_chunks").create(
                 {"job": str, "collection": str, "id": str}, pk=("job", "collection", "id"), if_not_exists=True
             )
-            self.db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
-            chunks = self.db["chunks"]
+            self.db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            chunks = self.db.table("chunks")
             chunks.create_index(["collection", "source", "ordinal"], if_not_exists=True)
             chunks.create_index(["collection", "hash"], if_not_exists=True)
             chunks.create_index(["state"], if_not_exists=True)
@@ -133,7 +133,8 @@ class Ledger:
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
-                " unchanged, stale, skipped_files, skipped) VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]')",
+                " unchanged, stale, skipped_files, skipped)"
+                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]')",
                 (job, collection, kind, json.dumps(sources), time.time()),
             )
         return job
@@ -226,9 +227,7 @@ class Ledger:
             conn.executemany(
                 "UPDATE chunks SET embeds=embeds+1 WHERE collection=? AND id=?", [(collection, i) for i in ids]
             )
-            conn.execute(
-                "UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='embeddings'", (len(ids),)
-            )
+            conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='embeddings'", (len(ids),))
 
     def store_embeddings(self, collection: str, items: Sequence[tuple[str, str, bytes]], model: str) -> None:
         """(id, hash, embedding): stored only if the text was not replaced meanwhile."""
@@ -320,9 +319,7 @@ class Ledger:
     def commit_stats(self, window: float = 60.0) -> dict[str, Any]:
         now = time.time()
         (last,) = self.conn.execute("SELECT max(committed_at) FROM chunks").fetchone()
-        (recent,) = self.conn.execute(
-            "SELECT count(*) FROM chunks WHERE committed_at >= ?", (now - window,)
-        ).fetchone()
+        (recent,) = self.conn.execute("SELECT count(*) FROM chunks WHERE committed_at >= ?", (now - window,)).fetchone()
         return {"last_commit": last, "recent_rate": recent / window}
 
     def counts(self) -> dict[str, int]:

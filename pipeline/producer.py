@@ -10,12 +10,12 @@ same model anywhere in the collection reuses that embedding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from pipeline.chunking import Chunk, chunk_text
@@ -116,7 +116,9 @@ class Producer:
 
     # ---- internals ---------------------------------------------------------------
 
-    def _submit_records(self, values: Iterable[tuple[int, Any, str]], collection: str, label: str, kind: str) -> Submission:
+    def _submit_records(
+        self, values: Iterable[tuple[int, Any, str]], collection: str, label: str, kind: str
+    ) -> Submission:
         # Validate every record first, into a private spool file, so a bad record
         # fails the submission before a single row is written.
         tmp = self.config.home / "tmp"
@@ -134,7 +136,7 @@ class Producer:
                 chunks = chunk_text(record.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap)
                 self._add(
                     sub, batch, f"id:{base}", chunks,
-                    lambda c, r=record: _record_chunk(r, c, len(chunks)),
+                    functools.partial(_record_chunk, record, total=len(chunks)),
                     lambda c, b=base: b if c.ordinal == 0 else f"{b}#{c.ordinal}",
                 )  # fmt: skip
                 if len(batch) >= FLUSH_EVERY:
@@ -142,7 +144,9 @@ class Producer:
                     batch = _Batch()
             return self._finish(job, sub, batch, f"{label} holds no record with text")
 
-    def _add(self, sub: Submission, batch: _Batch, source: str, chunks: list[Chunk], metadata: Any, make_id: Any) -> None:
+    def _add(
+        self, sub: Submission, batch: _Batch, source: str, chunks: list[Chunk], metadata: Any, make_id: Any
+    ) -> None:
         existing = self.ledger.by_source(sub.collection, source)
         for chunk in chunks:
             id_ = make_id(chunk)
@@ -166,7 +170,11 @@ class Producer:
                 "model": self.config.model if reused else None,
             })  # fmt: skip
             batch.to_index.append(id_)
-        gone = [old[0] for ordinal, old in existing.items() if ordinal >= len(chunks) and old[2] in (COMMITTED, PENDING, EMBEDDED, FAILED)]
+        gone = [
+            old[0]
+            for ordinal, old in existing.items()
+            if ordinal >= len(chunks) and old[2] in (COMMITTED, PENDING, EMBEDDED, FAILED)
+        ]
         batch.stale.extend(gone)
         sub.stale += len(gone)
 

@@ -65,7 +65,7 @@ class Store:
         )
         hits = []
         for id_, doc, meta, dist in zip(
-            result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0]
+            result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True
         ):
             hits.append({"id": id_, "distance": float(dist), "document": doc, "metadata": dict(meta or {})})
         return hits
@@ -82,6 +82,8 @@ class Store:
         total = col.count()
         for offset in range(0, total, 1000):
             page = col.get(include=["documents", "metadatas", "embeddings"], limit=1000, offset=offset)
-            for id_, doc, meta, emb in zip(page["ids"], page["documents"], page["metadatas"], page["embeddings"]):
+            for id_, doc, meta, emb in zip(
+                page["ids"], page["documents"], page["metadatas"], page["embeddings"], strict=True
+            ):
                 out[id_] = {"document": doc, "metadata": dict(meta or {}), "embedding": np.asarray(emb)}
         return out

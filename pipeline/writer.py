@@ -85,7 +85,7 @@ class Writer:
         vectors = self.embedder.embed([r.text for r in batch])
         stored: list[tuple[str, str, bytes]] = []
         refused: list[tuple[str, str]] = []
-        for row, vector in zip(batch, vectors):
+        for row, vector in zip(batch, vectors, strict=True):
             reason = check_vector(vector, self.embedder.dimension)
             if reason:
                 refused.append((row.id, reason))
@@ -103,7 +103,9 @@ class Writer:
         # Chroma and the ledger change together under the commit lock, so a backup
         # that holds it sees them agree.
         with self.commit_lock.held():
-            self.store.upsert(collection, [r.id for r in group], vectors, [r.text for r in group], [r.metadata for r in group])
+            self.store.upsert(
+                collection, [r.id for r in group], vectors, [r.text for r in group], [r.metadata for r in group]
+            )
             seq = self.ledger.checkpoint(collection, [(r.id, r.hash) for r in group])
         logger.debug("commit %d: %d chunks of %s", seq, len(group), collection)
         return seq

@@ -99,7 +99,9 @@ class WriterHuey(SqliteHuey):
             # carries duplicates.
             self.flush()
             queued = self.requeue()
-            logger.info("writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued)
+            logger.info(
+                "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
+            )
         except BaseException:
             self._lock.release()
             raise

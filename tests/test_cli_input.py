@@ -1,0 +1,185 @@
+"""Bad input: one clear line, a documented exit code, and nothing half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.config import Config
+from workers.queue import WriterHuey
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+def invoke(home: Path, *args: str, **env: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env={"INDEXQ_HOME": str(home), **env}, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def jobs(home: Path) -> list[tuple[str, str]]:
+    if not (home / "ledger.db").exists():
+        return []
+    with sqlite3.connect(home / "ledger.db") as conn:
+        return conn.execute("SELECT id, state FROM jobs").fetchall()
+
+
+def queued(home: Path) -> int:
+    return WriterHuey(Config(home=home)).pending_count()
+
+
+def chunk_count(home: Path) -> int:
+    with sqlite3.connect(home / "ledger.db") as conn:
+        return int(conn.execute("SELECT count(*) FROM chunks").fetchone()[0])
+
+
+def test_missing_path(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "real.txt").write_text("some text\n")
+    code, out, err = invoke(home, "index", str(tmp_path / "real.txt"), str(tmp_path / "nope"), "-c", "docs")
+    assert code == 2
+    assert err == f"Error: no such file or directory: {tmp_path / 'nope'}\n"
+    assert out == ""
+    assert jobs(home) == [] and queued(home) == 0
+
+
+def test_invalid_collection_is_rejected_before_anything_is_enqueued(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text\n")
+    code, _, err = invoke(home, "index", str(tmp_path / "a.txt"), "--collection", "no spaces!")
+    assert code == 2
+    assert err.startswith("Error: invalid collection name 'no spaces!': it must have 3-512 characters")
+    assert len(err.splitlines()) == 1
+    assert jobs(home) == [] and queued(home) == 0
+
+
+def test_binary_non_utf8_and_unreadable_files_are_skipped_and_counted(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "good.txt").write_text("a perfectly good line of text\n" * 20)
+    (corpus / "image.bin").write_bytes(b"\x89PNG\x00\x01\x02" * 50)
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1"))
+    locked = corpus / "locked.txt"
+    locked.write_text("secret\n")
+    if os.geteuid() == 0:
+        # root reads anything: make this one file fail the way an unreadable file does.
+        real = Path.read_bytes
+
+        def read_bytes(self: Path) -> bytes:
+            if self == locked:
+                raise PermissionError(13, "Permission denied")
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    else:
+        locked.chmod(0)
+    code, out, err = invoke(home, "index", str(corpus), "-c", "docs", "--json")
+    assert code == 0, err
+    sub = json.loads(out)
+    assert sub["chunks"] >= 1
+    reasons = {Path(s["source"]).name: s["reason"] for s in sub["skipped"]}
+    assert reasons == {
+        "image.bin": "binary",
+        "latin1.txt": "not UTF-8 (byte 3)",
+        "locked.txt": "unreadable: Permission denied",
+    }
+    assert [state for _, state in jobs(home)] == ["queued"]
+    assert queued(home) == 1
+
+
+def test_malformed_jsonl_is_reported_with_line_numbers_and_nothing_is_written(home: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        '{"id": "a", "text": "first record"}\n'
+        "{not json}\n"
+        '{"id": "c", "text": "third", "metadata": {"tags": ["x"]}}\n'
+        '{"text": 5}\n'
+    )
+    code, _, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
+    assert code == 2
+    assert err.splitlines()[0] == (
+        f"Error: {records}: line 2: not valid JSON (Expecting property name enclosed in double quotes); "
+        "line 3: metadata 'tags' has a list; only str, int, float and bool are allowed; "
+        'line 4: "text" must be a string'
+    )
+    assert err.splitlines()[1] == "Hint: nothing was enqueued; fix the records and submit again"
+    assert jobs(home) == [] and queued(home) == 0 and chunk_count(home) == 0
+
+
+def test_jsonl_records_are_indexed_with_their_ids(home: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        '{"id": "a", "text": "first record", "metadata": {"lang": "en", "n": 1}}\n\n{"text": "no id here"}\n'
+        '{"id": 7, "text": "   "}\n'
+    )
+    code, out, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes", "--json")
+    assert code == 0, err
+    sub = json.loads(out)
+    assert (sub["chunks"], sub["new"]) == (2, 2)
+    assert sub["skipped"] == [{"source": f"{records}:4", "reason": "empty text"}]
+    with sqlite3.connect(home / "ledger.db") as conn:
+        rows = dict(conn.execute("SELECT id, metadata FROM chunks"))
+    assert json.loads(rows["a"]) == {"lang": "en", "n": 1, "content_hash": json.loads(rows["a"])["content_hash"]}
+    assert len(rows) == 2
+
+
+def test_empty_corpus(home: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "blank.txt").write_text("\n\n   \n")
+    (corpus / "data.bin").write_bytes(b"\x00\x01")
+    code, _, err = invoke(home, "index", str(corpus), "-c", "docs")
+    assert code == 2
+    assert err == f"Error: no indexable text under {corpus} (1 binary, 1 empty skipped)\n"
+    assert jobs(home) == [] and queued(home) == 0
+
+
+def test_bad_configuration_names_the_setting(home: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text\n")
+    code, _, err = invoke(home, "index", str(tmp_path / "a.txt"), "-c", "docs", INDEXQ_CHUNK_OVERLAP="-1")
+    assert code == 2
+    assert err.startswith("Error: chunk overlap must be >= 0")
+    code, _, err = invoke(home, "worker", "--commit-batch", "50")
+    assert code == 2
+    assert err == "Error: commit batch size must be between 1 and 10, got 50\n"
+
+
+def test_index_needs_paths_or_jsonl(home: Path) -> None:
+    code, _, err = invoke(home, "index", "-c", "docs")
+    assert code == 2
+    assert "give PATHS to index, or --jsonl FILE" in err
+
+
+def test_unknown_home_and_job(home: Path) -> None:
+    import pipeline
+    from pipeline.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match="no indexq data home at"):
+        pipeline.job("nope", Config(home=home))
+    Config(home=home).ensure_home()
+    pipeline.status(Config(home=home))
+    with pytest.raises(NotFoundError, match="no job 'nope'"):
+        pipeline.wait("nope", Config(home=home))
+
+
+def test_resubmitting_records_with_changes_replaces_and_removes(home: Path) -> None:
+    import pipeline
+
+    config = Config(home=home)
+    pipeline.submit_records([{"id": "x", "text": "one"}, {"id": "y", "text": "two"}], "notes", config=config)
+    long_text = "word " * 600  # more than one chunk: x, x#1, ...
+    sub_job = pipeline.submit_records([{"id": "x", "text": long_text}], "notes", config=config)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        states = dict(conn.execute("SELECT id, state FROM chunks"))
+    assert states["x"] == "pending" and states["x#1"] == "pending"
+    # Records are identified by id: "y" was not resubmitted, so it stays.
+    assert states["y"] == "pending"
+    assert pipeline.job(sub_job, config).chunks >= 2

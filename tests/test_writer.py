@@ -1,0 +1,143 @@
+"""The writer in-process: real ledger and real Chroma in tmp_path, a hash embedder."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import Config
+from pipeline.ledger import Ledger
+from pipeline.producer import Producer
+from pipeline.writer import Writer
+
+COLLECTION = "unit-docs"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
+    config.ensure_home()
+    return config
+
+
+@pytest.fixture
+def writer(config: Config) -> Writer:
+    w = Writer(config)
+    yield w
+    w.close()
+
+
+def rows(ledger: Ledger, n: int, **extra: object) -> list[dict[str, object]]:
+    out = []
+    for i in range(n):
+        text = f"chunk number {i}\n"
+        out.append({
+            "id": f"c{i}", "source": "s", "ordinal": i, "text": text, "metadata": json.dumps({"n": i}),
+            "hash": f"h{i}", "state": "pending", "embedding": None, "model": None, **extra,
+        })  # fmt: skip
+    return out
+
+
+def seed(ledger: Ledger, items: list[dict[str, object]]) -> list[str]:
+    job = ledger.create_job(COLLECTION, "records", ["test"])
+    ids = [str(r["id"]) for r in items]
+    ledger.write_submission(job, COLLECTION, items, ids, [])
+    return ids
+
+
+def states(ledger: Ledger) -> dict[str, str]:
+    return dict(ledger.conn.execute("SELECT id, state FROM chunks"))
+
+
+def test_index_commits_everything_in_batches_of_at_most_commit_batch(writer: Writer) -> None:
+    ids = seed(writer.ledger, rows(writer.ledger, 11))
+    assert writer.index(COLLECTION, ids) == 11
+    assert set(states(writer.ledger).values()) == {"committed"}
+    seqs = [s for (s,) in writer.ledger.conn.execute("SELECT seq FROM chunks ORDER BY seq")]
+    # 11 chunks, at most 4 a commit: three commits, each its own sequence number.
+    assert sorted(set(seqs)) == [1, 2, 3] and max(seqs.count(s) for s in set(seqs)) == 4
+    dumped = writer.store.dump(COLLECTION)
+    assert sorted(dumped) == sorted(ids)
+    assert dumped["c3"]["metadata"] == {"n": 3}
+    # A replay of the same task is a no-op: nothing is outstanding.
+    assert writer.index(COLLECTION, ids) == 0
+
+
+def test_invalid_rows_are_failed_with_a_reason_and_the_rest_commit(writer: Writer) -> None:
+    items = rows(writer.ledger, 3)
+    items[1]["metadata"] = json.dumps({"tags": ["a", "b"]})
+    items[2]["text"] = "\x00\x00  "
+    ids = seed(writer.ledger, items)
+    assert writer.index(COLLECTION, ids) == 1
+    errors = dict(writer.ledger.conn.execute("SELECT id, error FROM chunks WHERE state='failed'"))
+    assert errors == {
+        "c1": "metadata 'tags' has a list; only str, int, float and bool are allowed",
+        "c2": "empty text",
+    }
+    assert list(writer.store.dump(COLLECTION)) == ["c0"]
+
+
+def test_nul_bytes_are_stripped_before_chroma(writer: Writer) -> None:
+    items = rows(writer.ledger, 1)
+    items[0]["text"] = "before\x00after"
+    ids = seed(writer.ledger, items)
+    writer.index(COLLECTION, ids)
+    assert writer.store.dump(COLLECTION)["c0"]["document"] == "beforeafter"
+
+
+def test_a_tripped_guard_holds_work_back_and_drops_nothing(config: Config) -> None:
+    stop = threading.Event()
+    writer = Writer(config.replace(memory_threshold=0.001), stop=stop)
+    try:
+        ids = seed(writer.ledger, rows(writer.ledger, 5))
+        assert writer.guard.problem() is not None and "system memory at" in str(writer.guard.problem())
+        threading.Timer(1.0, stop.set).start()
+        assert writer.index(COLLECTION, ids) == 0
+        # Embedded and kept in the ledger; nothing reached Chroma; nothing was lost.
+        assert set(states(writer.ledger).values()) == {"embedded"}
+        assert writer.store.dump(COLLECTION) == {}
+    finally:
+        writer.close()
+    again = Writer(config)
+    try:
+        assert again.index(COLLECTION, ids) == 5
+        # The embeddings stored before the stop were used: no chunk embedded twice.
+        assert again.ledger.embedded_more_than_once() == 0
+    finally:
+        again.close()
+
+
+def test_text_replaced_while_in_flight_is_not_marked_committed(writer: Writer) -> None:
+    ids = seed(writer.ledger, rows(writer.ledger, 1))
+    row = writer.ledger.load(COLLECTION, ids, ("pending",))[0]
+    writer._embed(COLLECTION, [row])
+    # A producer re-submits new text for the same id before the commit.
+    writer.ledger.conn.execute("UPDATE chunks SET text='new text', hash='h-new', state='pending' WHERE id='c0'")
+    writer._commit(COLLECTION, [row])
+    assert states(writer.ledger) == {"c0": "pending"}
+    assert writer.index(COLLECTION, ids) == 1
+    assert writer.store.dump(COLLECTION)["c0"]["document"] == "new text"
+
+
+def test_stale_chunks_are_deleted_from_chroma_then_the_ledger(config: Config, tmp_path: Path, writer: Writer) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("".join(f"line {n} with some words in it to fill the chunk\n" for n in range(400)))
+    producer = Producer(config.replace(chunk_tokens=64, chunk_overlap=0))
+    sub = producer.submit_paths([doc], COLLECTION)
+    writer.index(COLLECTION, [r[0] for r in writer.ledger.conn.execute("SELECT id FROM chunks")])
+    before = set(writer.store.dump(COLLECTION))
+    assert len(before) == sub.chunks > 3
+    doc.write_text("".join(f"line {n} with some words in it to fill the chunk\n" for n in range(100)))
+    second = producer.submit_paths([doc], COLLECTION)
+    assert second.stale > 0 and second.unchanged > 0
+    stale = [r[0] for r in writer.ledger.conn.execute("SELECT id FROM chunks WHERE state='deleting'")]
+    assert len(stale) == second.stale
+    writer.delete(COLLECTION, stale)
+    writer.index(COLLECTION, [r[0] for r in writer.ledger.conn.execute("SELECT id FROM chunks")])
+    after = set(writer.store.dump(COLLECTION))
+    assert after == {r[0] for r in writer.ledger.conn.execute("SELECT id FROM chunks WHERE state='committed'")}
+    assert not after & set(stale) and len(after) == second.chunks
+    producer.close()
