@@ -124,7 +124,9 @@ class SentenceTransformerEmbedder:
 
     def __init__(self, model: str) -> None:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # "Loading weights" bars on every start
         location = resolve_model(model)
         try:
             self._model = SentenceTransformer(location, device="cpu")
