@@ -1,0 +1,363 @@
+"""Benchmark harness: indexq's pipeline against a bare embed-and-add loop, same corpus, same machine.
+
+    python -m ops.bench --quick          # about two minutes here
+    python -m ops.bench --chunks 40000   # the full size
+
+Measures, in one run: the bare baseline, the pipeline (real producer, real writer
+subprocess), their throughput ratio, the producer rate, re-submission, resume waste
+after a kill -9, query latency, and the writer's peak RSS at two corpus sizes 10x
+apart. Prints a table and writes JSON. A benchmark, not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import psutil
+
+from pipeline.config import DEFAULT_MICRO_BATCH, Config
+from pipeline.ledger import Ledger
+
+QUICK_CHUNKS = 600
+FULL_CHUNKS = 40_000
+COLLECTION = "bench"
+QUERIES = 60
+# Targets from the issue, shown beside each figure.
+TARGETS = {
+    "throughput_ratio": ">= 0.95",
+    "producer_chunks_per_s": ">= 2000",
+    "resubmit_chunks_embedded": "0",
+    "resume_waste_chunks": f"<= micro-batch ({DEFAULT_MICRO_BATCH})",
+    "query_p50_ms": "<= 15 at 40k chunks",
+    "rss_growth": "<= 15 %",
+    "rss_peak_mb": "< 1536",
+}
+
+
+def build_corpus(target: Path, chunks: int, config: Config) -> tuple[int, list[Any]]:
+    """Copy standard-library sources into ``target`` until they make ``chunks`` chunks."""
+    from pipeline.chunking import chunk_text
+    from pipeline.corpus import read_text
+    from pipeline.embedder import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+    total, kept = 0, []
+    for path in files:
+        text = read_text(path)
+        if not isinstance(text, str):
+            continue
+        pieces = chunk_text(text, tokenizer, config.chunk_tokens, config.chunk_overlap)
+        dest = target / path.relative_to(stdlib)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dest)
+        kept.extend(pieces)
+        total += len(pieces)
+        if total >= chunks:
+            break
+    return total, kept
+
+
+def bare_baseline(chunks: list[Any], work: Path, config: Config) -> dict[str, Any]:
+    """One process: embed micro-batches, upsert 10 at a time. No queue, ledger or guards."""
+    import numpy as np
+
+    from pipeline.embedder import load_embedder
+    from pipeline.store import Store
+
+    embedder = load_embedder(config.model)
+    store = Store(work / "bare-chroma")
+    collection = store.collection(COLLECTION)
+    started = time.perf_counter()
+    for start in range(0, len(chunks), config.micro_batch):
+        batch = chunks[start : start + config.micro_batch]
+        vectors = embedder.embed([c.text for c in batch])
+        for offset in range(0, len(batch), 10):
+            group = batch[offset : offset + 10]
+            collection.upsert(
+                ids=[f"{start + offset + i}" for i in range(len(group))],
+                embeddings=np.asarray(vectors[offset : offset + 10]),
+                documents=[c.text for c in group],
+                metadatas=[{"ordinal": c.ordinal} for c in group],
+            )
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 2), "chunks_per_s": round(len(chunks) / seconds, 2)}
+
+
+class Writer:
+    """`indexq worker` as a subprocess on a data home."""
+
+    def __init__(self, home: Path, env: dict[str, str]) -> None:
+        self.home = home
+        self.log = home.parent / f"{home.name}-writer.log"
+        home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "indexq"), "worker"],
+            env={**env, "INDEXQ_HOME": str(home)},
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while "tasks requeued from the ledger" not in self.log.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise click.ClickException(f"writer did not start; see {self.log}")
+            time.sleep(0.05)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=120)
+
+    def kill9(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+
+def _committed(home: Path) -> int:
+    ledger = Ledger(home / "ledger.db")
+    try:
+        return ledger.counts().get("committed", 0)
+    finally:
+        ledger.close()
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float = 7200, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise click.ClickException("timed out waiting for the writer")
+        time.sleep(poll)
+
+
+def submit(config: Config, corpus: Path) -> tuple[str, int, float]:
+    from pipeline.producer import Producer
+
+    producer = Producer(config)
+    try:
+        started = time.perf_counter()
+        sub = producer.submit_paths([corpus], COLLECTION)
+        return sub.job, sub.chunks, time.perf_counter() - started
+    finally:
+        producer.close()
+
+
+def producer_rate(corpus: Path, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Chunking + ledger + enqueue into a fresh home with no writer running."""
+    config = Config.from_env(env, home=work / "producer-home")
+    _, chunks, seconds = submit(config, corpus)
+    return {"chunks": chunks, "seconds": round(seconds, 2), "chunks_per_s": round(chunks / seconds, 1)}
+
+
+def pipeline_run(corpus: Path, home: Path, env: dict[str, str], expected: int) -> dict[str, Any]:
+    """Real producer and real writer: first enqueue to last commit."""
+    config = Config.from_env(env, home=home)
+    writer = Writer(home, env)
+    try:
+        started = time.perf_counter()
+        _, chunks, submit_seconds = submit(config, corpus)
+        _wait_until(lambda: _committed(home) >= chunks)
+        seconds = time.perf_counter() - started
+        result = {
+            "chunks": chunks,
+            "seconds": round(seconds, 2),
+            "chunks_per_s": round(chunks / seconds, 2),
+            "submit_seconds": round(submit_seconds, 2),
+            "writer_peak_rss_mb": round(writer.peak_rss_mb(), 1),
+        }
+        if chunks != expected:
+            result["warning"] = f"producer made {chunks} chunks, the harness expected {expected}"
+        # Re-submission of the unchanged corpus, writer still running.
+        ledger = Ledger(home / "ledger.db")
+        embedded_before = ledger.embeddings_total()
+        started = time.perf_counter()
+        job, _, _ = submit(config, corpus)
+        _wait_until(lambda: (p := ledger.progress(job)) is not None and p.state in ("done", "failed"))
+        result["resubmit_seconds"] = round(time.perf_counter() - started, 2)
+        result["resubmit_chunks_embedded"] = ledger.embeddings_total() - embedded_before
+        ledger.close()
+    finally:
+        writer.stop()
+    return result
+
+
+def resume_waste(corpus: Path, work: Path, env: dict[str, str], seed: int) -> dict[str, Any]:
+    """Kill -9 the writer at a random moment mid-job, restart, count chunks embedded twice."""
+    home = work / "resume-home"
+    config = Config.from_env(env, home=home)
+    writer = Writer(home, env)
+    _, chunks, _ = submit(config, corpus)
+    rng = random.Random(seed)
+    threshold = rng.randint(1, max(1, chunks // 2))
+    _wait_until(lambda: _committed(home) >= threshold)
+    time.sleep(rng.uniform(0, 1.0))
+    writer.kill9()
+    at_kill = _committed(home)
+    writer = Writer(home, env)
+    _wait_until(lambda: _committed(home) >= chunks)
+    writer.stop()
+    ledger = Ledger(home / "ledger.db")
+    twice = ledger.embedded_more_than_once()
+    ledger.close()
+    return {"chunks": chunks, "killed_at_committed": at_kill, "chunks_embedded_twice": twice}
+
+
+def query_latency(home: Path, chunks: list[Any], config: Config) -> dict[str, Any]:
+    """In-process: embed the query and search the benchmark collection."""
+    from chromadb.api.client import SharedSystemClient
+
+    from pipeline.embedder import load_embedder
+    from pipeline.store import Store
+
+    SharedSystemClient.clear_system_cache()
+    embedder = load_embedder(config.model)
+    store = Store(home / "chroma")
+    rng = random.Random(1)
+    samples = [" ".join(rng.choice(chunks).text.split()[:12]) for _ in range(QUERIES + 5)]
+    for text in samples[:5]:  # warm-up
+        store.query(COLLECTION, embedder.embed([text])[0], 5)
+    times = []
+    for text in samples[5:]:
+        started = time.perf_counter()
+        store.query(COLLECTION, embedder.embed([text])[0], 5)
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return {
+        "collection_size": store.collection(COLLECTION).count(),
+        "queries": len(times),
+        "p50_ms": round(statistics.median(times), 2),
+        "p95_ms": round(times[int(len(times) * 0.95) - 1], 2),
+    }
+
+
+def machine() -> dict[str, Any]:
+    import chromadb
+    import torch
+
+    model = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "chromadb": chromadb.__version__,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _row(name: str, value: Any, target: str = "") -> str:
+    return f"{name:<38} {value!s:>14}   {target}"
+
+
+def report(results: dict[str, Any]) -> str:
+    p, b, q = results["pipeline"], results["bare"], results["query"]
+    mem = results["memory"]
+    lines = [
+        f"indexq benchmark: {results['corpus_chunks']} chunks, {results['machine']['cores']} cores,"
+        f" {results['machine']['memory_gb']} GB, {results['machine']['cpu']}",
+        _row("bare baseline (chunks/s)", b["chunks_per_s"]),
+        _row("pipeline (chunks/s)", p["chunks_per_s"]),
+        _row("throughput ratio pipeline/bare", results["throughput_ratio"], TARGETS["throughput_ratio"]),
+        _row("producer (chunks/s)", results["producer"]["chunks_per_s"], TARGETS["producer_chunks_per_s"]),
+        _row("re-submission (s)", p["resubmit_seconds"]),
+        _row("re-submission (chunks embedded)", p["resubmit_chunks_embedded"], TARGETS["resubmit_chunks_embedded"]),
+        _row("resume waste (chunks embedded twice)", results["resume"]["chunks_embedded_twice"],
+             TARGETS["resume_waste_chunks"]),  # fmt: skip
+        _row(f"query p50 / p95 (ms, {q['collection_size']} chunks)", f"{q['p50_ms']} / {q['p95_ms']}",
+             TARGETS["query_p50_ms"]),  # fmt: skip
+        _row(f"writer peak RSS (MB, {mem['small_chunks']} chunks)", mem["small_rss_mb"]),
+        _row(f"writer peak RSS (MB, {mem['large_chunks']} chunks)", mem["large_rss_mb"], TARGETS["rss_peak_mb"]),
+        _row("RSS growth over 10x corpus (%)", mem["growth_percent"], TARGETS["rss_growth"]),
+    ]
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--quick", is_flag=True, help=f"Small corpus ({QUICK_CHUNKS} chunks): about two minutes here.")
+@click.option("--chunks", type=int, default=None, help=f"Corpus size in chunks [{FULL_CHUNKS}].")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON results file [bench-results/bench-TIMESTAMP.json].")  # fmt: skip
+@click.option("--seed", default=7, show_default=True, help="Seed for the kill moment and the queries.")
+@click.option("--keep", is_flag=True, help="Keep the working directory (data homes, logs).")
+def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: bool) -> None:
+    """Measure the pipeline against a bare loop on the same corpus and machine.
+
+    \b
+    Example:
+      python -m ops.bench --quick
+    """
+    size = chunks or (QUICK_CHUNKS if quick else FULL_CHUNKS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEXQ_", "CHROMADB_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
+    work = Path(tempfile.mkdtemp(prefix="indexq-bench-"))
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.bench", *sys.argv[1:]])}
+    try:
+        click.echo(f"building a corpus of ~{size} chunks in {work}", err=True)
+        total, corpus_chunks = build_corpus(work / "corpus", size, config)
+        small_total, _ = build_corpus(work / "corpus-small", max(1, size // 10), config)
+        results["corpus_chunks"] = total
+        click.echo("producer rate", err=True)
+        results["producer"] = producer_rate(work / "corpus", work, env)
+        click.echo("bare baseline", err=True)
+        results["bare"] = bare_baseline(corpus_chunks, work, config)
+        click.echo("pipeline", err=True)
+        results["pipeline"] = pipeline_run(work / "corpus", work / "pipeline-home", env, total)
+        results["throughput_ratio"] = round(results["pipeline"]["chunks_per_s"] / results["bare"]["chunks_per_s"], 3)
+        click.echo("writer memory on a corpus 10x smaller", err=True)
+        small = pipeline_run(work / "corpus-small", work / "small-home", env, small_total)
+        large_rss, small_rss = results["pipeline"]["writer_peak_rss_mb"], small["writer_peak_rss_mb"]
+        results["memory"] = {
+            "small_chunks": small["chunks"],
+            "small_rss_mb": small_rss,
+            "large_chunks": results["pipeline"]["chunks"],
+            "large_rss_mb": large_rss,
+            "growth_percent": round((large_rss - small_rss) / small_rss * 100, 1),
+        }
+        click.echo("resume after kill -9", err=True)
+        results["resume"] = resume_waste(work / "corpus-small", work, env, seed)
+        click.echo("query latency", err=True)
+        results["query"] = query_latency(work / "pipeline-home", corpus_chunks, config)
+    finally:
+        if keep:
+            click.echo(f"kept {work}", err=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    click.echo(report(results))
+    click.echo(f"results: {output}", err=True)
+
+
+if __name__ == "__main__":
+    main()
