@@ -47,10 +47,8 @@ def _boundary(line: str) -> bool:
     return int.from_bytes(digest, "little") % _BOUNDARY_DIVISOR == 0
 
 
-def _lines(text: str, tokenizer: Tokenizer, budget: int) -> list[_Line]:
+def _lines(text: str, starts: list[int], budget: int) -> list[_Line]:
     """Lines with their token counts; lines over ``budget`` tokens split into pieces."""
-    offsets = tokenizer.offsets(text)
-    starts = [start for start, _ in offsets]
     out: list[_Line] = []
     position = 0
     for number, line in enumerate(text.splitlines(keepends=True), start=1):
@@ -71,36 +69,46 @@ def _lines(text: str, tokenizer: Tokenizer, budget: int) -> list[_Line]:
     return out
 
 
-def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int | None = None, overlap: int = 32) -> list[Chunk]:
-    """Chunks of ``text``, each at most ``max_tokens`` (default: the model's limit)."""
+def chunk_text(
+    text: str, tokenizer: Tokenizer, max_tokens: int | None = None, overlap: int = 32, starts: list[int] | None = None
+) -> list[Chunk]:
+    """Chunks of ``text``, each at most ``max_tokens`` (default: the model's limit).
+
+    ``starts`` (from ``tokenizer.token_starts``) saves tokenizing again a text that
+    was tokenized in a batch.
+    """
     budget = min(max_tokens or tokenizer.max_tokens, tokenizer.max_tokens)
     overlap = min(overlap, budget // 2 - 1) if overlap > 0 else 0
-    lines = _lines(text, tokenizer, budget - overlap)
+    if starts is None:
+        (starts,) = tokenizer.token_starts([text])
+    lines = _lines(text, starts, budget - overlap)
     groups: list[list[_Line]] = []
     current: list[_Line] = []
-    tail: list[_Line] = []  # overlap carried into the next chunk
+    tail_tokens = 0  # overlap carried into the current chunk
     used = 0
+
+    def close() -> None:
+        nonlocal current, used, tail_tokens
+        groups.append(current)
+        current = _tail(current, overlap)
+        used = tail_tokens = sum(t.tokens for t in current)
+
     for line in lines:
-        if current and used + line.tokens > budget:
-            groups.append(current)
-            tail = _tail(current, overlap)
-            current, used = list(tail), sum(t.tokens for t in tail)
+        if used + line.tokens > budget and used > tail_tokens:
+            close()
         current.append(line)
         used += line.tokens
-        own = used - sum(t.tokens for t in tail)
-        if own >= budget // 2 and _boundary(line.text):
-            groups.append(current)
-            tail = _tail(current, overlap)
-            current, used = list(tail), sum(t.tokens for t in tail)
-    if current and len(current) > len(tail):
+        if used - tail_tokens >= budget // 2 and _boundary(line.text):
+            close()
+    if used > tail_tokens or (current and not groups):
         groups.append(current)
+    groups = _verified(groups, tokenizer, budget)
     chunks: list[Chunk] = []
     for group in groups:
         body = "".join(line.text for line in group)
-        if not body.strip():
-            continue
-        chunks.append(Chunk(len(chunks), body, group[0].number, group[-1].number, content_hash(body)))
-    return _verified(chunks, tokenizer, budget)
+        if body.strip():
+            chunks.append(Chunk(len(chunks), body, group[0].number, group[-1].number, content_hash(body)))
+    return chunks
 
 
 def _tail(group: list[_Line], overlap: int) -> list[_Line]:
@@ -114,10 +122,25 @@ def _tail(group: list[_Line], overlap: int) -> list[_Line]:
     return tail
 
 
-def _verified(chunks: list[Chunk], tokenizer: Tokenizer, budget: int) -> list[Chunk]:
-    """Re-count each chunk as a whole: joined lines may tokenize differently."""
-    counts = tokenizer.counts([c.text for c in chunks]) if chunks else []
-    too_long = [c.ordinal for c, n in zip(chunks, counts, strict=True) if n > budget]
-    if too_long:
-        raise AssertionError(f"chunker produced chunks over {budget} tokens: {too_long}")
-    return chunks
+def _verified(groups: list[list[_Line]], tokenizer: Tokenizer, budget: int) -> list[list[_Line]]:
+    """Re-count near-full chunks as a whole and split any that the model would truncate.
+
+    Line counts come from one pass over the whole text; a tokenizer whose pieces can
+    cross a line end (not WordPiece, whose pieces stop at white space) may count a
+    chunk slightly differently on its own. Only chunks within 10 % of the budget can
+    be affected, so only they are counted again.
+    """
+    near = max(8, budget // 10)
+    suspects = [i for i, g in enumerate(groups) if sum(line.tokens for line in g) > budget - near]
+    if not suspects:
+        return groups
+    counts = tokenizer.counts(["".join(line.text for line in groups[i]) for i in suspects])
+    out: list[list[_Line]] = []
+    over = {i for i, n in zip(suspects, counts, strict=True) if n > budget}
+    for i, group in enumerate(groups):
+        if i in over and len(group) > 1:
+            half = len(group) // 2
+            out.extend(_verified([group[:half], group[half:]], tokenizer, budget))
+        else:
+            out.append(group)
+    return out

@@ -22,6 +22,9 @@ from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config
 from pipeline.errors import IndexqError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY = 0, 1, 2, 3, 4
+# Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
+# which would leave a fresh job waiting; a look at an SQLite queue costs microseconds).
+WRITER_MAX_POLL = 0.25
 
 
 def _fail(exc: IndexqError) -> None:
@@ -164,7 +167,7 @@ def worker(
     for handler in root.handlers:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
     huey = WriterHuey(config)
-    consumer = huey.start_writer(workers=1, worker_type="thread", max_delay=1.0, check_worker_health=True)
+    consumer = huey.start_writer(workers=1, worker_type="thread", max_delay=WRITER_MAX_POLL, check_worker_health=True)
     try:
         consumer.run()
     finally:

@@ -23,6 +23,8 @@ from pipeline.guards import clean_metadata, clean_text
 DEFAULT_EXCLUDES = (".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules")
 # One file is held in memory while it is chunked: bound it.
 MAX_FILE_BYTES = 64 * 2**20
+# Text read ahead and tokenized together (a batch runs on every core); bounds memory.
+GROUP_BYTES = 2 * 2**20
 # Bytes looked at to call a file binary (a NUL byte among them), as git does.
 _SNIFF = 8192
 # Problems listed in one error line before "and N more".
@@ -101,6 +103,21 @@ def read_text(path: Path) -> str | Skipped:
     if not text.strip():
         return Skipped(str(path), "empty")
     return text
+
+
+def read_groups(files: Iterable[Path], max_bytes: int = GROUP_BYTES) -> Iterator[list[tuple[Path, str | Skipped]]]:
+    """Files read a few at a time, so that they can be tokenized in one parallel batch."""
+    group: list[tuple[Path, str | Skipped]] = []
+    size = 0
+    for path in files:
+        text = read_text(path)
+        group.append((path, text))
+        size += len(text) if isinstance(text, str) else 0
+        if size >= max_bytes:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def _record(raw: Any, position: int, where: str) -> Record:

@@ -23,7 +23,6 @@ from pipeline.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +87,14 @@ class Tokenizer:
         """Tokens a chunk may hold: the model adds [CLS] and [SEP] around them."""
         return self.max_seq_length - 2
 
-    def offsets(self, text: str) -> list[tuple[int, int]]:
+    def token_starts(self, texts: list[str]) -> list[list[int]]:
+        """For each text, the character offset where each of its tokens starts."""
         if self._fast is not None:
-            return list(self._fast.encode(text, add_special_tokens=False).offsets)
-        encoded = self._hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        return [tuple(o) for o in encoded["offset_mapping"]]
+            # encode_batch runs on every core (unless TOKENIZERS_PARALLELISM=false).
+            encoded = self._fast.encode_batch(texts, add_special_tokens=False)
+            return [[start for start, _ in e.offsets] for e in encoded]
+        mapped = self._hf(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return [[start for start, _ in offsets] for offsets in mapped["offset_mapping"]]
 
     def counts(self, texts: list[str]) -> list[int]:
         if self._fast is not None:

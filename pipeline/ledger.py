@@ -82,6 +82,10 @@ class Ledger:
         self._create()
 
     def _create(self) -> None:
+        # Status probes and pollers open the ledger often: skip the write transaction
+        # (and its fsync) when the schema is already there.
+        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return
         with self._tx():
             self.db.table("jobs").create(
                 {

@@ -20,7 +20,7 @@ from typing import Any
 
 from pipeline.chunking import Chunk, chunk_text
 from pipeline.config import Config
-from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_text, spooled, validate_records, walk
+from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
 from pipeline.embedder import load_tokenizer
 from pipeline.errors import EmptyCorpusError
 from pipeline.ids import chunk_id, validate_collection
@@ -86,21 +86,25 @@ class Producer:
         job = _LazyJob(self.ledger, collection, "paths", [str(p) for p in roots])
         sub = Submission("", collection)
         batch = _Batch()
-        for path in walk(roots, tuple(include), tuple(exclude)):
-            text = read_text(path)
-            if isinstance(text, Skipped):
-                logger.info("skipped %s: %s", text.source, text.reason)
-                sub.skipped.append(text)
-                continue
-            source = str(path)
-            chunks = chunk_text(text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap)
-            self._add(
-                sub, batch, source, chunks,
-                lambda c, s=source: _file_chunk(s, c), lambda c, s=source: chunk_id(s, c.ordinal),
-            )  # fmt: skip
-            if len(batch) >= FLUSH_EVERY:
-                self._flush(job, sub, batch)
-                batch = _Batch()
+        for group in read_groups(walk(roots, tuple(include), tuple(exclude))):
+            readable = [(path, text) for path, text in group if isinstance(text, str)]
+            starts = iter(self.tokenizer.token_starts([text for _, text in readable]))
+            for path, text in group:
+                if isinstance(text, Skipped):
+                    logger.info("skipped %s: %s", text.source, text.reason)
+                    sub.skipped.append(text)
+                    continue
+                source = str(path)
+                chunks = chunk_text(
+                    text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=next(starts)
+                )
+                self._add(
+                    sub, batch, source, chunks,
+                    lambda c, s=source: _file_chunk(s, c), lambda c, s=source: chunk_id(s, c.ordinal),
+                )  # fmt: skip
+                if len(batch) >= FLUSH_EVERY:
+                    self._flush(job, sub, batch)
+                    batch = _Batch()
         return self._finish(job, sub, batch, f"no indexable text under {', '.join(map(str, roots))}")
 
     def submit_jsonl(self, path: str | os.PathLike[str], collection: str) -> Submission:

@@ -1,0 +1,37 @@
+"""A smoke run of the benchmark harness, to keep it working. Nothing here asserts a timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import env_for
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.bench", "--chunks", "40", "--output", str(output)],
+        env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(output.read_text())
+    assert data["corpus_chunks"] >= 40
+    assert data["pipeline"]["chunks"] == data["corpus_chunks"]
+    assert data["pipeline"]["resubmit_chunks_embedded"] == 0
+    assert data["resume"]["chunks_embedded_twice"] <= 32
+    assert data["query"]["collection_size"] == data["corpus_chunks"]
+    assert data["memory"]["small_chunks"] < data["memory"]["large_chunks"]
+    for key in ("bare", "producer"):
+        assert data[key]["chunks_per_s"] > 0
+    assert "throughput ratio pipeline/bare" in result.stdout
