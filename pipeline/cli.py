@@ -265,5 +265,150 @@ def resume(home: Path) -> None:
     click.echo(f"{tasks} tasks enqueued")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the backup as JSON.")
+@_home
+@_errors
+def backup(as_json: bool, home: Path) -> None:
+    """Take a consistent backup now, verify it, and prune old ones.
+
+    \b
+    Example:
+      indexq backup --home ./indexq-data
+    Exits 4 if the writer's commit lock stays busy, 1 if the backup fails verification.
+    """
+    from ops.maintenance import backup_and_prune
+
+    result = backup_and_prune(_config(home=home))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        state = "verified" if result["verified"] else "FAILED verification"
+        click.echo(
+            f"{result['name']} {state}: watermark {result['watermark']}, writer paused {result['pause_seconds']:.3f}s"
+        )
+    if not result["verified"]:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the backups as JSON.")
+@_home
+@_errors
+def backups(as_json: bool, home: Path) -> None:
+    """List complete backups, oldest first.
+
+    \b
+    Example:
+      indexq backups --json | jq '.[-1]'
+    """
+    from ops.backup import list_backups
+
+    found = list_backups(_config(home=home))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no backups")
+    for b in found:
+        state = {True: "verified", False: "FAILED", None: "unverified"}[b["verified"]]
+        age = _age(b["time"])
+        click.echo(f"{b['name']}  {state:<10} {age:>10} ago  watermark {b['watermark']}  {b['size_bytes'] // 2**20} MB")
+
+
+def _age(when: float) -> str:
+    seconds = max(0, time.time() - when)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@main.command()
+@click.option("--deep", is_flag=True, help="Also read back every embedding and test self-recall.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@_home
+@_errors
+def check(deep: bool, as_json: bool, home: Path) -> None:
+    """Check Chroma against the ledger, layer by layer.
+
+    \b
+    Example:
+      indexq check --deep
+    Exits 0 healthy, 1 damaged (with what and where), 4 busy.
+    """
+    from ops.maintenance import run_check
+
+    report = run_check(_config(home=home), deep=deep)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.healthy:
+        click.echo(f"healthy ({'deep' if deep else 'quick'} check, {report.seconds:.1f}s)")
+    else:
+        for problem in report.problems:
+            click.echo(f"damaged {problem}")
+    if not report.healthy:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.option("--from", "source", metavar="BACKUP", help="Restore this backup (a name from `indexq backups`).")
+@click.option("--dry-run", is_flag=True, help="Say what would be done, do nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_home
+@_errors
+def recover(source: str | None, dry_run: bool, as_json: bool, home: Path) -> None:
+    """Repair damage with nothing acknowledged lost.
+
+    \b
+    Example:
+      indexq recover --dry-run
+    FTS damage is rebuilt in place; other damage restores the newest verified backup and
+    replays the ledger; with no backup the collections are rebuilt from the ledger.
+    """
+    from ops.recovery import recover as run
+
+    result = run(_config(home=home), source=source, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    if result["action"] == "none":
+        click.echo("healthy: nothing to do")
+        return
+    verb = "would" if dry_run else "did"
+    click.echo(f"{verb} {result['action']}: {result['reason']}")
+    if not dry_run:
+        click.echo(
+            f"replayed {result.get('replayed', 0)}, deleted {result.get('deleted', 0)};"
+            f" healthy after; writer paused {result['pause_seconds']:.2f}s"
+        )
+
+
+@main.command()
+@click.option("--no-auto-recover", is_flag=True, help="Report damage but do not repair it.")
+@_home
+@_errors
+def maintenance(no_auto_recover: bool, home: Path) -> None:
+    """Run the maintenance consumer: backups, checks, recovery, requeue.
+
+    \b
+    Example:
+      indexq maintenance --home ./indexq-data
+    Intervals: INDEXQ_BACKUP_INTERVAL (24h), INDEXQ_QUICK_CHECK_INTERVAL (5m),
+    INDEXQ_DEEP_CHECK_INTERVAL (1h), INDEXQ_REQUEUE_INTERVAL (3m), INDEXQ_RETENTION (7d).
+    """
+    from workers.maintenance import MaintenanceHuey
+
+    config = _config(home=home, auto_recover=False if no_auto_recover else None)
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    huey = MaintenanceHuey(config)
+    consumer = huey.start_maintenance(workers=1, worker_type="thread", max_delay=WRITER_MAX_POLL)
+    try:
+        consumer.run()
+    finally:
+        huey.stop_maintenance()
+
+
 if __name__ == "__main__":
     main()

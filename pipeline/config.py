@@ -34,6 +34,12 @@ DEFAULT_CHUNK_OVERLAP = 32
 # Free space the Chroma directory must keep before a commit is attempted.
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_BACKUP_INTERVAL = 24 * 3600.0
+# Backups older than this are pruned, except the newest verified one.
+DEFAULT_RETENTION = 7 * 86400.0
+DEFAULT_QUICK_CHECK_INTERVAL = 5 * 60.0
+DEFAULT_DEEP_CHECK_INTERVAL = 3600.0
+# How often the maintenance consumer re-enqueues chunks the writer's queue lost.
+DEFAULT_REQUEUE_INTERVAL = 3 * 60.0
 # How long search and maintenance wait for the commit lock before saying "busy".
 DEFAULT_LOCK_TIMEOUT = 30.0
 # Back-off of a tripped guard: first wait, growth, longest wait (seconds).
@@ -71,6 +77,11 @@ class Config:
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     min_free_mb: int = DEFAULT_MIN_FREE_MB
     backup_interval: float = DEFAULT_BACKUP_INTERVAL
+    retention: float = DEFAULT_RETENTION
+    quick_check_interval: float = DEFAULT_QUICK_CHECK_INTERVAL
+    deep_check_interval: float = DEFAULT_DEEP_CHECK_INTERVAL
+    requeue_interval: float = DEFAULT_REQUEUE_INTERVAL
+    auto_recover: bool = True
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
@@ -116,6 +127,31 @@ class Config:
     @property
     def secret_path(self) -> Path:
         return self.home / "queue.key"
+
+    @property
+    def backups_path(self) -> Path:
+        return self.home / "backups"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.home / "quarantine"
+
+    @property
+    def maintenance_queue_path(self) -> Path:
+        return self.home / "maintenance.db"
+
+    @property
+    def maintenance_lock_path(self) -> Path:
+        return self.home / "maintenance.lock"
+
+    @property
+    def generation_path(self) -> Path:
+        """Changed by a restore, so that the writer reopens Chroma before its next commit."""
+        return self.home / "chroma.generation"
+
+    @property
+    def alerts_path(self) -> Path:
+        return self.logs_path / "alerts.log"
 
     @property
     def chroma_dir(self) -> Path:
@@ -166,8 +202,20 @@ class Config:
         number(int, "chunk_overlap", "INDEXQ_CHUNK_OVERLAP")
         number(int, "min_free_mb", "INDEXQ_MIN_FREE_MB")
         number(float, "lock_timeout", "INDEXQ_LOCK_TIMEOUT")
-        if found := pick("INDEXQ_BACKUP_INTERVAL", "CHROMADB_BACKUP_INTERVAL"):
-            values["backup_interval"] = parse_duration(found[0], found[1])
+        for field, names in (
+            ("backup_interval", ("INDEXQ_BACKUP_INTERVAL", "CHROMADB_BACKUP_INTERVAL")),
+            ("retention", ("INDEXQ_RETENTION",)),
+            ("quick_check_interval", ("INDEXQ_QUICK_CHECK_INTERVAL",)),
+            ("deep_check_interval", ("INDEXQ_DEEP_CHECK_INTERVAL",)),
+            ("requeue_interval", ("INDEXQ_REQUEUE_INTERVAL",)),
+        ):
+            if found := pick(*names):
+                values[field] = parse_duration(found[0], found[1])
+        if found := pick("INDEXQ_AUTO_RECOVER"):
+            flag = found[1].lower()
+            if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"INDEXQ_AUTO_RECOVER must be true or false, got {found[1]!r}")
+            values["auto_recover"] = flag in ("1", "true", "yes", "on")
         # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
         if "memory_threshold" in values and 0 < values["memory_threshold"] <= 1:
             values["memory_threshold"] *= 100

@@ -29,6 +29,9 @@ DELETING = "deleting"  # stale: to be removed from Chroma, then from the ledger
 FAILED = "failed"  # refused by validation; the reason is in `error`
 OUTSTANDING = (PENDING, EMBEDDED, DELETING)
 
+# Tables are created "if not exists": a bump adds what a newer version needs.
+SCHEMA_VERSION = 2
+
 # SQLite allows 32766 host parameters; stay far below for IN (...) lists.
 _IN_CHUNK = 500
 
@@ -60,6 +63,11 @@ class JobProgress:
         return dataclasses.asdict(self)
 
 
+def _event(row: tuple[Any, ...]) -> dict[str, Any]:
+    when, kind, ok, summary, detail = row
+    return {"time": when, "kind": kind, "ok": bool(ok), "summary": summary, "detail": json.loads(detail or "{}")}
+
+
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -83,8 +91,8 @@ class Ledger:
 
     def _create(self) -> None:
         # Status probes and pollers open the ledger often: skip the write transaction
-        # (and its fsync) when the schema is already there.
-        if self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+        # (and its fsync) when the schema is already current.
+        if self.conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         with self._tx():
             self.db.table("jobs").create(
@@ -108,6 +116,12 @@ class Ledger:
                 {"job": str, "collection": str, "id": str}, pk=("job", "collection", "id"), if_not_exists=True
             )
             self.db.table("meta").create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            # What maintenance did (backups, checks, recoveries, alerts), for status.
+            self.db.table("events").create(
+                {"id": int, "time": float, "kind": str, "ok": int, "summary": str, "detail": str},
+                pk="id", if_not_exists=True,
+            )  # fmt: skip
+            self.db.table("events").create_index(["kind", "time"], if_not_exists=True)
             chunks = self.db.table("chunks")
             chunks.create_index(["collection", "source", "ordinal"], if_not_exists=True)
             chunks.create_index(["collection", "hash"], if_not_exists=True)
@@ -115,6 +129,7 @@ class Ledger:
             chunks.create_index(["committed_at"], if_not_exists=True)
             chunks.create_index(["job", "state"], if_not_exists=True)
             self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', '0'), ('embeddings', '0')")
+            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -338,6 +353,63 @@ class Ledger:
         """Chunks whose current text was embedded twice or more (resume waste)."""
         (n,) = self.conn.execute("SELECT count(*) FROM chunks WHERE embeds > 1").fetchone()
         return int(n)
+
+    # ---- maintenance events ------------------------------------------------------
+
+    def add_event(self, kind: str, ok: bool, summary: str, detail: dict[str, Any] | None = None) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO events(time, kind, ok, summary, detail) VALUES (?, ?, ?, ?, ?)",
+                (time.time(), kind, int(ok), summary, json.dumps(detail or {})),
+            )
+
+    def last_event(self, kind: str, ok: bool | None = None) -> dict[str, Any] | None:
+        sql = "SELECT time, kind, ok, summary, detail FROM events WHERE kind=?"
+        params: tuple[Any, ...] = (kind,)
+        if ok is not None:
+            sql += " AND ok=?"
+            params += (int(ok),)
+        row = self.conn.execute(sql + " ORDER BY time DESC, id DESC LIMIT 1", params).fetchone()
+        return _event(row) if row else None
+
+    def events(self, kind: str, since: float) -> list[dict[str, Any]]:
+        rows = self.conn.execute(
+            "SELECT time, kind, ok, summary, detail FROM events WHERE kind=? AND time>=? ORDER BY time DESC",
+            (kind, since),
+        )
+        return [_event(r) for r in rows]
+
+    def collections(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT collection FROM chunks ORDER BY collection")]
+
+    def ids_by_state(self, collection: str) -> dict[str, str]:
+        """id -> state of every row of a collection."""
+        return dict(self.conn.execute("SELECT id, state FROM chunks WHERE collection=?", (collection,)))
+
+    def watermark(self) -> int:
+        """The last commit sequence number: every commit up to it is in Chroma."""
+        (seq,) = self.conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'").fetchone()
+        return int(seq)
+
+    def committed_after(self, collection: str, seq: int) -> list[Row]:
+        cursor = self.conn.execute(
+            "SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
+            " WHERE collection=? AND state='committed' AND seq>? ORDER BY seq",
+            (collection, seq),
+        )
+        return [Row(c, i, t, json.loads(m or "{}"), h, s, e) for c, i, t, m, h, s, e in cursor]
+
+    def rows(self, collection: str, ids: Sequence[str]) -> list[Row]:
+        return self.load(collection, ids, (COMMITTED,))
+
+    def backup_to(self, target: Path) -> None:
+        """A consistent copy of the ledger through SQLite's backup API."""
+        dest = sqlite3.connect(str(target))
+        try:
+            with self._lock:
+                self.conn.backup(dest)
+        finally:
+            dest.close()
 
     def committed(self, collection: str) -> Iterator[Row]:
         cursor = self.conn.execute(

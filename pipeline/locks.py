@@ -42,8 +42,9 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
 class WriterLock:
     """Exclusive lock that makes a process the one writer of a data home."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, role: str = "writer") -> None:
         self.path = path
+        self.role = role
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -62,8 +63,8 @@ class WriterLock:
             os.close(fd)
             holder = describe_holder(read_holder(self.path))
             raise WriterLockedError(
-                f"another writer holds {self.path}: {holder}",
-                hint="stop that writer first; only one writer may write a data home",
+                f"another {self.role} holds {self.path}: {holder}",
+                hint=f"stop that {self.role} first; only one may run per data home",
             ) from None
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)

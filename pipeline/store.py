@@ -13,13 +13,19 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.ledger import Row
+
 logger = logging.getLogger(__name__)
 
 
 class Store:
     def __init__(self, path: Path) -> None:
         import chromadb
+        from chromadb.api.client import SharedSystemClient
 
+        # Chroma keeps one client per path per process; after a restore swapped the
+        # directory, that cached client would still write to the old (moved) files.
+        SharedSystemClient.clear_system_cache()
         self.path = path
         self.client = chromadb.PersistentClient(
             path=str(path), settings=chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
@@ -52,6 +58,21 @@ class Store:
         self.collection(collection).upsert(
             ids=list(ids), embeddings=embeddings, documents=list(documents), metadatas=list(metadatas)
         )
+
+    def upsert_rows(self, collection: str, rows: Sequence[Row]) -> None:
+        """Ledger rows with their stored embeddings (the writer's commit and recovery's replay)."""
+        vectors = np.stack([np.frombuffer(r.embedding or b"", dtype=np.float32) for r in rows])
+        self.upsert(collection, [r.id for r in rows], vectors, [r.text for r in rows], [r.metadata for r in rows])
+
+    def ids(self, collection: str) -> set[str]:
+        col = self.collection(collection, create=False)
+        if col is None:
+            return set()
+        out: set[str] = set()
+        total = col.count()
+        for offset in range(0, total, 5000):
+            out.update(col.get(include=[], limit=5000, offset=offset)["ids"])
+        return out
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         self.collection(collection).delete(ids=list(ids))

@@ -28,6 +28,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def read_generation(config: Config) -> str | None:
+    try:
+        return config.generation_path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
 def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -41,6 +48,7 @@ class Writer:
         self.commit_lock = CommitLock(config.commit_lock_path)
         self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
         self.stop = stop or threading.Event()
+        self._generation = read_generation(config)
 
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
@@ -99,16 +107,22 @@ class Writer:
         logger.debug("embedded %d chunks of %s", len(stored), collection)
 
     def _commit(self, collection: str, group: Sequence[Row]) -> int:
-        vectors = np.stack([np.frombuffer(r.embedding or b"", dtype=np.float32) for r in group])
         # Chroma and the ledger change together under the commit lock, so a backup
         # that holds it sees them agree.
         with self.commit_lock.held():
-            self.store.upsert(
-                collection, [r.id for r in group], vectors, [r.text for r in group], [r.metadata for r in group]
-            )
+            self._follow_restore()
+            self.store.upsert_rows(collection, group)
             seq = self.ledger.checkpoint(collection, [(r.id, r.hash) for r in group])
         logger.debug("commit %d: %d chunks of %s", seq, len(group), collection)
         return seq
+
+    def _follow_restore(self) -> None:
+        """Reopen Chroma if a recovery replaced the directory since the last commit."""
+        generation = read_generation(self.config)
+        if generation != self._generation:
+            logger.warning("the Chroma directory was restored (generation %s): reopening it", generation)
+            self.store = Store(self.config.chroma_dir)
+            self._generation = generation
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove stale chunks from Chroma, then from the ledger."""
@@ -118,6 +132,7 @@ class Writer:
             if not self.guard.wait_until_clear(self.stop):
                 break
             with self.commit_lock.held():
+                self._follow_restore()
                 self.store.delete(collection, group)
                 self.ledger.forget(collection, group)
             done += len(group)

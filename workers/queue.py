@@ -91,7 +91,7 @@ class WriterHuey(SqliteHuey):
             )
         self._lock.acquire()
         try:
-            _log_to_home(self.config)
+            log_to_home(self.config, "writer.log")
             consumer = WriterConsumer(self, **options)
             self.writer = Writer(self.config, stop=consumer.stop_flag)
             # The ledger is the truth: drop whatever the queue holds and requeue from it,
@@ -137,9 +137,9 @@ class WriterHuey(SqliteHuey):
         return count
 
 
-def _log_to_home(config: Config) -> None:
-    """The writer logs to logs/writer.log in the data home as well as to stderr."""
-    handler = logging.FileHandler(config.logs_path / "writer.log")
+def log_to_home(config: Config, name: str) -> None:
+    """A consumer logs to logs/NAME in the data home as well as to stderr."""
+    handler = logging.FileHandler(config.logs_path / name)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -151,4 +151,4 @@ def _log_to_home(config: Config) -> None:
         console.setFormatter(logging.Formatter(LOG_FORMAT))
         for name in ("pipeline", "workers", "tasks"):
             logging.getLogger(name).addHandler(console)
-    os.chmod(config.logs_path / "writer.log", 0o600)
+    os.chmod(config.logs_path / name, 0o600)

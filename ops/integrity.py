@@ -1,0 +1,298 @@
+"""Layered integrity checks of a Chroma directory against the ledger, cheap to deep.
+
+1. ``sqlite``: ``PRAGMA quick_check`` (``integrity_check`` when deep) of chroma.sqlite3.
+2. ``fts``: FTS5 ``'integrity-check'`` of ``embedding_fulltext_search``.
+3. ``hnsw``: each vector segment's files: header fields against file sizes,
+   ``link_lists.bin`` parses to its end, the label maps of ``index_metadata.pickle``
+   agree with the header.
+4. ``ledger``: the ids of each collection against the ledger's committed ids.
+5. ``deep``: every embedding and document read back against the ledger, and
+   self-recall on a sample.
+
+Layers 4 and 5 load Chroma, so they run in a subprocess (``ops.probe``): a damaged
+segment can kill its reader with SIGSEGV, and that must be a finding, not a crash.
+A SQLite check cannot see vector damage, which is why the HNSW and probe layers exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import pickle
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VECTOR_SEGMENT = "urn:chroma:segment/vector/hnsw-local-persisted"
+# hnswlib's header as chroma-hnswlib writes it: version, then the index parameters.
+_HEADER = struct.Struct("<iQQQQQQiIQQQdQ")
+_HEADER_FIELDS = (
+    "version", "offset_level0", "max_elements", "cur_element_count", "size_data_per_element", "label_offset",
+    "offset_data", "max_level", "enterpoint", "max_m", "max_m0", "m", "mult", "ef_construction",
+)  # fmt: skip
+PROBE_TIMEOUT = 1800
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    layer: str
+    where: str
+    what: str
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return f"[{self.layer}] {self.where}: {self.what}"
+
+
+@dataclasses.dataclass
+class Report:
+    deep: bool
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    collections: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
+    pause_seconds: float = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    @property
+    def layers(self) -> set[str]:
+        return {p.layer for p in self.problems}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "healthy": self.healthy,
+            "deep": self.deep,
+            "problems": [p.as_dict() for p in self.problems],
+            "collections": self.collections,
+            "seconds": round(self.seconds, 3),
+            "pause_seconds": round(self.pause_seconds, 3),
+        }
+
+
+class _NoGlobals(pickle.Unpickler):
+    """index_metadata.pickle holds only dicts, ints and strings: refuse anything else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: not plain data")
+
+
+def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
+    db = chroma / "chroma.sqlite3"
+    if not db.exists():
+        return [Problem("sqlite", str(db), "missing")]
+    try:
+        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = conn.execute("PRAGMA integrity_check" if deep else "PRAGMA quick_check").fetchall()
+            conn.execute("SELECT count(*) FROM segments").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return [Problem("sqlite", str(db), str(exc))]
+    messages = [r[0] for r in rows]
+    if messages != ["ok"]:
+        return [Problem("sqlite", str(db), "; ".join(messages[:5]))]
+    return []
+
+
+def check_fts(chroma: Path) -> list[Problem]:
+    db = chroma / "chroma.sqlite3"
+    try:
+        # 'integrity-check' is spelled as an INSERT but changes nothing; rank 1 also
+        # compares the index with the content table.
+        conn = sqlite3.connect(str(db), timeout=30)
+        try:
+            conn.execute(
+                "INSERT INTO embedding_fulltext_search(embedding_fulltext_search, rank) VALUES ('integrity-check', 1)"
+            )
+            conn.rollback()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return [Problem("fts", "embedding_fulltext_search", str(exc))]
+    return []
+
+
+def vector_segments(chroma: Path) -> list[tuple[str, str]]:
+    """(segment id, collection id) of every HNSW segment chroma.sqlite3 lists."""
+    conn = sqlite3.connect(f"file:{chroma / 'chroma.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT id, collection FROM segments WHERE type=?", (VECTOR_SEGMENT,)).fetchall()
+    finally:
+        conn.close()
+
+
+def _has_records(chroma: Path, collection_id: str) -> bool:
+    conn = sqlite3.connect(f"file:{chroma / 'chroma.sqlite3'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = conn.execute(
+            "SELECT 1 FROM embeddings e JOIN segments s ON s.id = e.segment_id WHERE s.collection=? LIMIT 1",
+            (collection_id,),
+        ).fetchone()
+        return row is not None
+    finally:
+        conn.close()
+
+
+def check_hnsw_segment(folder: Path) -> list[Problem]:
+    """The structure of one persisted HNSW segment folder."""
+    where = str(folder)
+    header_file = folder / "header.bin"
+    if not header_file.exists():
+        return [Problem("hnsw", where, "header.bin missing")]
+    raw = header_file.read_bytes()
+    if len(raw) != _HEADER.size:
+        return [Problem("hnsw", where, f"header.bin is {len(raw)} bytes, expected {_HEADER.size}")]
+    header = dict(zip(_HEADER_FIELDS, _HEADER.unpack(raw), strict=True))
+    count, size = header["cur_element_count"], header["size_data_per_element"]
+    problems: list[Problem] = []
+    if count > header["max_elements"] or header["max_m0"] == 0 or size == 0:
+        return [Problem("hnsw", where, f"header.bin fields are inconsistent: {header}")]
+    expected = {"data_level0.bin": count * size, "length.bin": count * 4}
+    for name, want in expected.items():
+        path = folder / name
+        if not path.exists():
+            problems.append(Problem("hnsw", where, f"{name} missing"))
+        # A fresh index (no element persisted yet) is written at its initial capacity.
+        elif count and path.stat().st_size != want:
+            problems.append(Problem("hnsw", where, f"{name} is {path.stat().st_size} bytes, header says {want}"))
+    problems.extend(_check_link_lists(folder, count, header["max_m"]))
+    problems.extend(_check_label_maps(folder, count))
+    return problems
+
+
+def _check_link_lists(folder: Path, count: int, max_m: int) -> list[Problem]:
+    path = folder / "link_lists.bin"
+    if not path.exists():
+        return [Problem("hnsw", str(folder), "link_lists.bin missing")] if count else []
+    data = path.read_bytes()
+    per_level = max_m * 4 + 4  # links plus their count, per upper level
+    offset = 0
+    for element in range(count):
+        if offset + 4 > len(data):
+            return [Problem("hnsw", str(folder), f"link_lists.bin ends at element {element} of {count}")]
+        (size,) = struct.unpack_from("<I", data, offset)
+        if size % per_level:
+            return [Problem("hnsw", str(folder), f"link_lists.bin: element {element} has a bad list size {size}")]
+        offset += 4 + size
+    if offset != len(data):
+        return [Problem("hnsw", str(folder), f"link_lists.bin is {len(data)} bytes, its lists take {offset}")]
+    return []
+
+
+def _check_label_maps(folder: Path, count: int) -> list[Problem]:
+    path = folder / "index_metadata.pickle"
+    if not path.exists():
+        # Nothing persisted yet lives only in Chroma's log: no pickle is then normal.
+        return [Problem("hnsw", str(folder), "index_metadata.pickle missing")] if count else []
+    try:
+        meta = _NoGlobals(io.BytesIO(path.read_bytes())).load()
+        id_to_label, label_to_id = meta["id_to_label"], meta["label_to_id"]
+        if not isinstance(id_to_label, dict) or not isinstance(label_to_id, dict):
+            raise ValueError("label maps are not dicts")
+    except Exception as exc:
+        return [Problem("hnsw", str(folder), f"index_metadata.pickle unreadable: {type(exc).__name__}: {exc}")]
+    if len(id_to_label) != len(label_to_id) or any(label_to_id.get(v) != k for k, v in id_to_label.items()):
+        return [Problem("hnsw", str(folder), "index_metadata.pickle label maps disagree with each other")]
+    if len(id_to_label) > count or meta.get("total_elements_added", count) < len(id_to_label):
+        return [
+            Problem("hnsw", str(folder), f"index_metadata.pickle maps {len(id_to_label)} labels, header has {count}")
+        ]
+    return []
+
+
+def check_hnsw(chroma: Path) -> list[Problem]:
+    problems: list[Problem] = []
+    try:
+        segments = vector_segments(chroma)
+    except sqlite3.DatabaseError as exc:
+        return [Problem("hnsw", str(chroma), f"cannot list segments: {exc}")]
+    for segment, collection in segments:
+        folder = chroma / segment
+        if not folder.is_dir():
+            if _has_records(chroma, collection):
+                problems.append(Problem("hnsw", str(folder), "vector segment folder missing"))
+            continue
+        problems.extend(check_hnsw_segment(folder))
+    return problems
+
+
+def run_probe(chroma: Path, ledger: Path, deep: bool) -> tuple[dict[str, Any], list[Problem]]:
+    """Layers 4 and 5, in a fresh process."""
+    argv = [sys.executable, "-m", "ops.probe", "--chroma", str(chroma), "--ledger", str(ledger)]
+    if deep:
+        argv.append("--deep")
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, env=_probe_env())
+    except subprocess.TimeoutExpired:
+        return {}, [Problem("chroma", str(chroma), f"the Chroma probe did not finish in {PROBE_TIMEOUT}s")]
+    if proc.returncode < 0:
+        name = signal.Signals(-proc.returncode).name
+        return {}, [Problem("chroma", str(chroma), f"loading Chroma killed the probe with {name}")]
+    try:
+        result = json.loads(proc.stdout)
+    except ValueError:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {}, [Problem("chroma", str(chroma), f"the Chroma probe failed: {tail[:300]}")]
+    if "error" in result:
+        return {}, [Problem("chroma", str(chroma), f"Chroma could not be read: {result['error']}")]
+    problems: list[Problem] = []
+    for name, info in result["collections"].items():
+        if info["missing"]:
+            problems.append(
+                Problem("ledger", name, f"{info['missing']} committed chunks missing, e.g. {info['missing_ids']}")
+            )
+        if info["unknown"]:
+            problems.append(
+                Problem(
+                    "ledger", name, f"{info['unknown']} chunks the ledger does not know, e.g. {info['unknown_ids']}"
+                )
+            )
+        if info.get("mismatched"):
+            problems.append(
+                Problem(
+                    "deep", name, f"{info['mismatched']} chunks differ from the ledger, e.g. {info['mismatched_ids']}"
+                )
+            )
+        if info.get("recall_failures"):
+            problems.append(
+                Problem(
+                    "deep",
+                    name,
+                    f"{info['recall_failures']} of {info['recall_sample']} vectors are not their own nearest neighbour",
+                )
+            )
+    return result["collections"], problems  # fmt: skip
+
+
+def _probe_env() -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def check(chroma: Path, ledger: Path, deep: bool = False) -> Report:
+    """Every layer, cheap to deep. Structural damage skips the probe (it could only crash)."""
+    started = time.monotonic()
+    report = Report(deep=deep)
+    report.problems.extend(check_sqlite(chroma, deep))
+    if not report.problems:
+        report.problems.extend(check_fts(chroma))
+        report.problems.extend(check_hnsw(chroma))
+    if not report.layers - {"fts"}:
+        report.collections, found = run_probe(chroma, ledger, deep)
+        report.problems.extend(found)
+    report.seconds = time.monotonic() - started
+    return report

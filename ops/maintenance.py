@@ -1,0 +1,104 @@
+"""What the maintenance consumer does, also callable one at a time from the CLI.
+
+``tick`` runs whatever is due, judged from what the ledger recorded, so a maintenance
+consumer that crashed or was restarted catches up on a missed backup at once instead
+of waiting a whole interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ops import alerts
+from ops.backup import create_backup, newest_verified, prune
+from ops.integrity import Report, check
+from pipeline.config import Config
+from pipeline.errors import BusyError
+from pipeline.ledger import Ledger
+from pipeline.locks import CommitLock
+
+logger = logging.getLogger(__name__)
+
+
+def run_check(config: Config, deep: bool = False) -> Report:
+    """Check under the commit lock; records the result. Raises BusyError, never calls busy damage."""
+    lock = CommitLock(config.commit_lock_path)
+    try:
+        with lock.held(timeout=config.lock_timeout):
+            paused = time.monotonic()
+            report = check(config.chroma_dir, config.ledger_path, deep=deep)
+            report.pause_seconds = time.monotonic() - paused
+    finally:
+        lock.close()
+    ledger = Ledger(config.ledger_path)
+    try:
+        kind = "deep" if deep else "quick"
+        if report.healthy:
+            summary = f"{kind} check healthy ({report.seconds:.1f}s)"
+        else:
+            summary = f"{kind} check found damage: " + "; ".join(str(p) for p in report.problems[:3])
+        ledger.add_event("check", report.healthy, summary, {"deep": deep, **report.as_dict()})
+        if not report.healthy:
+            alerts.raise_alert(config, ledger, summary)
+    finally:
+        ledger.close()
+    return report
+
+
+def backup_and_prune(config: Config) -> dict[str, Any]:
+    backup = create_backup(config)
+    backup["pruned"] = prune(config)
+    return backup
+
+
+def _last(ledger: Ledger, kind: str, deep: bool | None = None) -> float:
+    """When the last event of a kind happened (0 if never)."""
+    if deep is None:
+        event = ledger.last_event(kind)
+        return float(event["time"]) if event else 0.0
+    for event in ledger.events(kind, 0.0):
+        if bool(event["detail"].get("deep")) == deep or (not deep and event["detail"].get("deep")):
+            return float(event["time"])
+    return 0.0
+
+
+def tick(config: Config, now: float | None = None) -> list[str]:
+    """Run every maintenance job that is due; returns what ran."""
+    from pipeline.api import resume
+    from workers.queue import WriterHuey
+
+    now = time.time() if now is None else now
+    ran: list[str] = []
+    ledger = Ledger(config.ledger_path)
+    try:
+        newest = newest_verified(config)
+        last_deep, last_quick = _last(ledger, "check", deep=True), _last(ledger, "check", deep=False)
+        last_requeue = _last(ledger, "requeue")
+    finally:
+        ledger.close()
+    try:
+        if newest is None or now - newest["time"] >= config.backup_interval:
+            backup_and_prune(config)
+            ran.append("backup")
+        deep = now - last_deep >= config.deep_check_interval
+        if deep or now - last_quick >= config.quick_check_interval:
+            report = run_check(config, deep=deep)
+            ran.append("deep check" if deep else "quick check")
+            if not report.healthy and config.auto_recover:
+                from ops.recovery import recover
+
+                recover(config)
+                ran.append("recovery")
+    except BusyError as exc:
+        logger.warning("maintenance postponed: %s", exc)
+        ran.append("busy")
+    if now - last_requeue >= config.requeue_interval:
+        queue = WriterHuey(config)
+        tasks = resume(config) if not queue.pending_count() else 0
+        ledger = Ledger(config.ledger_path)
+        ledger.add_event("requeue", True, f"{tasks} tasks re-enqueued")
+        ledger.close()
+        ran.append("requeue")
+    return ran

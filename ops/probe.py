@@ -1,0 +1,109 @@
+"""Chroma-level probes, run in a subprocess: a damaged segment can kill its reader.
+
+    python -m ops.probe --chroma DIR --ledger FILE [--deep]
+
+Prints one JSON object: per collection, the ids Chroma has against the ledger's
+committed set, and with --deep, embeddings and documents read back against the ledger
+and self-recall on a sample. Exit 0 whatever it finds; a crash is the caller's finding.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pipeline.ledger import COMMITTED, Ledger
+
+# Stored vectors whose nearest neighbour must be themselves.
+RECALL_SAMPLE = 50
+# Tolerance for an embedding read back from Chroma against the ledger's copy.
+ATOL = 1e-5
+_SHOWN = 5
+
+
+def probe(chroma: Path, ledger_path: Path, deep: bool) -> dict[str, Any]:
+    from pipeline.store import Store
+
+    ledger = Ledger(ledger_path)
+    store = Store(chroma)
+    out: dict[str, Any] = {}
+    try:
+        for name in ledger.collections():
+            states = ledger.ids_by_state(name)
+            committed = {i for i, s in states.items() if s == COMMITTED}
+            if not committed and not store.exists(name):
+                continue
+            have = store.ids(name)
+            missing = sorted(committed - have)
+            unknown = sorted(have - set(states))
+            result: dict[str, Any] = {
+                "count": len(have),
+                "committed": len(committed),
+                "missing": len(missing),
+                "missing_ids": missing[:_SHOWN],
+                "unknown": len(unknown),
+                "unknown_ids": unknown[:_SHOWN],
+            }
+            if deep:
+                result.update(_deep(store, ledger, name, sorted(committed & have)))
+            out[name] = result
+    finally:
+        ledger.close()
+    return out
+
+
+def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, Any]:
+    col = store.collection(name, create=False)
+    mismatched: list[str] = []
+    vectors: dict[str, np.ndarray] = {}
+    for start in range(0, len(ids), 500):
+        part = ids[start : start + 500]
+        got = col.get(ids=part, include=["embeddings", "documents", "metadatas"])
+        stored = {r.id: r for r in ledger.rows(name, part)}
+        for id_, emb, doc, meta in zip(got["ids"], got["embeddings"], got["documents"], got["metadatas"], strict=True):
+            row = stored[id_]
+            expected = np.frombuffer(row.embedding or b"", dtype=np.float32)
+            vector = np.asarray(emb, dtype=np.float32)
+            vectors[id_] = vector
+            if vector.shape != expected.shape or not np.allclose(vector, expected, atol=ATOL) or doc != row.text:
+                mismatched.append(id_)
+            elif dict(meta or {}) != row.metadata:
+                mismatched.append(id_)
+        missing_back = set(part) - set(got["ids"])
+        mismatched.extend(sorted(missing_back))
+    sample = random.Random(0).sample(sorted(vectors), min(RECALL_SAMPLE, len(vectors)))
+    recall_failures = []
+    for id_ in sample:
+        hit = col.query(query_embeddings=vectors[id_].reshape(1, -1), n_results=1, include=["distances"])
+        # A duplicate text has the same vector: distance zero to another id is a pass.
+        if not hit["ids"][0] or (hit["ids"][0][0] != id_ and hit["distances"][0][0] > 1e-4):
+            recall_failures.append(id_)
+    return {
+        "mismatched": len(mismatched),
+        "mismatched_ids": mismatched[:_SHOWN],
+        "recall_sample": len(sample),
+        "recall_failures": len(recall_failures),
+        "recall_failure_ids": recall_failures[:_SHOWN],
+    }
+
+
+@click.command()
+@click.option("--chroma", type=click.Path(path_type=Path), required=True)
+@click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
+@click.option("--deep", is_flag=True)
+def main(chroma: Path, ledger_path: Path, deep: bool) -> None:
+    try:
+        result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep)}
+    except Exception as exc:  # Chroma refusing to load a segment is a finding, not a crash
+        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Recovery that loses nothing acknowledged: the ledger's committed set is the target.
+
+With the writer paused (the commit lock held throughout):
+
+- FTS-only damage: the full-text index is rebuilt in place.
+- Chunks missing from Chroma or unknown to the ledger, and nothing else wrong:
+  replayed in place from the ledger (stored embeddings) / deleted.
+- Any other damage: the damaged directory is moved to ``quarantine/NAME/``, the newest
+  verified backup is restored, and every chunk committed after its watermark is
+  replayed from the ledger; with no usable backup the collection is rebuilt from the
+  ledger. Nothing is embedded again.
+
+Every step can be killed and run again: the quarantine and the restore are renames,
+and a partial replay is only more chunks missing, which the next run replays.
+The run ends with a deep check, an event in the ledger and a line in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ops import alerts
+from ops.backup import list_backups, newest_verified
+from ops.faults import fault_point
+from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
+from ops.integrity import Report, check
+from pipeline.config import Config
+from pipeline.errors import IndexqError, NotFoundError
+from pipeline.ledger import COMMITTED, Ledger
+from pipeline.locks import CommitLock
+
+logger = logging.getLogger(__name__)
+
+NONE, FTS, REPLAY, RESTORE, REBUILD = "none", "fts-rebuild", "replay", "restore", "rebuild"
+
+
+class RecoveryFailed(IndexqError):
+    exit_code = 1
+
+
+def plan(report: Report, config: Config, source: str | None = None) -> dict[str, Any]:
+    """What recovery would do about a check report."""
+    if source:
+        backup = next((b for b in list_backups(config) if b["name"] == source or b["path"] == source), None)
+        if backup is None:
+            raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
+        return {"action": RESTORE, "backup": backup["name"], "reason": "restore asked for"}
+    if report.healthy:
+        return {"action": NONE, "reason": "healthy"}
+    layers = report.layers
+    if layers == {"fts"}:
+        return {"action": FTS, "reason": "full-text index damaged"}
+    if layers == {"ledger"} and all("missing" in p.what or "does not know" in p.what for p in report.problems):
+        return {"action": REPLAY, "reason": "chunks missing or unknown; the directory is sound"}
+    backup = newest_verified(config)
+    reason = "; ".join(str(p) for p in report.problems[:3])
+    if backup is None:
+        return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
+    return {"action": RESTORE, "backup": backup["name"], "reason": reason}
+
+
+def recover(config: Config, source: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """Check, then repair; returns what was done. Raises BusyError if the lock stays busy."""
+    lock = CommitLock(config.commit_lock_path)
+    ledger = Ledger(config.ledger_path)
+    started = time.monotonic()
+    try:
+        with lock.held(timeout=config.lock_timeout):
+            _clean_leftovers(config)
+            report = check(config.chroma_dir, config.ledger_path)
+            result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
+            if dry_run or result["action"] == NONE:
+                return {**result, "dry_run": dry_run}
+            logger.warning("recovery: %s (%s)", result["action"], result["reason"])
+            result.update(_execute(config, ledger, result))
+            final = check(config.chroma_dir, config.ledger_path, deep=True)
+            result["pause_seconds"] = round(time.monotonic() - started, 3)
+            result["healthy"] = final.healthy
+            result["remaining"] = [str(p) for p in final.problems]
+    finally:
+        lock.close()
+    summary = f"recovery {result['action']}: " + (
+        "healthy after" if result["healthy"] else f"still damaged: {result['remaining'][:2]}"
+    )
+    ledger.add_event("recovery", result["healthy"], summary, result)
+    if not result["healthy"]:
+        alerts.raise_alert(config, ledger, summary)
+    ledger.close()
+    logger.warning("%s (writer paused %.2fs)", summary, result["pause_seconds"])
+    if not result["healthy"]:
+        raise RecoveryFailed(summary, hint="the damaged directory is in quarantine/; see logs/alerts.log")
+    return result
+
+
+def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
+    action = step["action"]
+    if action == FTS:
+        _rebuild_fts(config.chroma_dir)
+        return {}
+    if action == REPLAY:
+        return replay(config, ledger)
+    quarantined = _quarantine(config, step["reason"])
+    watermark = None
+    if action == RESTORE:
+        backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
+        _restore(config, Path(backup["path"]) / "chroma")
+        watermark = backup["watermark"]
+    else:
+        config.chroma_dir.mkdir(mode=0o700)
+    _new_generation(config)
+    return {"quarantine": str(quarantined), **replay(config, ledger, watermark)}
+
+
+def replay(config: Config, ledger: Ledger, watermark: int | None = None) -> dict[str, Any]:
+    """Make Chroma hold exactly the ledger's committed set, from stored embeddings."""
+    from pipeline.store import Store
+
+    store = Store(config.chroma_dir)
+    replayed = deleted = 0
+    step = config.commit_batch
+    for collection in ledger.collections():
+        states = ledger.ids_by_state(collection)
+        have = store.ids(collection)
+        todo = {i for i, s in states.items() if s == COMMITTED and i not in have}
+        if watermark is not None:
+            todo |= {r.id for r in ledger.committed_after(collection, watermark)}
+        ids = sorted(todo)
+        for start in range(0, len(ids), step):
+            rows = ledger.rows(collection, ids[start : start + step])
+            if rows:
+                store.upsert_rows(collection, rows)
+                replayed += len(rows)
+            fault_point("replay-batch")
+        unknown = sorted(have - set(states))
+        for start in range(0, len(unknown), step):
+            store.delete(collection, unknown[start : start + step])
+            deleted += len(unknown[start : start + step])
+    logger.info("replayed %d chunks from the ledger, deleted %d unknown ones", replayed, deleted)
+    return {"replayed": replayed, "deleted": deleted, "watermark": watermark}
+
+
+def _rebuild_fts(chroma: Path) -> None:
+    import sqlite3
+
+    conn = sqlite3.connect(str(chroma / "chroma.sqlite3"), timeout=30)
+    try:
+        with conn:
+            conn.execute("INSERT INTO embedding_fulltext_search(embedding_fulltext_search) VALUES ('rebuild')")
+    finally:
+        conn.close()
+
+
+def _quarantine(config: Config, reason: str) -> Path:
+    """Move the damaged directory aside, never delete it."""
+    target = config.quarantine_path / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    while target.exists():
+        target = target.with_name(target.name + "-1")
+    target.mkdir(parents=True, mode=0o700)
+    if config.chroma_dir.exists():
+        os.rename(config.chroma_dir, target / "chroma")
+    write_json_atomic(target / "reason.json", {"time": time.time(), "reason": reason})
+    fsync_dir(config.home)
+    logger.warning("quarantined the damaged Chroma directory in %s", target)
+    return target
+
+
+def _restore(config: Config, source: Path) -> None:
+    """Copy under a temporary name, fsync, rename into place, fsync the parent."""
+    staging = config.home / f"chroma.restoring-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(source, staging)
+    fsync_tree(staging)
+    fault_point("restore-copied")
+    os.rename(staging, config.chroma_dir)
+    fsync_dir(config.home)
+
+
+def _new_generation(config: Config) -> None:
+    tmp = config.generation_path.with_name(".chroma.generation.tmp")
+    tmp.write_text(uuid.uuid4().hex)
+    os.rename(tmp, config.generation_path)
+    fsync_dir(config.home)
+
+
+def _clean_leftovers(config: Config) -> None:
+    for path in config.home.glob("chroma.restoring-*"):
+        shutil.rmtree(path, ignore_errors=True)

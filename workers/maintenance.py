@@ -1,0 +1,82 @@
+"""``huey_consumer workers.maintenance.huey``: backups, checks, recovery and requeue.
+
+A separate consumer from the writer's, on its own queue (``maintenance.db``); one per
+data home (``maintenance.lock``). It pauses the writer only through the commit lock.
+At start it runs a tick at once, so that a missed backup is caught up.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from huey import SqliteHuey
+from huey.serializer import SignedSerializer
+
+from pipeline.config import Config
+from pipeline.errors import IndexqError
+from pipeline.locks import WriterLock
+from tasks.maintenance import register
+from workers.queue import WriterConsumer, log_to_home, queue_secret
+
+logger = logging.getLogger(__name__)
+
+
+class MaintenanceHuey(SqliteHuey):
+    def __init__(self, config: Config) -> None:
+        config.ensure_home()
+        self.config = config
+        self._lock = WriterLock(config.maintenance_lock_path, role="maintenance consumer")
+        super().__init__(
+            name="indexq-maintenance",
+            filename=str(config.maintenance_queue_path),
+            results=False,
+            serializer=SignedSerializer(secret=queue_secret(config), salt="indexq-maintenance"),
+        )
+        os.chmod(config.maintenance_queue_path, 0o600)
+        self.maintain = register(self)
+
+    def start_maintenance(self, **options: Any) -> WriterConsumer:
+        self._lock.acquire()
+        try:
+            log_to_home(self.config, "maintenance.log")
+            consumer = WriterConsumer(self, **options)
+            self.flush()
+            self.maintain()  # catch up now rather than at the next minute
+            logger.info("maintenance consumer pid %d started on %s", os.getpid(), self.config.home)
+        except BaseException:
+            self._lock.release()
+            raise
+        return consumer
+
+    def create_consumer(self, **options: Any) -> WriterConsumer:
+        try:
+            return self.start_maintenance(**options)
+        except IndexqError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            if exc.hint:
+                print(f"Hint: {exc.hint}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+
+    def stop_maintenance(self) -> None:
+        self._lock.release()
+
+
+_instance: MaintenanceHuey | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `huey` is built on first use, from INDEXQ_* variables, so that importing the class
+    # (as `indexq maintenance --home` does) creates nothing in another data home.
+    global _instance
+    if name != "huey":
+        raise AttributeError(name)
+    if _instance is None:
+        try:
+            _instance = MaintenanceHuey(Config.from_env())
+        except IndexqError as exc:  # bad configuration: one line, not a traceback
+            print(f"Error: {exc}", file=sys.stderr)
+            raise SystemExit(exc.exit_code) from None
+    return _instance
