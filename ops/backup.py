@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ops.faults import fault_point
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import check
 from pipeline.config import Config
+from pipeline.faults import fault_point
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 

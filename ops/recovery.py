@@ -27,11 +27,11 @@ from typing import Any
 
 from ops import alerts
 from ops.backup import list_backups, newest_verified
-from ops.faults import fault_point
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import Report, check
 from pipeline.config import Config
 from pipeline.errors import IndexqError, NotFoundError
+from pipeline.faults import fault_point
 from pipeline.ledger import COMMITTED, Ledger
 from pipeline.locks import CommitLock
 

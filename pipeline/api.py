@@ -144,9 +144,30 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
             "memory": {"percent": memory.percent, "threshold": cfg.memory_threshold},
             "disk": {"free_mb": disk.free // 2**20, "min_free_mb": cfg.min_free_mb},
             "jobs": [p.as_dict() for p in progress],
+            **_maintenance(cfg, ledger),
         }
     finally:
         ledger.close()
+
+
+def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
+    """Last backup, check and recovery, and the alerts of the last day."""
+    from ops.backup import list_backups
+
+    backups = list_backups(config)
+    newest = backups[-1] if backups else None
+    verified = [b for b in backups if b["verified"]]
+    check = ledger.last_event("check")
+    return {
+        "last_backup": newest and {
+            "name": newest["name"], "time": newest["time"], "age_seconds": round(time.time() - newest["time"]),
+            "verified": newest["verified"], "pause_seconds": newest["pause_seconds"],
+        },
+        "newest_verified_backup": verified[-1]["name"] if verified else None,
+        "last_check": check and {k: check[k] for k in ("time", "ok", "summary")},
+        "last_recovery": ledger.last_event("recovery"),
+        "alerts": [{k: a[k] for k in ("time", "summary")} for a in ledger.events("alert", time.time() - 86400)],
+    }  # fmt: skip
 
 
 def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:

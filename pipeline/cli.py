@@ -210,6 +210,23 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     click.echo(f"chunks:      {chunks}")
     click.echo(f"memory:      {info['memory']['percent']:.0f}% used (threshold {info['memory']['threshold']:g}%)")
     click.echo(f"disk:        {info['disk']['free_mb']} MB free (minimum {info['disk']['min_free_mb']} MB)")
+    backup = info["last_backup"]
+    if backup:
+        state = {True: "verified", False: "FAILED verification", None: "unverified"}[backup["verified"]]
+        click.echo(f"last backup: {backup['name']}, {_age(backup['time'])} ago, {state}")
+    else:
+        click.echo("last backup: none")
+    last_check = info["last_check"]
+    click.echo(
+        f"last check:  {last_check['summary']}, {_age(last_check['time'])} ago" if last_check else "last check:  none"
+    )
+    recovery = info["last_recovery"]
+    if recovery:
+        click.echo(f"recovery:    {recovery['summary']}, {_age(recovery['time'])} ago")
+    for alert in info["alerts"]:
+        click.echo(
+            f"ALERT        {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(alert['time']))} {alert['summary']}"
+        )
     if info["jobs"]:
         header = ("job", "collection", "state", "chunks", "committed", "pending", "failed")
         click.echo("\n{:<24} {:<20} {:<10} {:>7} {:>9} {:>7} {:>6}".format(*header))

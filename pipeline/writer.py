@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
+from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
 from pipeline.locks import CommitLock
@@ -107,6 +108,7 @@ class Writer:
         logger.debug("embedded %d chunks of %s", len(stored), collection)
 
     def _commit(self, collection: str, group: Sequence[Row]) -> int:
+        fault_point("writer-commit")
         # Chroma and the ledger change together under the commit lock, so a backup
         # that holds it sees them agree.
         with self.commit_lock.held():

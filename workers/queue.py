@@ -149,6 +149,6 @@ def log_to_home(config: Config, name: str) -> None:
         # Under huey_consumer only Huey's own logger prints: show ours on stderr too.
         console = logging.StreamHandler()
         console.setFormatter(logging.Formatter(LOG_FORMAT))
-        for name in ("pipeline", "workers", "tasks"):
-            logging.getLogger(name).addHandler(console)
+        for package in ("pipeline", "workers", "tasks", "ops"):
+            logging.getLogger(package).addHandler(console)
     os.chmod(config.logs_path / name, 0o600)

@@ -1,0 +1,304 @@
+"""Real damage on real Chroma directories made by the real writer; check finds it, recovery repairs it.
+
+The writer here embeds with the deterministic ``hash:384`` model: the vectors' values do
+not matter to damage and recovery, and a collection past Chroma's first HNSW persist
+(1,000 records) takes seconds to build instead of a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import Config
+from pipeline.locks import CommitLock
+from tests.conftest import (
+    BIN,
+    STDLIB,
+    Proc,
+    dump_collection,
+    ledger_query,
+    run_cli,
+    start_worker,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+MODEL = {"INDEXQ_MODEL": "hash:384"}
+COLLECTION = "stdlib-docs"
+
+
+def submit(home: Path, *paths: Path) -> str:
+    result = run_cli(home, "index", *map(str, paths), "-c", COLLECTION, "--include", "*.py", **MODEL)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def outstanding(home: Path) -> int:
+    rows = ledger_query(home, "SELECT count(*) FROM chunks WHERE state IN ('pending', 'embedded', 'deleting')")
+    return int(rows[0][0])
+
+
+def committed_rows(home: Path) -> dict[str, tuple[str, str, bytes]]:
+    rows = ledger_query(
+        home, "SELECT id, text, metadata, embedding FROM chunks WHERE collection=? AND state='committed'", COLLECTION
+    )
+    return {i: (t, m, e) for i, t, m, e in rows}
+
+
+def assert_equals_ledger(home: Path) -> None:
+    """Recovery's promise: the collection is the ledger's committed set, field by field."""
+    expected = committed_rows(home)
+    records = dump_collection(home / "chroma", COLLECTION)
+    assert sorted(records) == sorted(expected)
+    for id_, (text, metadata, embedding) in expected.items():
+        assert records[id_]["document"] == text
+        assert records[id_]["metadata"] == json.loads(metadata)
+        np.testing.assert_allclose(records[id_]["embedding"], np.frombuffer(embedding, dtype=np.float32), atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home with a verified backup, then more commits after its watermark."""
+    root = tmp_path_factory.mktemp("golden")
+    home = root / "home"
+    started: list[Proc] = []
+    try:
+        writer = start_worker(started, home, **MODEL)
+        writer.wait_started()
+        submit(home, STDLIB / "email", STDLIB / "json")
+        wait_for(lambda: outstanding(home) == 0, 300, "the first job")
+        backup = run_cli(home, "backup", "--json", **MODEL)
+        assert backup.returncode == 0, backup.stderr
+        assert json.loads(backup.stdout)["verified"] is True
+        submit(home, STDLIB / "logging", STDLIB / "http")
+        wait_for(lambda: outstanding(home) == 0, 300, "the second job")
+        assert writer.terminate() == 0
+    finally:
+        for proc in started:
+            proc.cleanup()
+    assert len(committed_rows(home)) > 1100, "past Chroma's first HNSW persist at 1,000 records"
+    return home
+
+
+@pytest.fixture
+def home(golden: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "home"
+    shutil.copytree(golden, copy)
+    return copy
+
+
+def vector_folder(home: Path) -> Path:
+    conn = sqlite3.connect(home / "chroma" / "chroma.sqlite3")
+    try:
+        (segment,) = conn.execute("SELECT id FROM segments WHERE scope='VECTOR'").fetchone()
+    finally:
+        conn.close()
+    return home / "chroma" / segment
+
+
+def label_maps(home: Path) -> Path:
+    return vector_folder(home) / "index_metadata.pickle"
+
+
+def truncate(path: Path, keep: float) -> None:
+    with path.open("r+b") as handle:
+        handle.truncate(int(path.stat().st_size * keep))
+
+
+def overwrite_page(home: Path) -> None:
+    db = home / "chroma" / "chroma.sqlite3"
+    conn = sqlite3.connect(db)
+    try:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='embeddings'").fetchone()
+    finally:
+        conn.close()
+    with db.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(random.Random(3).randbytes(page_size))
+
+
+def damage_fts(home: Path) -> None:
+    conn = sqlite3.connect(home / "chroma" / "chroma.sqlite3")
+    with conn:
+        conn.execute("UPDATE embedding_fulltext_search_data SET block = randomblob(length(block)) WHERE id > 10")
+    conn.close()
+
+
+DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "segment folder deleted": (lambda h: shutil.rmtree(vector_folder(h)), "hnsw", "restore"),
+    "data_level0.bin truncated": (lambda h: truncate(vector_folder(h) / "data_level0.bin", 0.5), "hnsw", "restore"),
+    "link_lists.bin truncated": (lambda h: truncate(vector_folder(h) / "link_lists.bin", 0.9), "hnsw", "restore"),
+    "index_metadata.pickle deleted": (lambda h: label_maps(h).unlink(), "hnsw", "restore"),
+    "index_metadata.pickle garbled": (lambda h: label_maps(h).write_bytes(b"\x80\x03garbage" * 50), "hnsw", "restore"),
+    "sqlite page overwritten": (overwrite_page, "sqlite", "restore"),
+    "fts shadow tables damaged": (damage_fts, "fts", "fts-rebuild"),
+    "chroma.sqlite3 deleted": (lambda h: (h / "chroma" / "chroma.sqlite3").unlink(), "sqlite", "restore"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_check_detects_and_recovery_restores_the_committed_set(home: Path, damage: str) -> None:
+    harm, layer, action = DAMAGE[damage]
+    assert run_cli(home, "check", **MODEL).returncode == 0
+    harm(home)
+
+    found = run_cli(home, "check", "--json", **MODEL)
+    assert found.returncode == 1, found.stdout
+    report = json.loads(found.stdout)
+    assert report["healthy"] is False
+    assert layer in {p["layer"] for p in report["problems"]}
+
+    recovered = run_cli(home, "recover", "--json", **MODEL)
+    assert recovered.returncode == 0, recovered.stderr
+    result = json.loads(recovered.stdout)
+    assert result["action"] == action and result["healthy"] is True
+    if action == "restore":
+        # Restored from the backup, then every chunk committed after its watermark replayed.
+        assert result["replayed"] > 300
+        quarantined = Path(result["quarantine"])
+        assert quarantined.is_relative_to(home / "quarantine") and (quarantined / "reason.json").exists()
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
+    status = json.loads(run_cli(home, "status", "--json", **MODEL).stdout)
+    assert status["last_recovery"]["ok"] is True
+    assert status["last_recovery"]["detail"]["action"] == action
+    assert "check found damage" in (home / "logs" / "alerts.log").read_text()
+
+
+def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
+    shutil.rmtree(home / "backups")
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    result = run_cli(home, "recover", "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "rebuild"
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
+
+
+def test_dry_run_changes_nothing(home: Path) -> None:
+    (home / "chroma" / "chroma.sqlite3").unlink()
+    result = run_cli(home, "recover", "--dry-run", **MODEL)
+    assert result.returncode == 0
+    assert result.stdout.startswith("would restore: [sqlite]")
+    assert not (home / "chroma" / "chroma.sqlite3").exists() and not (home / "quarantine").exists()
+
+
+def test_busy_lock_is_reported_as_busy_not_damage(home: Path) -> None:
+    lock = CommitLock(home / "commit.lock")
+    with lock.held():
+        result = run_cli(home, "check", INDEXQ_LOCK_TIMEOUT="1", **MODEL)
+    lock.close()
+    assert result.returncode == 4
+    assert result.stderr.startswith(f"Error: the commit lock {home / 'commit.lock'} stayed busy for 1s")
+    assert not (home / "logs" / "alerts.log").exists()
+    events = ledger_query(home, "SELECT count(*) FROM events WHERE kind='check' AND time > ?", time.time() - 60)
+    assert events[0][0] == 0
+
+
+def _kill_at_fault(home: Path, argv: list[str], fault: str, appears: Callable[[], bool]) -> None:
+    proc = subprocess.Popen(
+        [str(BIN / "indexq"), *argv],
+        env={**os.environ, "INDEXQ_HOME": str(home), "INDEXQ_FAULT_PAUSE": f"{fault}:60", **MODEL},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(appears, 120, f"{fault} to be reached")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def test_kill9_in_the_middle_of_a_backup_leaves_no_half_backup(home: Path) -> None:
+    before = json.loads(run_cli(home, "backups", "--json").stdout)
+    _kill_at_fault(home, ["backup"], "backup-copied", lambda: any((home / "backups").glob(".partial-*/ledger.db")))
+    assert json.loads(run_cli(home, "backups", "--json").stdout) == before
+    again = run_cli(home, "backup", "--json", **MODEL)
+    assert again.returncode == 0, again.stderr
+    names = [b["name"] for b in json.loads(run_cli(home, "backups", "--json").stdout)]
+    assert len(names) == len(before) + 1
+    assert not list((home / "backups").glob(".partial-*"))
+
+
+def test_kill9_in_the_middle_of_a_recovery_then_run_again(home: Path) -> None:
+    truncate(vector_folder(home) / "link_lists.bin", 0.5)
+    _kill_at_fault(home, ["recover"], "restore-copied", lambda: any(home.glob("chroma.restoring-*/chroma.sqlite3")))
+    assert not (home / "chroma").exists(), "killed between quarantine and restore"
+    result = run_cli(home, "recover", "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "restore"
+    assert not list(home.glob("chroma.restoring-*"))
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
+
+
+def test_restore_while_the_writer_works(home: Path, procs: list[Proc]) -> None:
+    # Slow commits (0.1 s each) keep the writer mid-job while the restore runs.
+    writer = start_worker(procs, home, **MODEL, INDEXQ_FAULT_PAUSE="writer-commit:0.1")
+    writer.wait_started()
+    job = submit(home, STDLIB / "xml")
+    total = outstanding(home)
+    wait_for(lambda: outstanding(home) < total - 20, 120, "the writer to commit")
+    backup = json.loads(run_cli(home, "backups", "--json").stdout)[0]["name"]
+    result = run_cli(home, "recover", "--from", backup, "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    assert outstanding(home) > 0, "the restore should land in the middle of the job"
+    wait_for(lambda: outstanding(home) == 0, 300, f"job {job}")
+    assert writer.terminate() == 0
+    assert "the Chroma directory was restored" in writer.output()
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
+
+
+def test_retention_prunes_old_backups_but_keeps_the_newest_verified(home: Path) -> None:
+    from ops.backup import list_backups, prune
+
+    config = Config(home=home, model="hash:384")
+    for _ in range(2):
+        assert run_cli(home, "backup", **MODEL).returncode == 0
+    backups = list_backups(config)
+    assert len(backups) == 3
+    # The newest fails verification: the newest *verified* one must survive any age.
+    newest = Path(backups[-1]["path"])
+    (newest / "verification.json").write_text(json.dumps({"verified": False, "problems": ["test"]}))
+    now = time.time() + 30 * 86400
+    removed = prune(config, now=now)
+    left = [b["name"] for b in list_backups(config)]
+    assert left == [backups[1]["name"]]
+    assert set(removed) == {backups[0]["name"], backups[2]["name"]}
+
+
+def test_maintenance_consumer_catches_up_on_a_missed_backup(home: Path, procs: list[Proc]) -> None:
+    (old,) = json.loads(run_cli(home, "backups", "--json").stdout)
+    manifest = Path(old["path"]) / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["time"] -= 2 * 86400  # the last backup is two days old: one is due now
+    manifest.write_text(json.dumps(data))
+
+    consumer = start_worker(procs, home, str(BIN / "indexq"), "maintenance", **MODEL, INDEXQ_BACKUP_INTERVAL="24h")
+
+    def new_backup() -> bool:
+        assert consumer.popen.poll() is None, consumer.output()[-2000:]
+        return len(json.loads(run_cli(home, "backups", "--json").stdout)) == 2
+
+    wait_for(new_backup, 180, "the missed backup")
+    wait_for(lambda: "maintenance ran: backup" in consumer.output(), 180, "the first tick to finish")
+    assert consumer.terminate() == 0
+    newest = json.loads(run_cli(home, "backups", "--json").stdout)[-1]
+    assert newest["verified"] is True
+    status = json.loads(run_cli(home, "status", "--json").stdout)
+    assert status["last_backup"]["name"] == newest["name"] and status["last_backup"]["verified"] is True
+    assert status["last_check"]["ok"] is True
