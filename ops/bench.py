@@ -225,6 +225,39 @@ def resume_waste(corpus: Path, work: Path, env: dict[str, str], seed: int) -> di
     return {"chunks": chunks, "killed_at_committed": at_kill, "chunks_embedded_twice": twice}
 
 
+def operations(home: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Backup (and the writer pause it costs), deep check, restore-and-replay rate."""
+    from ops.backup import create_backup
+    from ops.maintenance import run_check
+    from ops.recovery import _new_generation, _quarantine, _restore, replay
+
+    config = Config.from_env(env, home=home)
+    started = time.perf_counter()
+    backup = create_backup(config)
+    backup_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    report = run_check(config, deep=True)
+    check_seconds = time.perf_counter() - started
+    # Worst case of a restore: the backup's whole content replayed (watermark 0).
+    ledger = Ledger(config.ledger_path)
+    started = time.perf_counter()
+    _quarantine(config, "benchmark")
+    _restore(config, Path(backup["path"]) / "chroma")
+    _new_generation(config)
+    replayed = replay(config, ledger, watermark=0)["replayed"]
+    restore_seconds = time.perf_counter() - started
+    ledger.close()
+    return {
+        "backup_seconds": round(backup_seconds, 2),
+        "backup_writer_pause_seconds": backup["pause_seconds"],
+        "backup_verified": backup["verified"],
+        "deep_check_seconds": round(check_seconds, 2),
+        "deep_check_healthy": report.healthy,
+        "restore_replay_chunks": replayed,
+        "restore_replay_chunks_per_s": round(replayed / restore_seconds, 1),
+    }
+
+
 def query_latency(home: Path, chunks: list[Any], config: Config) -> dict[str, Any]:
     """In-process: embed the query and search the benchmark collection."""
     from chromadb.api.client import SharedSystemClient
@@ -282,7 +315,7 @@ def _row(name: str, value: Any, target: str = "") -> str:
 
 def report(results: dict[str, Any]) -> str:
     p, b, q = results["pipeline"], results["bare"], results["query"]
-    mem = results["memory"]
+    mem, ops = results["memory"], results["operations"]
     lines = [
         f"indexq benchmark: {results['corpus_chunks']} chunks, {results['machine']['cores']} cores,"
         f" {results['machine']['memory_gb']} GB, {results['machine']['cpu']}",
@@ -305,6 +338,10 @@ def report(results: dict[str, Any]) -> str:
         _row(f"writer peak RSS (MB, {mem['small_chunks']} chunks)", mem["small_rss_mb"]),
         _row(f"writer peak RSS (MB, {mem['large_chunks']} chunks)", mem["large_rss_mb"], TARGETS["rss_peak_mb"]),
         _row("RSS growth over 10x corpus (%)", mem["growth_percent"], TARGETS["rss_growth"]),
+        _row("backup incl. verification (s)", ops["backup_seconds"]),
+        _row("writer pause during backup (s)", ops["backup_writer_pause_seconds"]),
+        _row("deep check (s)", ops["deep_check_seconds"]),
+        _row("restore + replay (chunks/s)", ops["restore_replay_chunks_per_s"]),
     ]
     return "\n".join(lines)
 
@@ -359,6 +396,8 @@ def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: 
         results["resume"] = resume_waste(work / "corpus-small", work, env, seed)
         click.echo("query latency", err=True)
         results["query"] = query_latency(work / "pipeline-home", corpus_chunks, config)
+        click.echo("operations: backup, deep check, restore and replay", err=True)
+        results["operations"] = operations(work / "pipeline-home", env)
     finally:
         if keep:
             click.echo(f"kept {work}", err=True)
