@@ -11,6 +11,8 @@ deep-checking a scratch copy from a fresh process; only verified backups count.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -18,12 +20,15 @@ import os
 import shutil
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ops import alerts
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import check
 from pipeline.config import Config
+from pipeline.errors import IndexqError
 from pipeline.faults import fault_point
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
@@ -31,6 +36,12 @@ from pipeline.locks import CommitLock
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+
+
+class NothingToBackUp(IndexqError):
+    exit_code = 1
+
+
 VERIFICATION = "verification.json"
 
 
@@ -64,13 +75,34 @@ def _checksums(root: Path) -> dict[str, str]:
     return sums
 
 
+@contextlib.contextmanager
+def backups_lock(config: Config) -> Iterator[None]:
+    """One backup, verification or prune at a time in a data home (they share folders)."""
+    config.backups_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(config.backups_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def create_backup(config: Config, verify: bool = True) -> dict[str, Any]:
     """Take, write and (by default) verify one backup; returns its listing entry."""
+    with backups_lock(config):
+        return _create_backup(config, verify)
+
+
+def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
     import chromadb
 
     import pipeline
 
-    config.backups_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (config.chroma_dir / "chroma.sqlite3").exists():
+        raise NothingToBackUp(
+            f"nothing to back up: {config.chroma_dir} has no chroma.sqlite3",
+            hint="the writer creates it with its first start; if it was lost, run `indexq recover`",
+        )
     now = time.time()
     name = _name(now)
     while (config.backups_path / name).exists():
@@ -115,12 +147,13 @@ def create_backup(config: Config, verify: bool = True) -> dict[str, Any]:
     result = {"verified": None}
     if verify:
         result = verify_backup(config, final)
-    ledger.add_event(
-        "backup", bool(result.get("verified", True)),
-        f"backup {name}: watermark {watermark}, paused the writer {pause:.3f}s"
-        + ("" if result.get("verified", True) else f", verification FAILED: {result.get('problems')}"),
-        {"name": name, "pause_seconds": pause, "verified": result.get("verified")},
-    )  # fmt: skip
+    ok = bool(result.get("verified", True))
+    summary = f"backup {name}: watermark {watermark}, paused the writer {pause:.3f}s" + (
+        "" if ok else f", verification FAILED: {result.get('problems')}"
+    )
+    ledger.add_event("backup", ok, summary, {"name": name, "pause_seconds": pause, "verified": result.get("verified")})
+    if not ok:
+        alerts.raise_alert(config, ledger, summary)
     ledger.close()
     return describe(final)
 
@@ -198,8 +231,12 @@ def newest_verified(config: Config) -> dict[str, Any] | None:
 
 
 def prune(config: Config, now: float | None = None) -> list[str]:
-    """Delete backups older than the retention (never the newest verified) and leftovers."""
-    now = time.time() if now is None else now
+    """Delete failed backups, those older than the retention (never the newest verified), and leftovers."""
+    with backups_lock(config):
+        return _prune(config, time.time() if now is None else now)
+
+
+def _prune(config: Config, now: float) -> list[str]:
     removed: list[str] = []
     if not config.backups_path.exists():
         return removed
@@ -211,7 +248,8 @@ def prune(config: Config, now: float | None = None) -> list[str]:
     for backup in list_backups(config):
         if keep and backup["name"] == keep["name"]:
             continue
-        if now - backup["time"] > config.retention:
+        # A backup that failed verification can never be restored: keep none of them.
+        if backup["verified"] is False or now - backup["time"] > config.retention:
             shutil.rmtree(backup["path"], ignore_errors=True)
             removed.append(backup["name"])
     if removed:

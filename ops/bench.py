@@ -241,8 +241,8 @@ def operations(home: Path, env: dict[str, str]) -> dict[str, Any]:
     # Worst case of a restore: the backup's whole content replayed (watermark 0).
     ledger = Ledger(config.ledger_path)
     started = time.perf_counter()
-    _quarantine(config, "benchmark")
-    _restore(config, Path(backup["path"]) / "chroma")
+    quarantined = _quarantine(config, "benchmark")
+    _restore(config, Path(backup["path"]) / "chroma", quarantined)
     _new_generation(config)
     replayed = replay(config, ledger, watermark=0)["replayed"]
     restore_seconds = time.perf_counter() - started

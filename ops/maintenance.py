@@ -15,11 +15,15 @@ from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
 from ops.integrity import Report, check
 from pipeline.config import Config
-from pipeline.errors import BusyError
+from pipeline.errors import BusyError, IndexqError
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 
 logger = logging.getLogger(__name__)
+
+# Wait after a failed backup before trying again (a broken directory or a full disk
+# would otherwise be hit with a full copy every minute).
+BACKUP_RETRY = 3600.0
 
 
 def run_check(config: Config, deep: bool = False) -> Report:
@@ -53,12 +57,12 @@ def backup_and_prune(config: Config) -> dict[str, Any]:
     return backup
 
 
-def _last(ledger: Ledger, kind: str, deep: bool | None = None) -> float:
-    """When the last event of a kind happened (0 if never)."""
+def _last(ledger: Ledger, kind: str, deep: bool | None = None, horizon: float = 0.0) -> float:
+    """When the last event of a kind happened (0 if never); a deep check counts as a quick one."""
     if deep is None:
         event = ledger.last_event(kind)
         return float(event["time"]) if event else 0.0
-    for event in ledger.events(kind, 0.0):
+    for event in ledger.events(kind, horizon):
         if bool(event["detail"].get("deep")) == deep or (not deep and event["detail"].get("deep")):
             return float(event["time"])
     return 0.0
@@ -74,14 +78,32 @@ def tick(config: Config, now: float | None = None) -> list[str]:
     ledger = Ledger(config.ledger_path)
     try:
         newest = newest_verified(config)
-        last_deep, last_quick = _last(ledger, "check", deep=True), _last(ledger, "check", deep=False)
+        # Events older than twice the longest interval cannot make anything not due.
+        horizon = now - 2 * max(config.deep_check_interval, config.quick_check_interval)
+        last_deep = _last(ledger, "check", deep=True, horizon=horizon)
+        last_quick = _last(ledger, "check", deep=False, horizon=horizon)
         last_requeue = _last(ledger, "requeue")
+        failed = ledger.last_event("backup", ok=False)
+        last_failure = float(failed["time"]) if failed else 0.0
     finally:
         ledger.close()
-    try:
-        if newest is None or now - newest["time"] >= config.backup_interval:
+    # Due when the newest verified backup is older than the interval; after a failed
+    # attempt, wait BACKUP_RETRY before the next one instead of retrying every minute.
+    due = newest is None or now - newest["time"] >= config.backup_interval
+    if due and now - last_failure >= min(BACKUP_RETRY, config.backup_interval):
+        try:
             backup_and_prune(config)
             ran.append("backup")
+        except BusyError as exc:
+            logger.warning("backup postponed: %s", exc)
+        except Exception as exc:  # a failed backup must not stop the checks below
+            logger.exception("backup failed")
+            ledger = Ledger(config.ledger_path)
+            ledger.add_event("backup", False, f"backup failed: {exc}")
+            alerts.raise_alert(config, ledger, f"backup failed: {exc}")
+            ledger.close()
+            ran.append("backup failed")
+    try:
         deep = now - last_deep >= config.deep_check_interval
         if deep or now - last_quick >= config.quick_check_interval:
             report = run_check(config, deep=deep)
@@ -94,6 +116,9 @@ def tick(config: Config, now: float | None = None) -> list[str]:
     except BusyError as exc:
         logger.warning("maintenance postponed: %s", exc)
         ran.append("busy")
+    except IndexqError as exc:  # recovery failed: alerted and recorded; requeue still runs
+        logger.error("maintenance: %s", exc)
+        ran.append("recovery failed")
     if now - last_requeue >= config.requeue_interval:
         queue = WriterHuey(config)
         tasks = resume(config) if not queue.pending_count() else 0

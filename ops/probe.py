@@ -33,6 +33,9 @@ def probe(chroma: Path, ledger_path: Path, deep: bool) -> dict[str, Any]:
     ledger = Ledger(ledger_path)
     store = Store(chroma)
     out: dict[str, Any] = {}
+    # One read transaction: a producer changing rows meanwhile cannot make the
+    # ledger disagree with itself between two reads (WAL gives a snapshot).
+    ledger.conn.execute("BEGIN")
     try:
         for name in ledger.collections():
             states = ledger.ids_by_state(name)
@@ -67,7 +70,9 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
         got = col.get(ids=part, include=["embeddings", "documents", "metadatas"])
         stored = {r.id: r for r in ledger.rows(name, part)}
         for id_, emb, doc, meta in zip(got["ids"], got["embeddings"], got["documents"], got["metadatas"], strict=True):
-            row = stored[id_]
+            row = stored.get(id_)
+            if row is None:
+                continue
             expected = np.frombuffer(row.embedding or b"", dtype=np.float32)
             vector = np.asarray(emb, dtype=np.float32)
             vectors[id_] = vector

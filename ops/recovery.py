@@ -50,6 +50,8 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
         backup = next((b for b in list_backups(config) if b["name"] == source or b["path"] == source), None)
         if backup is None:
             raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
+        if not backup["verified"]:
+            raise RecoveryFailed(f"backup {backup['name']} is not verified; only verified backups are restored")
         return {"action": RESTORE, "backup": backup["name"], "reason": "restore asked for"}
     if report.healthy:
         return {"action": NONE, "reason": "healthy"}
@@ -73,12 +75,18 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     try:
         with lock.held(timeout=config.lock_timeout):
             _clean_leftovers(config)
-            report = check(config.chroma_dir, config.ledger_path)
+            # Deep: the damage multiple writers leave (SQLite fine, vectors unreadable)
+            # shows only when embeddings are read back.
+            report = check(config.chroma_dir, config.ledger_path, deep=True)
             result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
             if dry_run or result["action"] == NONE:
                 return {**result, "dry_run": dry_run}
             logger.warning("recovery: %s (%s)", result["action"], result["reason"])
-            result.update(_execute(config, ledger, result))
+            try:
+                result.update(_execute(config, ledger, result))
+            except Exception as exc:
+                result["error"] = f"{type(exc).__name__}: {exc}"
+                logger.exception("recovery %s failed", result["action"])
             final = check(config.chroma_dir, config.ledger_path, deep=True)
             result["pause_seconds"] = round(time.monotonic() - started, 3)
             result["healthy"] = final.healthy
@@ -100,6 +108,10 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
 
 def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
     action = step["action"]
+    # First, before anything changes: whatever happens next (even a kill), the writer
+    # must reopen Chroma before its next commit instead of writing through a client
+    # whose files were replaced or whose in-memory index is now stale.
+    _new_generation(config)
     if action == FTS:
         _rebuild_fts(config.chroma_dir)
         return {}
@@ -109,11 +121,10 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
     watermark = None
     if action == RESTORE:
         backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
-        _restore(config, Path(backup["path"]) / "chroma")
+        _restore(config, Path(backup["path"]) / "chroma", quarantined)
         watermark = backup["watermark"]
     else:
-        config.chroma_dir.mkdir(mode=0o700)
-    _new_generation(config)
+        config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
     return {"quarantine": str(quarantined), **replay(config, ledger, watermark)}
 
 
@@ -170,12 +181,15 @@ def _quarantine(config: Config, reason: str) -> Path:
     return target
 
 
-def _restore(config: Config, source: Path) -> None:
+def _restore(config: Config, source: Path, quarantined: Path) -> None:
     """Copy under a temporary name, fsync, rename into place, fsync the parent."""
     staging = config.home / f"chroma.restoring-{uuid.uuid4().hex[:8]}"
     shutil.copytree(source, staging)
     fsync_tree(staging)
     fault_point("restore-copied")
+    if config.chroma_dir.exists():
+        # Something recreated the directory meanwhile: keep it beside the damaged one.
+        os.rename(config.chroma_dir, quarantined / f"chroma-recreated-{uuid.uuid4().hex[:6]}")
     os.rename(staging, config.chroma_dir)
     fsync_dir(config.home)
 

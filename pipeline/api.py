@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from pipeline.config import Config
-from pipeline.errors import NotFoundError
+from pipeline.errors import NotFoundError, StoreError
 from pipeline.ledger import JobProgress, Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
@@ -44,7 +44,10 @@ def submit_paths(
 def submit_records(
     records: Iterable[dict[str, Any]], collection: str, source: str = "records", config: Config | None = None
 ) -> str:
-    """Index records ``{"id"?, "text", "metadata"?}``; returns the job id."""
+    """Index records ``{"id"?, "text", "metadata"?}``; returns the job id.
+
+    A record without an id is identified by ``source`` and its text.
+    """
     producer = Producer(_config(config))
     try:
         return producer.submit_records(records, collection, source).job
@@ -174,7 +177,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
     from pipeline.embedder import load_embedder
     from pipeline.locks import CommitLock
-    from pipeline.store import Store
+    from pipeline.writer import open_store
 
     cfg = _config(config)
     _existing_ledger(cfg).close()
@@ -184,10 +187,16 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     lock = CommitLock(cfg.commit_lock_path)
     try:
         with lock.held(timeout=cfg.lock_timeout):
-            store = Store(cfg.chroma_dir)
+            store = open_store(cfg)
             if not store.exists(collection):
                 raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_dir}")
-            return store.query(collection, vector, k)
+            try:
+                return store.query(collection, vector, k)
+            except Exception as exc:  # a model of another dimension, or a damaged directory
+                raise StoreError(
+                    f"search in {collection!r} failed: {exc}".splitlines()[0],
+                    hint="use the model the collection was indexed with; `indexq check` tells damage",
+                ) from exc
     finally:
         lock.close()
 

@@ -85,6 +85,9 @@ class Config:
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
 
     def __post_init__(self) -> None:
+        # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
+        if 0 < self.memory_threshold <= 1:
+            object.__setattr__(self, "memory_threshold", self.memory_threshold * 100)
         object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
         chroma = self.chroma_path if self.chroma_path is not None else self.home / "chroma"
         object.__setattr__(self, "chroma_path", Path(chroma).expanduser().absolute())
@@ -216,8 +219,5 @@ class Config:
             if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ConfigError(f"INDEXQ_AUTO_RECOVER must be true or false, got {found[1]!r}")
             values["auto_recover"] = flag in ("1", "true", "yes", "on")
-        # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
-        if "memory_threshold" in values and 0 < values["memory_threshold"] <= 1:
-            values["memory_threshold"] *= 100
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -80,7 +80,13 @@ class Tokenizer:
             from transformers import AutoTokenizer
 
             self._fast = None
-            self._hf = AutoTokenizer.from_pretrained(location)
+            try:
+                self._hf = AutoTokenizer.from_pretrained(location)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(
+                    f"model {model!r} could not be loaded offline: {exc}".splitlines()[0],
+                    hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
+                ) from None
 
     @property
     def max_tokens(self) -> int:

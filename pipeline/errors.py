@@ -55,3 +55,9 @@ class NotFoundError(IndexqError):
     """A job or collection that does not exist."""
 
     exit_code = 1
+
+
+class StoreError(IndexqError):
+    """Chroma refused an operation: its directory may be damaged."""
+
+    exit_code = 1

@@ -34,6 +34,8 @@ def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"metadata key {key!r} is not a non-empty string")
+        if key.startswith("chroma:"):
+            raise ValueError(f"metadata key {key!r} is reserved by Chroma")
         if value is None:
             continue
         if not isinstance(value, _SCALARS):
@@ -42,6 +44,8 @@ def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metadata {key!r} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"metadata {key!r} does not fit in 64 bits")
         out[clean_text(key)] = clean_text(value) if isinstance(value, str) else value
     return out
 

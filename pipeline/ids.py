@@ -12,9 +12,9 @@ from pipeline.errors import BadInputError
 _COLLECTION = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 
 
-def chunk_id(source: str, ordinal: int) -> str:
+def chunk_id(source: str, position: int | str) -> str:
     """The same source and position always give the same id, so a replay is an upsert."""
-    return hashlib.blake2b(f"{source}\x00{ordinal}".encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(f"{source}\x00{position}".encode(), digest_size=16).hexdigest()
 
 
 def content_hash(text: str) -> str:

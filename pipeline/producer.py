@@ -23,7 +23,7 @@ from pipeline.config import Config
 from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
 from pipeline.embedder import load_tokenizer
 from pipeline.errors import EmptyCorpusError
-from pipeline.ids import chunk_id, validate_collection
+from pipeline.ids import chunk_id, content_hash, validate_collection
 from pipeline.ledger import COMMITTED, DELETING, EMBEDDED, FAILED, PENDING, Ledger
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,19 @@ class Producer:
             job = _LazyJob(self.ledger, collection, kind, [label])
             sub = Submission("", collection)
             batch = _Batch()
+            derived: set[str] = set()
             for record in spooled(spool):
                 if not record.text.strip():
                     sub.skipped.append(Skipped(f"{label}:{record.position}", "empty text"))
                     continue
-                base = record.id or chunk_id(label, record.position)
+                # Without an id, a record is known by its text: resubmitting it (in any
+                # order, with lines added around it) is then idempotent.
+                base = record.id or chunk_id(label, content_hash(record.text))
+                if not record.id:
+                    if base in derived:
+                        sub.skipped.append(Skipped(f"{label}:{record.position}", "same text as an earlier record"))
+                        continue
+                    derived.add(base)
                 chunks = chunk_text(record.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap)
                 self._add(
                     sub, batch, f"id:{base}", chunks,

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
+from pipeline.errors import StoreError
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
@@ -27,6 +28,27 @@ from pipeline.store import Store
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _refusal_types() -> tuple[type[BaseException], ...]:
+    from chromadb.errors import InvalidArgumentError
+
+    return (ValueError, TypeError, InvalidArgumentError)
+
+
+# What Chroma raises for a record it will never accept (as opposed to I/O trouble,
+# which is retried by the task and, failing that, by the next requeue).
+_REFUSALS = _refusal_types()
+
+
+def open_store(config: Config) -> Store:
+    try:
+        return Store(config.chroma_dir)
+    except Exception as exc:  # Chroma refusing its own directory is damage, said plainly
+        raise StoreError(
+            f"cannot open Chroma at {config.chroma_dir}: {exc}".splitlines()[0],
+            hint="run `indexq check` and `indexq recover`",
+        ) from exc
 
 
 def read_generation(config: Config) -> str | None:
@@ -45,11 +67,14 @@ class Writer:
         self.config = config
         self.ledger = Ledger(config.ledger_path)
         self.embedder = embedder or load_embedder(config.model)
-        self.store = Store(config.chroma_dir)
         self.commit_lock = CommitLock(config.commit_lock_path)
+        # Opened under the commit lock: a recovery that is swapping the directory
+        # finishes first.
+        with self.commit_lock.held():
+            self.store = open_store(config)
+            self._generation = read_generation(config)
         self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
         self.stop = stop or threading.Event()
-        self._generation = read_generation(config)
 
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
@@ -64,9 +89,23 @@ class Writer:
             if not self.guard.wait_until_clear(self.stop):
                 logger.info("stopping with %d chunks of %s left for the next start", len(ready) - committed, collection)
                 break
-            self._commit(collection, group)
-            committed += len(group)
+            committed += self._commit_or_refuse(collection, group)
         return committed
+
+    def _commit_or_refuse(self, collection: str, group: Sequence[Row]) -> int:
+        """Commit a group; if Chroma refuses it, commit its rows one by one and fail the refused ones.
+
+        A record Chroma will never accept must not hold its neighbours back forever.
+        """
+        try:
+            self._commit(collection, group)
+            return len(group)
+        except _REFUSALS as exc:
+            if len(group) == 1:
+                logger.error("chunk %s of %s refused by Chroma: %s", group[0].id, collection, exc)
+                self.ledger.fail(collection, [(group[0].id, f"refused by Chroma: {exc}".splitlines()[0][:500])])
+                return 0
+        return sum(self._commit_or_refuse(collection, [row]) for row in group)
 
     def _valid(self, collection: str, rows: list[Row]) -> list[Row]:
         good: list[Row] = []
@@ -123,7 +162,7 @@ class Writer:
         generation = read_generation(self.config)
         if generation != self._generation:
             logger.warning("the Chroma directory was restored (generation %s): reopening it", generation)
-            self.store = Store(self.config.chroma_dir)
+            self.store = open_store(self.config)
             self._generation = generation
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:

@@ -141,3 +141,16 @@ def test_stale_chunks_are_deleted_from_chroma_then_the_ledger(config: Config, tm
     assert after == {r[0] for r in writer.ledger.conn.execute("SELECT id FROM chunks WHERE state='committed'")}
     assert not after & set(stale) and len(after) == second.chunks
     producer.close()
+
+
+def test_a_record_chroma_refuses_is_failed_and_its_neighbours_commit(writer: Writer) -> None:
+    import numpy as np
+
+    items = rows(writer.ledger, 3)
+    # A stored embedding of another dimension (say, from another model): Chroma refuses it.
+    items[1].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other")
+    ids = seed(writer.ledger, items)
+    assert writer.index(COLLECTION, ids) == 2
+    (error,) = [e for (e,) in writer.ledger.conn.execute("SELECT error FROM chunks WHERE state='failed'")]
+    assert error.startswith("refused by Chroma: ")
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
