@@ -31,6 +31,9 @@ from typing import Any
 import click
 import psutil
 
+from ops.backup import create_backup
+from ops.maintenance import run_check
+from ops.recovery import _new_generation, _quarantine, _restore, replay
 from pipeline.config import DEFAULT_MICRO_BATCH, Config
 from pipeline.ledger import Ledger
 
@@ -227,10 +230,6 @@ def resume_waste(corpus: Path, work: Path, env: dict[str, str], seed: int) -> di
 
 def operations(home: Path, env: dict[str, str]) -> dict[str, Any]:
     """Backup (and the writer pause it costs), deep check, restore-and-replay rate."""
-    from ops.backup import create_backup
-    from ops.maintenance import run_check
-    from ops.recovery import _new_generation, _quarantine, _restore, replay
-
     config = Config.from_env(env, home=home)
     started = time.perf_counter()
     backup = create_backup(config)
@@ -314,36 +313,48 @@ def _row(name: str, value: Any, target: str = "") -> str:
 
 
 def report(results: dict[str, Any]) -> str:
-    p, b, q = results["pipeline"], results["bare"], results["query"]
-    mem, ops = results["memory"], results["operations"]
+    def get(*path: str) -> Any:
+        value: Any = results
+        for key in path:
+            if not isinstance(value, dict) or key not in value:
+                return "n/a"
+            value = value[key]
+        return value
+
+    m = results["machine"]
+    size = get("query", "collection_size")
     lines = [
-        f"indexq benchmark: {results['corpus_chunks']} chunks, {results['machine']['cores']} cores,"
-        f" {results['machine']['memory_gb']} GB, {results['machine']['cpu']}",
-        _row("bare baseline (chunks/s)", b["chunks_per_s"]),
-        _row("pipeline (chunks/s)", p["chunks_per_s"]),
-        _row("throughput ratio pipeline/bare", results["throughput_ratio"], TARGETS["throughput_ratio"]),
-        _row("producer (chunks/s)", results["producer"]["chunks_per_s"], TARGETS["producer_chunks_per_s"]),
-        _row("re-submission (s)", p["resubmit_seconds"]),
-        _row("re-submission (chunks embedded)", p["resubmit_chunks_embedded"], TARGETS["resubmit_chunks_embedded"]),
+        f"indexq benchmark: {get('corpus_chunks')} chunks, {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}",
+        _row("bare baseline (chunks/s)", get("bare", "chunks_per_s")),
+        _row("pipeline (chunks/s)", get("pipeline", "chunks_per_s")),
+        _row("throughput ratio pipeline/bare", get("throughput_ratio"), TARGETS["throughput_ratio"]),
+        _row("producer (chunks/s)", get("producer", "chunks_per_s"), TARGETS["producer_chunks_per_s"]),
+        _row("re-submission (s)", get("pipeline", "resubmit_seconds")),
         _row(
-            "resume waste (chunks embedded twice)",
-            results["resume"]["chunks_embedded_twice"],
-            TARGETS["resume"],
+            "re-submission (chunks embedded)",
+            get("pipeline", "resubmit_chunks_embedded"),
+            TARGETS["resubmit_chunks_embedded"],
         ),
+        _row("resume waste (chunks embedded twice)", get("resume", "chunks_embedded_twice"), TARGETS["resume"]),
         _row(
-            f"query p50 / p95 (ms, {q['collection_size']} chunks)",
-            f"{q['p50_ms']} / {q['p95_ms']}",
+            f"query p50 / p95 (ms, {size} chunks)",
+            f"{get('query', 'p50_ms')} / {get('query', 'p95_ms')}",
             TARGETS["query"],
         ),
-        _row(f"writer peak RSS (MB, {mem['small_chunks']} chunks)", mem["small_rss_mb"]),
-        _row(f"writer peak RSS (MB, {mem['large_chunks']} chunks)", mem["large_rss_mb"], TARGETS["rss_peak_mb"]),
-        _row("RSS growth over 10x corpus (%)", mem["growth_percent"], TARGETS["rss_growth"]),
-        _row("backup incl. verification (s)", ops["backup_seconds"]),
-        _row("writer pause during backup (s)", ops["backup_writer_pause_seconds"]),
-        _row("deep check (s)", ops["deep_check_seconds"]),
-        _row("restore + replay (chunks/s)", ops["restore_replay_chunks_per_s"]),
+        _row(f"writer peak RSS (MB, {get('memory', 'small_chunks')} chunks)", get("memory", "small_rss_mb")),
+        _row(
+            f"writer peak RSS (MB, {get('memory', 'large_chunks')} chunks)",
+            get("memory", "large_rss_mb"),
+            TARGETS["rss_peak_mb"],
+        ),
+        _row("RSS growth over 10x corpus (%)", get("memory", "growth_percent"), TARGETS["rss_growth"]),
+        _row("backup incl. verification (s)", get("operations", "backup_seconds")),
+        _row("writer pause during backup (s)", get("operations", "backup_writer_pause_seconds")),
+        _row("deep check (s)", get("operations", "deep_check_seconds")),
+        _row("restore + replay (chunks/s)", get("operations", "restore_replay_chunks_per_s")),
     ]
-    return "\n".join(lines)
+    errors = [f"{k}: {v['error']}" for k, v in results.items() if isinstance(v, dict) and "error" in v]
+    return "\n".join(lines + [f"FAILED {e}" for e in errors])
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -370,44 +381,59 @@ def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: 
     config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
     work = Path(tempfile.mkdtemp(prefix="indexq-bench-"))
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.bench", *sys.argv[1:]])}
+    output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    output.parent.mkdir(parents=True, exist_ok=True)
+
+    def stage(name: str, label: str, run: Callable[[], Any]) -> None:
+        """Run one measurement; a failure is recorded and the others still run. Saved after each."""
+        click.echo(label, err=True)
+        try:
+            results[name] = run()
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            click.echo(f"  failed: {results[name]['error']}", err=True)
+        output.write_text(json.dumps(results, indent=2) + "\n")
+
     try:
         click.echo(f"building a corpus of ~{size} chunks in {work}", err=True)
         total, corpus_chunks = build_corpus(work / "corpus", size, config)
         small_total, _ = build_corpus(work / "corpus-small", max(1, size // 10), config)
         results["corpus_chunks"] = total
-        click.echo("producer rate", err=True)
-        results["producer"] = producer_rate(work / "corpus", work, env)
-        click.echo("bare baseline", err=True)
-        results["bare"] = bare_baseline(corpus_chunks, work, config)
-        click.echo("pipeline", err=True)
-        results["pipeline"] = pipeline_run(work / "corpus", work / "pipeline-home", env, total)
-        results["throughput_ratio"] = round(results["pipeline"]["chunks_per_s"] / results["bare"]["chunks_per_s"], 3)
-        click.echo("writer memory on a corpus 10x smaller", err=True)
-        small = pipeline_run(work / "corpus-small", work / "small-home", env, small_total)
-        large_rss, small_rss = results["pipeline"]["writer_peak_rss_mb"], small["writer_peak_rss_mb"]
-        results["memory"] = {
-            "small_chunks": small["chunks"],
-            "small_rss_mb": small_rss,
-            "large_chunks": results["pipeline"]["chunks"],
-            "large_rss_mb": large_rss,
-            "growth_percent": round((large_rss - small_rss) / small_rss * 100, 1),
-        }
-        click.echo("resume after kill -9", err=True)
-        results["resume"] = resume_waste(work / "corpus-small", work, env, seed)
-        click.echo("query latency", err=True)
-        results["query"] = query_latency(work / "pipeline-home", corpus_chunks, config)
-        click.echo("operations: backup, deep check, restore and replay", err=True)
-        results["operations"] = operations(work / "pipeline-home", env)
+        stage("producer", "producer rate", lambda: producer_rate(work / "corpus", work, env))
+        stage("bare", "bare baseline", lambda: bare_baseline(corpus_chunks, work, config))
+        stage("pipeline", "pipeline", lambda: pipeline_run(work / "corpus", work / "pipeline-home", env, total))
+        stage(
+            "throughput_ratio",
+            "ratio",
+            lambda: round(results["pipeline"]["chunks_per_s"] / results["bare"]["chunks_per_s"], 3),
+        )
+        stage("memory", "writer memory on a corpus 10x smaller", lambda: memory(results, work, env, small_total))
+        stage("resume", "resume after kill -9", lambda: resume_waste(work / "corpus-small", work, env, seed))
+        stage("query", "query latency", lambda: query_latency(work / "pipeline-home", corpus_chunks, config))
+        stage(
+            "operations",
+            "operations: backup, deep check, restore and replay",
+            lambda: operations(work / "pipeline-home", env),
+        )
     finally:
         if keep:
             click.echo(f"kept {work}", err=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2) + "\n")
     click.echo(report(results))
     click.echo(f"results: {output}", err=True)
+
+
+def memory(results: dict[str, Any], work: Path, env: dict[str, str], small_total: int) -> dict[str, Any]:
+    small = pipeline_run(work / "corpus-small", work / "small-home", env, small_total)
+    large_rss, small_rss = results["pipeline"]["writer_peak_rss_mb"], small["writer_peak_rss_mb"]
+    return {
+        "small_chunks": small["chunks"],
+        "small_rss_mb": small_rss,
+        "large_chunks": results["pipeline"]["chunks"],
+        "large_rss_mb": large_rss,
+        "growth_percent": round((large_rss - small_rss) / small_rss * 100, 1),
+    }
 
 
 if __name__ == "__main__":

@@ -133,6 +133,13 @@ def replay(config: Config, ledger: Ledger, watermark: int | None = None) -> dict
     from pipeline.store import Store
 
     store = Store(config.chroma_dir)
+    try:
+        return _replay(config, ledger, store, watermark)
+    finally:
+        store.close()
+
+
+def _replay(config: Config, ledger: Ledger, store: Any, watermark: int | None) -> dict[str, Any]:
     replayed = deleted = 0
     step = config.commit_batch
     for collection in ledger.collections():

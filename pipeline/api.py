@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 
 from pipeline.config import Config
-from pipeline.errors import NotFoundError, StoreError
+from pipeline.errors import IndexqError, NotFoundError, StoreError
 from pipeline.ledger import JobProgress, Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
@@ -188,15 +188,19 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     try:
         with lock.held(timeout=cfg.lock_timeout):
             store = open_store(cfg)
-            if not store.exists(collection):
-                raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_dir}")
             try:
+                if not store.exists(collection):
+                    raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_dir}")
                 return store.query(collection, vector, k)
+            except IndexqError:
+                raise
             except Exception as exc:  # a model of another dimension, or a damaged directory
                 raise StoreError(
                     f"search in {collection!r} failed: {exc}".splitlines()[0],
                     hint="use the model the collection was indexed with; `indexq check` tells damage",
                 ) from exc
+            finally:
+                store.close()
     finally:
         lock.close()
 

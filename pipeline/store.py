@@ -32,6 +32,17 @@ class Store:
         )
         self._collections: dict[str, Any] = {}
 
+    def close(self) -> None:
+        """Stop this process's Chroma system now, while the caller still holds the commit lock.
+
+        Whatever Chroma does when it stops (it may write its segment files) then happens
+        while the writer is paused, not later at process exit.
+        """
+        from chromadb.api.client import SharedSystemClient
+
+        self._collections.clear()
+        SharedSystemClient.clear_system_cache()
+
     def collection(self, name: str, create: bool = True) -> Any:
         if name not in self._collections:
             if create:
