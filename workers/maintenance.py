@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 from huey import SqliteHuey
@@ -19,7 +18,7 @@ from pipeline.config import Config
 from pipeline.errors import IndexqError
 from pipeline.locks import WriterLock
 from tasks.maintenance import register
-from workers.queue import WriterConsumer, log_to_home, queue_secret
+from workers.queue import WriterConsumer, exit_with, log_to_home, queue_secret
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +54,7 @@ class MaintenanceHuey(SqliteHuey):
         try:
             return self.start_maintenance(**options)
         except IndexqError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            if exc.hint:
-                print(f"Hint: {exc.hint}", file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+            raise exit_with(exc) from None
 
     def stop_maintenance(self) -> None:
         self._lock.release()
@@ -77,6 +73,5 @@ def __getattr__(name: str) -> Any:
         try:
             _instance = MaintenanceHuey(Config.from_env())
         except IndexqError as exc:  # bad configuration: one line, not a traceback
-            print(f"Error: {exc}", file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+            raise exit_with(exc) from None
     return _instance

@@ -115,15 +115,11 @@ class WriterHuey(SqliteHuey):
         return consumer
 
     def create_consumer(self, **options: Any) -> WriterConsumer:
-        # Entry point of `huey_consumer workers.writer.huey`: that script has no error
-        # handling of ours, so a refusal becomes a one-line message and an exit code.
+        # Entry point of `huey_consumer workers.writer.huey`.
         try:
             return self.start_writer(**options)
         except IndexqError as exc:
-            print(f"Error: {exc}", file=sys.stderr)
-            if exc.hint:
-                print(f"Hint: {exc.hint}", file=sys.stderr)
-            raise SystemExit(exc.exit_code) from None
+            raise exit_with(exc) from None
 
     def stop_writer(self) -> None:
         if self.writer is not None:
@@ -142,6 +138,14 @@ class WriterHuey(SqliteHuey):
             task(collection, ids)
             count += 1
         return count
+
+
+def exit_with(exc: IndexqError) -> SystemExit:
+    """For huey_consumer, which has no error handling of ours: one line, a hint, the exit code."""
+    print(f"Error: {exc}", file=sys.stderr)
+    if exc.hint:
+        print(f"Hint: {exc.hint}", file=sys.stderr)
+    return SystemExit(exc.exit_code)
 
 
 def log_to_home(config: Config, name: str) -> None:

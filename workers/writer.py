@@ -5,14 +5,11 @@ Configured from ``INDEXQ_*`` variables (``INDEXQ_HOME`` names the data home).
 
 from __future__ import annotations
 
-import sys
-
 from pipeline.config import Config
 from pipeline.errors import IndexqError
-from workers.queue import WriterHuey
+from workers.queue import WriterHuey, exit_with
 
 try:
     huey = WriterHuey(Config.from_env())
 except IndexqError as exc:  # bad configuration: one line, not a traceback
-    print(f"Error: {exc}", file=sys.stderr)
-    raise SystemExit(exc.exit_code) from None
+    raise exit_with(exc) from None
