@@ -7,6 +7,12 @@ not hold the vectors once its log is purged), a ledger snapshot, and a manifest 
 the ledger watermark. It is written under ``.partial-NAME`` and renamed when complete,
 so a crash leaves nothing that looks like a backup. Each backup is then verified by
 deep-checking a scratch copy from a fresh process; only verified backups count.
+
+Against a Chroma server the backup is logical: the ledger snapshot and the manifest,
+no Chroma files (they are the server's). The ledger holds every committed chunk with
+its embedding, so a restore rebuilds the collections on the server from it. Such a
+backup is verified by its checksums, an integrity check of the snapshot, and the
+committed rows it holds against the manifest's counts, each with its embedding.
 """
 
 from __future__ import annotations
@@ -89,6 +95,9 @@ def backups_lock(config: Config) -> Iterator[None]:
 
 def create_backup(config: Config, verify: bool = True) -> dict[str, Any]:
     """Take, write and (by default) verify one backup; returns its listing entry."""
+    from ops.maintenance import require_home
+
+    require_home(config)
     with backups_lock(config):
         return _create_backup(config, verify)
 
@@ -98,7 +107,8 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
 
     import pipeline
 
-    if not (config.chroma_dir / "chroma.sqlite3").exists():
+    logical = config.chroma_engine == "server"
+    if not logical and not (config.chroma_dir / "chroma.sqlite3").exists():
         raise NothingToBackUp(
             f"nothing to back up: {config.chroma_dir} has no chroma.sqlite3",
             hint="the writer creates it with its first start; if it was lost, run `indexq recover`",
@@ -115,7 +125,8 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
     try:
         with lock.held(timeout=config.lock_timeout) as waited:
             paused = time.monotonic()
-            snapshot_chroma(config.chroma_dir, partial / "chroma")
+            if not logical:
+                snapshot_chroma(config.chroma_dir, partial / "chroma")
             ledger.backup_to(partial / "ledger.db")
             watermark = ledger.watermark()
             counts = {c: n for c, n in ledger.conn.execute(
@@ -124,6 +135,8 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
         fault_point("backup-copied")
         manifest = {
             "name": name,
+            "kind": "logical" if logical else "full",
+            "chroma": config.chroma_url or str(config.chroma_dir),
             "time": now,
             "watermark": watermark,
             "collections": counts,
@@ -167,7 +180,9 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
     for rel, digest in manifest["files"].items():
         if actual.get(rel) != digest:
             problems.append(f"{rel}: checksum differs from the manifest")
-    if not problems:
+    if not problems and manifest.get("kind") == "logical":
+        problems.extend(_verify_ledger_snapshot(path / "ledger.db", manifest["collections"]))
+    elif not problems:
         # Opening Chroma may write to its directory: check a scratch copy, never the backup.
         scratch = config.backups_path / f".verify-{path.name}"
         shutil.rmtree(scratch, ignore_errors=True)
@@ -190,6 +205,31 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
     return verdict
 
 
+def _verify_ledger_snapshot(snapshot: Path, expected: dict[str, int]) -> list[str]:
+    """A logical backup restores from its ledger: it must be sound and hold every committed embedding."""
+    # immutable: read the file as it is, without creating WAL side files in the backup.
+    conn = sqlite3.connect(f"file:{snapshot}?mode=ro&immutable=1", uri=True)
+    try:
+        verdict = [r[0] for r in conn.execute("PRAGMA integrity_check")]
+        if verdict != ["ok"]:
+            return [f"ledger.db: {'; '.join(verdict[:3])}"]
+        problems = []
+        counts = dict(conn.execute(
+            "SELECT collection, count(*) FROM chunks WHERE state='committed' GROUP BY collection"))  # fmt: skip
+        if counts != expected:
+            problems.append(f"ledger.db holds committed counts {counts}, the manifest says {expected}")
+        (bad,) = conn.execute(
+            "SELECT count(*) FROM chunks WHERE state='committed' AND (embedding IS NULL OR length(embedding) % 4)"
+        ).fetchone()
+        if bad:
+            problems.append(f"ledger.db: {bad} committed chunks have no usable embedding")
+        return problems
+    except sqlite3.DatabaseError as exc:
+        return [f"ledger.db: {exc}"]
+    finally:
+        conn.close()
+
+
 def describe(path: Path) -> dict[str, Any]:
     manifest = json.loads((path / MANIFEST).read_text())
     try:
@@ -199,6 +239,7 @@ def describe(path: Path) -> dict[str, Any]:
     size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return {
         "name": manifest["name"],
+        "kind": manifest.get("kind", "full"),
         "path": str(path),
         "time": manifest["time"],
         "watermark": manifest["watermark"],
@@ -225,8 +266,8 @@ def list_backups(config: Config) -> list[dict[str, Any]]:
     return sorted(out, key=lambda b: b["time"])
 
 
-def newest_verified(config: Config) -> dict[str, Any] | None:
-    verified = [b for b in list_backups(config) if b["verified"]]
+def newest_verified(config: Config, kind: str | None = None) -> dict[str, Any] | None:
+    verified = [b for b in list_backups(config) if b["verified"] and kind in (None, b["kind"])]
     return verified[-1] if verified else None
 
 

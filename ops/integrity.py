@@ -12,6 +12,10 @@
 Layers 4 and 5 load Chroma, so they run in a subprocess (``ops.probe``): a damaged
 segment can kill its reader with SIGSEGV, and that must be a finding, not a crash.
 A SQLite check cannot see vector damage, which is why the HNSW and probe layers exist.
+
+Against a Chroma server (``chroma_url``) the files are the server's: only layers 4
+and 5 run, through the API. A server that does not answer raises UnreachableError:
+unavailable is not damage, and must never start a recovery.
 """
 
 from __future__ import annotations
@@ -228,9 +232,10 @@ def check_hnsw(chroma: Path) -> list[Problem]:
     return problems
 
 
-def run_probe(chroma: Path, ledger: Path, deep: bool) -> tuple[dict[str, Any], list[Problem]]:
+def run_probe(chroma: Path, ledger: Path, deep: bool, url: str | None = None) -> tuple[dict[str, Any], list[Problem]]:
     """Layers 4 and 5, in a fresh process."""
-    argv = [sys.executable, "-m", "ops.probe", "--chroma", str(chroma), "--ledger", str(ledger)]
+    target = ["--chroma-url", url] if url else ["--chroma", str(chroma)]
+    argv = [sys.executable, "-m", "ops.probe", *target, "--ledger", str(ledger)]
     if deep:
         argv.append("--deep")
     try:
@@ -245,8 +250,12 @@ def run_probe(chroma: Path, ledger: Path, deep: bool) -> tuple[dict[str, Any], l
     except ValueError:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {}, [Problem("chroma", str(chroma), f"the Chroma probe failed: {tail[:300]}")]
+    if "unreachable" in result:
+        from pipeline.errors import UnreachableError
+
+        raise UnreachableError(result["unreachable"], hint="the check was not made; run it again once Chroma answers")
     if "error" in result:
-        return {}, [Problem("chroma", str(chroma), f"Chroma could not be read: {result['error']}")]
+        return {}, [Problem("chroma", url or str(chroma), f"Chroma could not be read: {result['error']}")]
     problems: list[Problem] = []
     for name, info in result["collections"].items():
         if info["missing"]:
@@ -283,16 +292,17 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
-def check(chroma: Path, ledger: Path, deep: bool = False) -> Report:
+def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None) -> Report:
     """Every layer, cheap to deep. Structural damage skips the probe (it could only crash)."""
     started = time.monotonic()
     report = Report(deep=deep)
-    report.problems.extend(check_sqlite(chroma, deep))
-    if not report.problems:
-        report.problems.extend(check_fts(chroma))
-        report.problems.extend(check_hnsw(chroma))
+    if not url:
+        report.problems.extend(check_sqlite(chroma, deep))
+        if not report.problems:
+            report.problems.extend(check_fts(chroma))
+            report.problems.extend(check_hnsw(chroma))
     if not report.layers - {"fts"}:
-        report.collections, found = run_probe(chroma, ledger, deep)
+        report.collections, found = run_probe(chroma, ledger, deep, url)
         report.problems.extend(found)
     report.seconds = time.monotonic() - started
     return report

@@ -15,7 +15,7 @@ from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
 from ops.integrity import Report, check
 from pipeline.config import Config
-from pipeline.errors import BusyError, IndexqError
+from pipeline.errors import BusyError, IndexqError, NotFoundError, UnreachableError
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 
@@ -26,13 +26,19 @@ logger = logging.getLogger(__name__)
 BACKUP_RETRY = 3600.0
 
 
+def require_home(config: Config) -> None:
+    if not config.ledger_path.exists():
+        raise NotFoundError(f"no indexq data home at {config.home}", hint="set --home or INDEXQ_HOME")
+
+
 def run_check(config: Config, deep: bool = False) -> Report:
     """Check under the commit lock; records the result. Raises BusyError, never calls busy damage."""
+    require_home(config)
     lock = CommitLock(config.commit_lock_path)
     try:
         with lock.held(timeout=config.lock_timeout):
             paused = time.monotonic()
-            report = check(config.chroma_dir, config.ledger_path, deep=deep)
+            report = check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
             report.pause_seconds = time.monotonic() - paused
     finally:
         lock.close()
@@ -113,7 +119,7 @@ def tick(config: Config, now: float | None = None) -> list[str]:
 
                 recover(config)
                 ran.append("recovery")
-    except BusyError as exc:
+    except (BusyError, UnreachableError) as exc:  # neither is damage: try again next tick
         logger.warning("maintenance postponed: %s", exc)
         ran.append("busy")
     except IndexqError as exc:  # recovery failed: alerted and recorded; requeue still runs

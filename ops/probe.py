@@ -1,6 +1,6 @@
 """Chroma-level probes, run in a subprocess: a damaged segment can kill its reader.
 
-    python -m ops.probe --chroma DIR --ledger FILE [--deep]
+    python -m ops.probe (--chroma DIR | --chroma-url URL) --ledger FILE [--deep]
 
 Prints one JSON object: per collection, the ids Chroma has against the ledger's
 committed set, and with --deep, embeddings and documents read back against the ledger
@@ -27,11 +27,11 @@ ATOL = 1e-5
 _SHOWN = 5
 
 
-def probe(chroma: Path, ledger_path: Path, deep: bool) -> dict[str, Any]:
+def probe(chroma: Path | None, ledger_path: Path, deep: bool, url: str | None = None) -> dict[str, Any]:
     from pipeline.store import Store
 
     ledger = Ledger(ledger_path)
-    store = Store(chroma)
+    store = Store(chroma, url=url)
     out: dict[str, Any] = {}
     # One read transaction: a producer changing rows meanwhile cannot make the
     # ledger disagree with itself between two reads (WAL gives a snapshot).
@@ -99,12 +99,17 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
 
 
 @click.command()
-@click.option("--chroma", type=click.Path(path_type=Path), required=True)
+@click.option("--chroma", type=click.Path(path_type=Path))
+@click.option("--chroma-url")
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
 @click.option("--deep", is_flag=True)
-def main(chroma: Path, ledger_path: Path, deep: bool) -> None:
+def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: bool) -> None:
+    from pipeline.errors import UnreachableError
+
     try:
-        result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep)}
+        result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep, url=chroma_url)}
+    except UnreachableError as exc:  # a server that does not answer is not damage
+        result = {"unreachable": str(exc)}
     except Exception as exc:  # Chroma refusing to load a segment is a finding, not a crash
         result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
     json.dump(result, sys.stdout)

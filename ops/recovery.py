@@ -13,6 +13,11 @@ With the writer paused (the commit lock held throughout):
 Every step can be killed and run again: the quarantine and the restore are renames,
 and a partial replay is only more chunks missing, which the next run replays.
 The run ends with a deep check, an event in the ledger and a line in the log.
+
+Against a Chroma server there is no directory to quarantine or copy: damage beyond
+missing or unknown chunks is repaired by dropping the damaged collections on the
+server and rebuilding them from the ledger; ``--from BACKUP`` loads the backup's
+ledger snapshot first, then replays what the live ledger committed after it.
 """
 
 from __future__ import annotations
@@ -60,8 +65,12 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
         return {"action": FTS, "reason": "full-text index damaged"}
     if layers == {"ledger"} and all("missing" in p.what or "does not know" in p.what for p in report.problems):
         return {"action": REPLAY, "reason": "chunks missing or unknown; the directory is sound"}
-    backup = newest_verified(config)
     reason = "; ".join(str(p) for p in report.problems[:3])
+    if config.chroma_engine == "server":
+        # The ledger holds every committed chunk with its embedding: rebuilding the
+        # damaged collections from it is exact, and needs no backup.
+        return {"action": REBUILD, "reason": reason + " (rebuilding the damaged collections from the ledger)"}
+    backup = newest_verified(config, kind="full")
     if backup is None:
         return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
     return {"action": RESTORE, "backup": backup["name"], "reason": reason}
@@ -69,6 +78,9 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
 
 def recover(config: Config, source: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Check, then repair; returns what was done. Raises BusyError if the lock stays busy."""
+    from ops.maintenance import require_home
+
+    require_home(config)
     lock = CommitLock(config.commit_lock_path)
     ledger = Ledger(config.ledger_path)
     started = time.monotonic()
@@ -77,8 +89,9 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             _clean_leftovers(config)
             # Deep: the damage multiple writers leave (SQLite fine, vectors unreadable)
             # shows only when embeddings are read back.
-            report = check(config.chroma_dir, config.ledger_path, deep=True)
+            report = check(config.chroma_dir, config.ledger_path, deep=True, url=config.chroma_url)
             result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
+            result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})
             if dry_run or result["action"] == NONE:
                 return {**result, "dry_run": dry_run}
             logger.warning("recovery: %s (%s)", result["action"], result["reason"])
@@ -87,7 +100,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             except Exception as exc:
                 result["error"] = f"{type(exc).__name__}: {exc}"
                 logger.exception("recovery %s failed", result["action"])
-            final = check(config.chroma_dir, config.ledger_path, deep=True)
+            final = check(config.chroma_dir, config.ledger_path, deep=True, url=config.chroma_url)
             result["pause_seconds"] = round(time.monotonic() - started, 3)
             result["healthy"] = final.healthy
             result["remaining"] = [str(p) for p in final.problems]
@@ -117,6 +130,8 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
         return {}
     if action == REPLAY:
         return replay(config, ledger)
+    if config.chroma_engine == "server":
+        return _rebuild_on_server(config, ledger, step)
     quarantined = _quarantine(config, step["reason"])
     watermark = None
     if action == RESTORE:
@@ -128,11 +143,46 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
     return {"quarantine": str(quarantined), **replay(config, ledger, watermark)}
 
 
+def _rebuild_on_server(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
+    """Drop the damaged collections on the server and rebuild them (from a backup's ledger, then the live one)."""
+    from pipeline.store import Store
+
+    watermark = None
+    names = step.get("damaged") or []
+    if step["action"] == RESTORE or not names:
+        # Unreadable as a whole (or a restore asked for): every collection.
+        names = ledger.collections()
+    store = Store.open(config)
+    try:
+        for name in names:
+            store.drop(name)
+        if step["action"] == RESTORE:
+            backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
+            # Opening a ledger may write to it: read a copy, never the backup itself.
+            copy = config.home / f".restore-ledger-{uuid.uuid4().hex[:8]}.db"
+            shutil.copy2(Path(backup["path"]) / "ledger.db", copy)
+            snapshot = Ledger(copy)
+            try:
+                for name in names:
+                    rows = list(snapshot.committed(name))
+                    for start in range(0, len(rows), config.commit_batch):
+                        store.upsert_rows(name, rows[start : start + config.commit_batch])
+            finally:
+                snapshot.close()
+                for leftover in config.home.glob(copy.name + "*"):
+                    leftover.unlink()
+            watermark = backup["watermark"]
+        result = _replay(config, ledger, store, watermark)
+    finally:
+        store.close()
+    return {"dropped": names, **result}
+
+
 def replay(config: Config, ledger: Ledger, watermark: int | None = None) -> dict[str, Any]:
     """Make Chroma hold exactly the ledger's committed set, from stored embeddings."""
     from pipeline.store import Store
 
-    store = Store(config.chroma_dir)
+    store = Store.open(config)
     try:
         return _replay(config, ledger, store, watermark)
     finally:

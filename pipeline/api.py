@@ -133,12 +133,21 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         progress = [p for p in (ledger.progress(j) for j in ledger.job_ids(jobs)) if p is not None]
         commits = ledger.commit_stats()
         memory = psutil.virtual_memory()
-        disk = shutil.disk_usage(cfg.chroma_dir)
+        disk = shutil.disk_usage(cfg.chroma_dir if cfg.chroma_engine == "persistent" else cfg.home)
+        queue = WriterHuey(cfg)
+        queue.ping()
         return {
             "home": str(cfg.home),
-            "chroma": str(cfg.chroma_dir),
+            "chroma": cfg.chroma_url or str(cfg.chroma_dir),
+            "engines": {
+                "queue": cfg.queue_engine,
+                "queue_at": _redact(cfg.queue_url) if cfg.queue_engine == "redis" else str(cfg.queue_path),
+                "chroma": cfg.chroma_engine,
+                "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
+            },
             "writer": {"alive": holder is not None, **(holder or {})},
-            "queue_depth": WriterHuey(cfg).pending_count(),
+            "queue_depth": queue.pending_count(),
+            "intake_parts": len(queue.intake.keys()),
             "last_commit": commits["last_commit"],
             "recent_rate": round(commits["recent_rate"], 2),
             "chunks": ledger.counts(),
@@ -151,6 +160,18 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         }
     finally:
         ledger.close()
+
+
+def _redact(url: str | None) -> str:
+    """A URL without its password, for display."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
@@ -190,7 +211,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
             store = open_store(cfg)
             try:
                 if not store.exists(collection):
-                    raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_dir}")
+                    raise NotFoundError(f"no collection {collection!r} in {store.where}")
                 return store.query(collection, vector, k)
             except IndexqError:
                 raise

@@ -1,7 +1,8 @@
 """The ``indexq`` command. The only place errors become messages and exit codes.
 
 Exit codes: 0 success, 1 a job or check failed, 2 bad usage or bad input, 3 another
-writer holds the lock, 4 busy (a lock timed out).
+writer holds the lock, 4 busy (a lock timed out), 5 a server (Redis, Chroma) did not
+answer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pipeline import api
 from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config
 from pipeline.errors import IndexqError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE = 0, 1, 2, 3, 4, 5
 # Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
 # which would leave a fresh job waiting; a look at an SQLite queue costs microseconds).
 WRITER_MAX_POLL = 0.25
@@ -45,7 +46,21 @@ def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _remember(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta[f"indexq.{param.name}"] = value
+
+
 def _home(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--home, and the engines every command must agree on (read by _config)."""
+    func = click.option(
+        "--chroma-url", envvar="INDEXQ_CHROMA_URL", expose_value=False, callback=_remember, metavar="URL",
+        help="Chroma server http://HOST:PORT instead of the data home's directory (env INDEXQ_CHROMA_URL).",
+    )(func)  # fmt: skip
+    func = click.option(
+        "--queue-url", envvar="INDEXQ_QUEUE_URL", expose_value=False, callback=_remember, metavar="URL",
+        help="Queue: redis://HOST:PORT/DB shared by many machines, or sqlite:///PATH"
+        " (env INDEXQ_QUEUE_URL; default: queue.db in the data home).",
+    )(func)  # fmt: skip
     return click.option(
         "--home", type=click.Path(file_okay=False, path_type=Path), envvar="INDEXQ_HOME",
         default=DEFAULT_HOME, show_default=True, help="Data home (env INDEXQ_HOME).",
@@ -60,6 +75,10 @@ def _model(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _config(**overrides: Any) -> Config:
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        for name in ("queue_url", "chroma_url"):
+            overrides.setdefault(name, ctx.meta.get(f"indexq.{name}"))
     return Config.from_env(**overrides)
 
 
@@ -111,6 +130,11 @@ def index(
     if not jsonl and not paths:
         raise click.UsageError("give PATHS to index, or --jsonl FILE")
     config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    if wait_ and config.remote_producers:
+        raise click.UsageError(
+            "--wait reads the writer's ledger, which a shared queue keeps on the writer's machine:"
+            " run `indexq status` there"
+        )
     producer = Producer(config)
     try:
         if jsonl:
@@ -121,6 +145,12 @@ def index(
         producer.close()
     if as_json:
         click.echo(json.dumps(sub.as_dict()))
+    elif sub.remote:
+        click.echo(sub.job)
+        click.echo(
+            f"{sub.chunks} chunks handed to the writer through {config.queue_url}; {len(sub.skipped)} files skipped",
+            err=True,
+        )
     else:
         click.echo(sub.job)
         click.echo(
@@ -197,7 +227,10 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     else:
         click.echo("writer:      not running")
     click.echo(f"home:        {info['home']}")
-    click.echo(f"queue:       {info['queue_depth']} tasks")
+    engines = info["engines"]
+    click.echo(f"queue:       {engines['queue']} {engines['queue_at']}: {info['queue_depth']} tasks"
+               + (f", {info['intake_parts']} intake parts waiting" if engines["queue"] == "redis" else ""))  # fmt: skip
+    click.echo(f"chroma:      {engines['chroma']} {engines['chroma_at']}")
     last = info["last_commit"]
     last_text = (
         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(last))} ({time.time() - last:.0f}s ago)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,53 @@ DEFAULT_REQUEUE_INTERVAL = 3 * 60.0
 DEFAULT_LOCK_TIMEOUT = 30.0
 # Back-off of a tripped guard: first wait, growth, longest wait (seconds).
 GUARD_BACKOFF = (0.5, 2.0, 30.0)
+
+# Queue engines: the SQLite file in the data home (one machine), or a Redis server
+# shared by producers and the writer on many machines.
+QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
+
+
+def parse_queue_url(setting: str, url: str | None) -> str | None:
+    """None (the data home's queue.db), ``sqlite:///PATH`` or ``redis://HOST:PORT/DB``.
+
+    The writer's queue only: maintenance keeps its own SQLite queue in the data home,
+    because it runs beside the writer's ledger and Chroma directory.
+    """
+    if url is None or not url.strip():
+        return None
+    url = url.strip()
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in QUEUE_SCHEMES:
+        raise ConfigError(f"{setting} must be sqlite:///PATH or redis://HOST:PORT/DB, got {url!r}")
+    if parts.scheme == "sqlite" and not parts.path.strip("/"):
+        raise ConfigError(f"{setting} must name a file, as in sqlite:////var/lib/indexq/queue.db, got {url!r}")
+    if parts.scheme != "sqlite":
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ConfigError(f"{setting} has a bad port: {url!r}") from None
+        if not parts.hostname:
+            raise ConfigError(f"{setting} must name a host, as in redis://127.0.0.1:6379/0, got {url!r}")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"{setting} must end with a database number, as in redis://host:6379/0, got {url!r}")
+    return url
+
+
+def parse_chroma_url(setting: str, url: str | None) -> str | None:
+    """None (a persistent directory) or ``http(s)://HOST:PORT`` of a Chroma server."""
+    if url is None or not url.strip():
+        return None
+    url = url.strip().rstrip("/")
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{setting} has a bad port: {url!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port is None:
+        raise ConfigError(f"{setting} must be http://HOST:PORT of a Chroma server (`chroma run`), got {url!r}")
+    return url
+
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -83,8 +131,14 @@ class Config:
     requeue_interval: float = DEFAULT_REQUEUE_INTERVAL
     auto_recover: bool = True
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    # None: the SQLite queue in the data home. See parse_queue_url.
+    queue_url: str | None = None
+    # None: the persistent directory chroma_path. See parse_chroma_url.
+    chroma_url: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "queue_url", parse_queue_url("queue URL", self.queue_url))
+        object.__setattr__(self, "chroma_url", parse_chroma_url("Chroma URL", self.chroma_url))
         # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
         if 0 < self.memory_threshold <= 1:
             object.__setattr__(self, "memory_threshold", self.memory_threshold * 100)
@@ -106,9 +160,29 @@ class Config:
         if self.lock_timeout <= 0:
             raise ConfigError(f"lock timeout must be positive, got {self.lock_timeout!r}")
 
+    @property
+    def queue_engine(self) -> str:
+        """``sqlite`` or ``redis``: where producers and the writer meet."""
+        if self.queue_url and not self.queue_url.startswith("sqlite:"):
+            return "redis"
+        return "sqlite"
+
+    @property
+    def chroma_engine(self) -> str:
+        """``persistent`` (a directory only the writer opens) or ``server`` (HttpClient)."""
+        return "server" if self.chroma_url else "persistent"
+
+    @property
+    def remote_producers(self) -> bool:
+        """A shared queue: producers hand chunks to the writer through it, not through the ledger."""
+        return self.queue_engine == "redis"
+
     # The data home's layout is part of the interface: operators and tests read it.
     @property
     def queue_path(self) -> Path:
+        if self.queue_url and self.queue_url.startswith("sqlite:"):
+            # As in SQLAlchemy: sqlite:///queue.db is relative, sqlite:////var/queue.db absolute.
+            return Path(urllib.parse.urlsplit(self.queue_url).path[1:]).expanduser().absolute()
         return self.home / "queue.db"
 
     @property
@@ -196,6 +270,10 @@ class Config:
             values["home"] = Path(found[1])
         if found := pick("INDEXQ_CHROMA_PATH", "CHROMADB_DB_PATH"):
             values["chroma_path"] = Path(found[1])
+        if found := pick("INDEXQ_QUEUE_URL"):
+            values["queue_url"] = parse_queue_url(*found)
+        if found := pick("INDEXQ_CHROMA_URL"):
+            values["chroma_url"] = parse_chroma_url(*found)
         if found := pick("INDEXQ_MODEL"):
             values["model"] = found[1]
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")

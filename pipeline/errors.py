@@ -61,3 +61,15 @@ class StoreError(IndexqError):
     """Chroma refused an operation: its directory may be damaged."""
 
     exit_code = 1
+
+
+class UnreachableError(IndexqError):
+    """A server (Redis, Chroma) did not answer: unavailable, not damaged."""
+
+    exit_code = 5
+
+
+class ForgedPayloadError(IndexqError, ValueError):
+    """A queue payload whose signature does not match this queue's key: never run."""
+
+    exit_code = 1

@@ -37,3 +37,11 @@ def validate_collection(name: str) -> str:
     if problem:
         raise BadInputError(f"invalid collection name {name!r}: it must have {problem}")
     return name
+
+
+def new_job_id() -> str:
+    """Creation time first (ids sort in submission order), then randomness (producers on many machines)."""
+    import time
+    import uuid
+
+    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]

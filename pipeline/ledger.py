@@ -15,12 +15,13 @@ import json
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from pipeline.ids import new_job_id
 
 PENDING = "pending"  # needs an embedding
 EMBEDDED = "embedded"  # embedding stored, not yet in Chroma
@@ -30,7 +31,7 @@ FAILED = "failed"  # refused by validation; the reason is in `error`
 OUTSTANDING = (PENDING, EMBEDDED, DELETING)
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # SQLite allows 32766 host parameters; stay far below for IN (...) lists.
 _IN_CHUNK = 500
@@ -45,6 +46,19 @@ class Row:
     hash: str
     state: str
     embedding: bytes | None
+
+
+@dataclasses.dataclass
+class SourcePlan:
+    """What a submitted source changes: rows to write, ids to index, stale ids, and counts."""
+
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    linked: list[str] = dataclasses.field(default_factory=list)
+    to_index: list[str] = dataclasses.field(default_factory=list)
+    stale: list[str] = dataclasses.field(default_factory=list)
+    new: int = 0
+    changed: int = 0
+    unchanged: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +143,13 @@ class Ledger:
             chunks.create_index(["committed_at"], if_not_exists=True)
             chunks.create_index(["job", "state"], if_not_exists=True)
             self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('seq', '0'), ('embeddings', '0')")
+            # Version 3: parts received from remote producers (the intake), so that
+            # ingesting a part twice changes nothing; jobs count their parts.
+            self.db.table("received").create({"key": str, "job": str, "time": float}, pk="key", if_not_exists=True)
+            jobs = self.db.table("jobs")
+            for column in ("parts", "received"):
+                if column not in jobs.columns_dict:
+                    jobs.add_column(column, int)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -148,7 +169,7 @@ class Ledger:
     # ---- producers -------------------------------------------------------------
 
     def create_job(self, collection: str, kind: str, sources: list[str]) -> str:
-        job = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+        job = new_job_id()
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
@@ -197,30 +218,121 @@ class Ledger:
         ).fetchone()
         return row[0] if row else None
 
+    def plan_source(self, collection: str, source: str, chunks: Sequence[dict[str, Any]], model: str) -> SourcePlan:
+        """Compare a source's chunks (id, ordinal, text, metadata, hash) with what the ledger has.
+
+        Unchanged chunks are not written again (but indexed if still outstanding);
+        changed ones are reset; chunks past the source's end become stale. Text already
+        embedded with the same model anywhere in the collection reuses that embedding.
+        """
+        plan = SourcePlan()
+        existing = self.by_source(collection, source)
+        for chunk in chunks:
+            id_ = chunk["id"]
+            plan.linked.append(id_)
+            old = existing.get(chunk["ordinal"])
+            if old and old[0] == id_ and old[1] == chunk["hash"] and old[2] != DELETING:
+                plan.unchanged += 1
+                if old[2] in (PENDING, EMBEDDED):
+                    plan.to_index.append(id_)
+                continue
+            if old and old[2] != DELETING:
+                plan.changed += 1
+            else:
+                plan.new += 1
+            reused = self.reusable_embedding(collection, chunk["hash"], model)
+            metadata = chunk["metadata"]
+            plan.rows.append({
+                "id": id_, "source": source, "ordinal": chunk["ordinal"], "text": chunk["text"],
+                "metadata": metadata if isinstance(metadata, str) else json.dumps(metadata, sort_keys=True),
+                "hash": chunk["hash"], "state": EMBEDDED if reused else PENDING, "embedding": reused,
+                "model": model if reused else None,
+            })  # fmt: skip
+            plan.to_index.append(id_)
+        plan.stale = [
+            old[0]
+            for ordinal, old in existing.items()
+            if ordinal >= len(chunks) and old[2] in (COMMITTED, PENDING, EMBEDDED, FAILED)
+        ]
+        return plan
+
     def write_submission(
         self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str]
     ) -> None:
         """One transaction: new or changed rows, the job's membership, stale rows to delete."""
-        now = time.time()
         with self._tx() as conn:
-            conn.executemany(
-                "INSERT INTO chunks(collection, id, source, ordinal, text, metadata, hash, state, embedding,"
-                " model, embeds, updated, job) VALUES (:collection, :id, :source, :ordinal, :text, :metadata,"
-                " :hash, :state, :embedding, :model, 0, :updated, :job)"
-                " ON CONFLICT(collection, id) DO UPDATE SET source=excluded.source, ordinal=excluded.ordinal,"
-                " text=excluded.text, metadata=excluded.metadata, hash=excluded.hash, state=excluded.state,"
-                " embedding=excluded.embedding, model=excluded.model, embeds=0, error=NULL,"
-                " updated=excluded.updated, job=excluded.job",
-                [{**row, "collection": collection, "updated": now, "job": job} for row in rows],
+            self._write(conn, job, collection, rows, linked, stale)
+
+    def ingest(self, key: str, part: dict[str, Any], model: str) -> tuple[list[str], list[str]] | None:
+        """Record an intake part from a remote producer: (ids to index, stale ids), or None if already received.
+
+        One transaction holds the rows and the part's key, so a part ingested again
+        (its task replayed after a kill) changes nothing.
+        """
+        collection, job = part["collection"], part["job"]
+        with self._tx() as conn:
+            if conn.execute("SELECT 1 FROM received WHERE key=?", (key,)).fetchone():
+                return None
+            conn.execute(
+                "INSERT OR IGNORE INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
+                " unchanged, stale, skipped_files, skipped, received)"
+                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]', 0)",
+                (job, collection, part["kind"], json.dumps(part.get("sources", [])), part.get("created", time.time())),
             )
-            conn.executemany(
-                "INSERT OR IGNORE INTO job_chunks(job, collection, id) VALUES (?, ?, ?)",
-                [(job, collection, id_) for id_ in linked],
+            to_index: list[str] = []
+            stale: list[str] = []
+            counts = {"total": 0, "new": 0, "changed": 0, "unchanged": 0, "stale": 0}
+            for entry in part["files"]:
+                plan = self.plan_source(collection, entry["source"], entry["chunks"], model)
+                self._write(conn, job, collection, plan.rows, plan.linked, plan.stale)
+                to_index.extend(plan.to_index)
+                stale.extend(plan.stale)
+                counts["total"] += len(plan.linked)
+                counts["stale"] += len(plan.stale)
+                for name in ("new", "changed", "unchanged"):
+                    counts[name] += getattr(plan, name)
+            conn.execute(
+                "UPDATE jobs SET total=total+:total, new=new+:new, changed=changed+:changed,"
+                " unchanged=unchanged+:unchanged, stale=stale+:stale, received=coalesce(received, 0)+1 WHERE id=:job",
+                {**counts, "job": job},
             )
-            conn.executemany(
-                "UPDATE chunks SET state='deleting', job=?, updated=? WHERE collection=? AND id=?",
-                [(job, now, collection, id_) for id_ in stale],
+            if part["final"]:
+                skipped = part.get("skipped", [])
+                conn.execute(
+                    "UPDATE jobs SET parts=?, skipped_files=?, skipped=? WHERE id=?",
+                    (part["parts"], len(skipped), json.dumps(skipped), job),
+                )
+            conn.execute(
+                "UPDATE jobs SET state='queued' WHERE id=? AND state='submitting' AND parts IS NOT NULL"
+                " AND received >= parts",
+                (job,),
             )
+            conn.execute("INSERT INTO received(key, job, time) VALUES (?, ?, ?)", (key, job, time.time()))
+        return to_index, stale
+
+    def _write(
+        self, conn: sqlite3.Connection, job: str, collection: str,
+        rows: list[dict[str, Any]], linked: list[str], stale: list[str],
+    ) -> None:  # fmt: skip
+        now = time.time()
+        conn.executemany(
+            "INSERT INTO chunks(collection, id, source, ordinal, text, metadata, hash, state, embedding,"
+            " model, embeds, updated, job) VALUES (:collection, :id, :source, :ordinal, :text, :metadata,"
+            " :hash, :state, :embedding, :model, 0, :updated, :job)"
+            " ON CONFLICT(collection, id) DO UPDATE SET source=excluded.source, ordinal=excluded.ordinal,"
+            " text=excluded.text, metadata=excluded.metadata, hash=excluded.hash, state=excluded.state,"
+            " embedding=excluded.embedding, model=excluded.model, embeds=0, error=NULL,"
+            " updated=excluded.updated, job=excluded.job",
+            [{**row, "collection": collection, "updated": now, "job": job} for row in rows],
+        )
+        conn.executemany(
+            "INSERT OR IGNORE INTO job_chunks(job, collection, id) VALUES (?, ?, ?)",
+            [(job, collection, id_) for id_ in linked],
+        )
+        conn.executemany(
+            "UPDATE chunks SET state='deleting', job=?, updated=? WHERE collection=? AND id=?",
+            [(job, now, collection, id_) for id_ in stale],
+        )
 
     # ---- the writer ------------------------------------------------------------
 
@@ -408,6 +520,8 @@ class Ledger:
         try:
             with self._lock:
                 self.conn.backup(dest)
+            # A self-contained file: no WAL side files that a copy could leave behind.
+            dest.execute("PRAGMA journal_mode=DELETE")
         finally:
             dest.close()
 

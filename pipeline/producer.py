@@ -5,16 +5,20 @@ before their task is enqueued, so a lost task only delays them until the next
 requeue. Unchanged chunks are not written again; changed ones are reset to pending;
 chunks a file no longer has are marked for deletion. Text already embedded under the
 same model anywhere in the collection reuses that embedding.
+
+With a shared (Redis) queue the producer may run on another machine: it then hands
+each part of its submission to the writer through the intake (``pipeline.intake``)
+and the writer makes the same comparison when it records the part in its ledger.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,9 +26,10 @@ from pipeline.chunking import Chunk, chunk_text
 from pipeline.config import Config
 from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
 from pipeline.embedder import load_tokenizer
-from pipeline.errors import EmptyCorpusError
-from pipeline.ids import chunk_id, content_hash, validate_collection
-from pipeline.ledger import COMMITTED, DELETING, EMBEDDED, FAILED, PENDING, Ledger
+from pipeline.errors import EmptyCorpusError, UnreachableError
+from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
+from pipeline.intake import part_key
+from pipeline.ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +47,9 @@ class Submission:
     unchanged: int = 0
     stale: int = 0
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
+    # Handed to a remote writer through the intake: new/changed/unchanged/stale are
+    # then counted by the writer as it records the parts (see `indexq status`).
+    remote: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -57,6 +65,8 @@ class _Batch:
         self.linked: list[str] = []
         self.stale: list[str] = []
         self.to_index: list[str] = []
+        # Remote producers: whole sources, for the writer to compare with its ledger.
+        self.files: list[dict[str, Any]] = []
 
     def __len__(self) -> int:
         return len(self.linked) + len(self.stale)
@@ -69,11 +79,15 @@ class Producer:
         config.ensure_home()
         self.config = config
         self.huey = huey or WriterHuey(config)
-        self.ledger = Ledger(config.ledger_path)
+        self.remote = config.remote_producers
+        # A remote producer never opens a ledger: the writer's is on another machine.
+        self.ledger: Ledger | None = None if self.remote else Ledger(config.ledger_path)
+        self.intake = self.huey.intake if self.remote else None
         self.tokenizer = load_tokenizer(config.model)
 
     def close(self) -> None:
-        self.ledger.close()
+        if self.ledger is not None:
+            self.ledger.close()
 
     # ---- entry points ------------------------------------------------------------
 
@@ -84,7 +98,7 @@ class Producer:
         validate_collection(collection)
         roots = check_paths(paths)
         job = _LazyJob(self.ledger, collection, "paths", [str(p) for p in roots])
-        sub = Submission("", collection)
+        sub = Submission("", collection, remote=self.remote)
         batch = _Batch()
         for group in read_groups(walk(roots, tuple(include), tuple(exclude))):
             readable = [(path, text) for path, text in group if isinstance(text, str)]
@@ -130,7 +144,7 @@ class Producer:
         with tempfile.TemporaryFile("w+", encoding="utf-8", dir=tmp) as spool:
             validate_records(values, spool, label)
             job = _LazyJob(self.ledger, collection, kind, [label])
-            sub = Submission("", collection)
+            sub = Submission("", collection, remote=self.remote)
             batch = _Batch()
             derived: set[str] = set()
             for record in spooled(spool):
@@ -159,38 +173,28 @@ class Producer:
     def _add(
         self, sub: Submission, batch: _Batch, source: str, chunks: list[Chunk], metadata: Any, make_id: Any
     ) -> None:
-        existing = self.ledger.by_source(sub.collection, source)
-        for chunk in chunks:
-            id_ = make_id(chunk)
-            batch.linked.append(id_)
-            sub.chunks += 1
-            old = existing.get(chunk.ordinal)
-            if old and old[0] == id_ and old[1] == chunk.hash and old[2] != DELETING:
-                sub.unchanged += 1
-                if old[2] in (PENDING, EMBEDDED):
-                    batch.to_index.append(id_)
-                continue
-            if old and old[2] != DELETING:
-                sub.changed += 1
-            else:
-                sub.new += 1
-            reused = self.ledger.reusable_embedding(sub.collection, chunk.hash, self.config.model)
-            batch.rows.append({
-                "id": id_, "source": source, "ordinal": chunk.ordinal, "text": chunk.text,
-                "metadata": _json(metadata(chunk)), "hash": chunk.hash,
-                "state": EMBEDDED if reused else PENDING, "embedding": reused,
-                "model": self.config.model if reused else None,
-            })  # fmt: skip
-            batch.to_index.append(id_)
-        gone = [
-            old[0]
-            for ordinal, old in existing.items()
-            if ordinal >= len(chunks) and old[2] in (COMMITTED, PENDING, EMBEDDED, FAILED)
+        records = [
+            {"id": make_id(c), "ordinal": c.ordinal, "text": c.text, "metadata": metadata(c), "hash": c.hash}
+            for c in chunks
         ]
-        batch.stale.extend(gone)
-        sub.stale += len(gone)
+        sub.chunks += len(records)
+        batch.linked.extend(r["id"] for r in records)
+        if self.ledger is None:
+            batch.files.append({"source": source, "total": len(records), "chunks": records})
+            return
+        plan = self.ledger.plan_source(sub.collection, source, records, self.config.model)
+        batch.rows.extend(plan.rows)
+        batch.to_index.extend(plan.to_index)
+        batch.stale.extend(plan.stale)
+        sub.new += plan.new
+        sub.changed += plan.changed
+        sub.unchanged += plan.unchanged
+        sub.stale += len(plan.stale)
 
-    def _flush(self, job: _LazyJob, sub: Submission, batch: _Batch) -> None:
+    def _flush(self, job: _LazyJob, sub: Submission, batch: _Batch, final: bool = False) -> None:
+        if self.ledger is None:
+            self._hand_over(job, sub, batch, final)
+            return
         if not len(batch):
             return
         sub.job = job.id()
@@ -202,11 +206,45 @@ class Producer:
         for start in range(0, len(batch.stale), step):
             self.huey.tasks.delete_chunks(sub.collection, batch.stale[start : start + step])
 
+    def _hand_over(self, job: _LazyJob, sub: Submission, batch: _Batch, final: bool) -> None:
+        """Store a part in the intake, then enqueue its ingest: the part is safe before the task exists."""
+        if not batch.files and not final:
+            return
+        if final and not sub.chunks:
+            return  # an empty corpus: nothing was sent, _finish raises
+        sub.job = job.id()
+        part: dict[str, Any] = {
+            "job": sub.job, "collection": sub.collection, "kind": job.kind, "sources": job.sources,
+            "created": job.created, "host": os.uname().nodename, "files": batch.files, "final": final,
+        }  # fmt: skip
+        if final:
+            part["parts"] = job.parts + 1
+            part["skipped"] = [s.as_dict() for s in sub.skipped]
+        key = part_key(sub.job, job.parts)
+        assert self.intake is not None
+        try:
+            self.intake.put(key, part)
+            self.huey.tasks.ingest(key)
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise UnreachableError(
+                    f"cannot reach the queue at {self.config.queue_url}: {exc}".splitlines()[0],
+                    hint=f"job {sub.job} is incomplete: submit the same paths again once the queue is back",
+                ) from exc
+            raise
+        job.parts += 1
+
     def _finish(self, job: _LazyJob, sub: Submission, batch: _Batch, empty: str) -> Submission:
-        self._flush(job, sub, batch)
+        self._flush(job, sub, batch, final=True)
         if not sub.chunks and not sub.stale:
             reasons = _reason_counts(sub.skipped)
             raise EmptyCorpusError(empty + (f" ({reasons} skipped)" if reasons else ""))
+        if self.ledger is None:
+            logger.info(
+                "job %s: %d chunks for %s handed to the writer in %d parts (%d files skipped)",
+                sub.job, sub.chunks, sub.collection, job.parts, len(sub.skipped),
+            )  # fmt: skip
+            return sub
         counts = {k: getattr(sub, k) for k in ("new", "changed", "unchanged", "stale")}
         self.ledger.finish_submission(sub.job, {"total": sub.chunks, **counts}, [s.as_dict() for s in sub.skipped])
         logger.info(
@@ -219,15 +257,27 @@ class Producer:
 class _LazyJob:
     """The job row is created with the first flush: an empty corpus leaves no job behind."""
 
-    def __init__(self, ledger: Ledger, collection: str, kind: str, sources: list[str]) -> None:
+    def __init__(self, ledger: Ledger | None, collection: str, kind: str, sources: list[str]) -> None:
         self._args = (collection, kind, sources)
+        self.kind, self.sources = kind, sources
         self._ledger = ledger
         self._id: str | None = None
+        self.created = time.time()
+        self.parts = 0  # intake parts handed over so far
 
     def id(self) -> str:
         if self._id is None:
-            self._id = self._ledger.create_job(*self._args)
+            self._id = self._ledger.create_job(*self._args) if self._ledger else new_job_id()
         return self._id
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return False
+    return isinstance(exc, RedisConnectionError | RedisTimeoutError)
 
 
 def _file_chunk(source: str, chunk: Chunk) -> dict[str, Any]:
@@ -251,7 +301,3 @@ def _reason_counts(skipped: list[Skipped]) -> str:
         key = s.reason.split(":")[0].split(" (")[0]
         counts[key] = counts.get(key, 0) + 1
     return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-
-
-def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, sort_keys=True)

@@ -2,35 +2,75 @@
 
 Collections are created without an embedding function (indexq computes every vector,
 and Chroma's default function would download a model) and with cosine distance.
+The client is a PersistentClient on the writer's own directory, or an HttpClient on
+a Chroma server (``chroma run``) when ``chroma_url`` is set.
 """
 
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.errors import UnreachableError
 from pipeline.ledger import Row
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 logger = logging.getLogger(__name__)
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None, url: str | None = None) -> None:
         import chromadb
         from chromadb.api.client import SharedSystemClient
 
         # Chroma keeps one client per path per process; after a restore swapped the
         # directory, that cached client would still write to the old (moved) files.
         SharedSystemClient.clear_system_cache()
+        settings = chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
         self.path = path
-        self.client = chromadb.PersistentClient(
-            path=str(path), settings=chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
-        )
+        self.url = url
+        if url:
+            parts = urllib.parse.urlsplit(url)
+            try:
+                self.client = chromadb.HttpClient(
+                    host=parts.hostname or "localhost", port=parts.port or 8000, ssl=parts.scheme == "https",
+                    settings=settings,
+                )  # fmt: skip
+                self.client.heartbeat()
+            except Exception as exc:
+                raise UnreachableError(
+                    f"cannot reach the Chroma server at {url}: {exc}".splitlines()[0],
+                    hint="start it (`chroma run --path DIR --port PORT`) or check INDEXQ_CHROMA_URL",
+                ) from exc
+        else:
+            assert path is not None
+            self.client = chromadb.PersistentClient(path=str(path), settings=settings)
         self._collections: dict[str, Any] = {}
+
+    @classmethod
+    def open(cls, config: Config) -> Store:
+        return cls(url=config.chroma_url) if config.chroma_url else cls(path=config.chroma_dir)
+
+    @property
+    def where(self) -> str:
+        return self.url or str(self.path)
+
+    def drop(self, collection: str) -> None:
+        """Delete a collection (server rebuilds); a missing one is fine."""
+        from chromadb.errors import NotFoundError as ChromaNotFound
+
+        self._collections.pop(collection, None)
+        try:
+            self.client.delete_collection(collection)
+        except (ChromaNotFound, ValueError):
+            pass
 
     def close(self) -> None:
         """Stop this process's Chroma system now, while the caller still holds the commit lock.

@@ -18,9 +18,10 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
-from pipeline.errors import StoreError
+from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
+from pipeline.intake import Intake
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
 from pipeline.locks import CommitLock
 from pipeline.store import Store
@@ -43,10 +44,12 @@ _REFUSALS = _refusal_types()
 
 def open_store(config: Config) -> Store:
     try:
-        return Store(config.chroma_dir)
+        return Store.open(config)
+    except UnreachableError:
+        raise
     except Exception as exc:  # Chroma refusing its own directory is damage, said plainly
         raise StoreError(
-            f"cannot open Chroma at {config.chroma_dir}: {exc}".splitlines()[0],
+            f"cannot open Chroma at {config.chroma_url or config.chroma_dir}: {exc}".splitlines()[0],
             hint="run `indexq check` and `indexq recover`",
         ) from exc
 
@@ -91,6 +94,36 @@ class Writer:
                 break
             committed += self._commit_or_refuse(collection, group)
         return committed
+
+    def ingest(self, intake: Intake, key: str) -> tuple[str, list[str], list[str]] | None:
+        """Record an intake part in the ledger, then drop it from the intake: (collection, to index, stale).
+
+        None when there is nothing to do: the part was ingested already, or it was
+        refused (not signed with this queue's key), which is logged and raised as an alert.
+        """
+        try:
+            part = intake.read(key)
+        except ForgedPayloadError as exc:
+            from ops import alerts
+
+            logger.error("refused intake part %s: %s; it was dropped, nothing was recorded", key, exc)
+            alerts.raise_alert(self.config, self.ledger, f"refused intake part {key}: {exc}")
+            intake.remove(key)
+            return None
+        if part is None:
+            return None
+        work = self.ledger.ingest(key, part, self.config.model)
+        # Only now: a kill before this line leaves the part in the intake, to be ingested again.
+        intake.remove(key)
+        if work is None:
+            logger.info("intake part %s was already recorded", key)
+            return None
+        to_index, stale = work
+        logger.info(
+            "job %s: recorded part %s from %s (%d chunks to index, %d stale)",
+            part["job"], key.rsplit(".", 1)[-1], part.get("host", "?"), len(to_index), len(stale),
+        )  # fmt: skip
+        return part["collection"], to_index, stale
 
     def _commit_or_refuse(self, collection: str, group: Sequence[Row]) -> int:
         """Commit a group; if Chroma refuses it, commit its rows one by one and fail the refused ones.

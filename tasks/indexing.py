@@ -1,4 +1,4 @@
-"""The writer's tasks: index chunks, delete stale chunks, requeue what was lost."""
+"""The writer's tasks: ingest parts from remote producers, index chunks, delete stale chunks, requeue what was lost."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ RETRY_DELAY = 5
 class Tasks:
     index_chunks: Any
     delete_chunks: Any
+    ingest: Any
     requeue_lost: Any
 
 
@@ -35,6 +36,21 @@ def register(huey: WriterHuey) -> Tasks:
     def delete_chunks(collection: str, ids: list[str]) -> int:
         return huey.running_writer().delete(collection, ids)
 
+    @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
+    def ingest(key: str) -> int:
+        # Record a remote producer's part in the ledger, then index it like a local
+        # submission: the same micro-batched tasks, the same requeue if they are lost.
+        work = huey.running_writer().ingest(huey.intake, key)
+        if work is None:
+            return 0
+        collection, to_index, stale = work
+        step = huey.config.micro_batch
+        for start in range(0, len(to_index), step):
+            index_chunks(collection, to_index[start : start + step])
+        for start in range(0, len(stale), step):
+            delete_chunks(collection, stale[start : start + step])
+        return len(to_index)
+
     @huey.periodic_task(crontab(minute="*/5"))
     def requeue_lost() -> int:
         # Only an empty queue with outstanding rows means work was lost: requeueing
@@ -43,4 +59,4 @@ def register(huey: WriterHuey) -> Tasks:
             return 0
         return huey.requeue()
 
-    return Tasks(index_chunks, delete_chunks, requeue_lost)
+    return Tasks(index_chunks, delete_chunks, ingest, requeue_lost)

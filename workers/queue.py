@@ -4,6 +4,10 @@
 started by ``indexq worker`` or by ``huey_consumer workers.writer.huey``: it takes
 the data home's writer lock (a second writer is refused before it touches Chroma),
 loads the model, opens Chroma, and requeues every chunk the ledger still owes.
+
+The queue is Huey's SQLite storage in the data home, or its Redis storage when
+``queue_url`` names a Redis server shared by producers on many machines. Messages
+are signed JSON either way (``workers.serializer``), never pickle.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import signal
 import sys
 from typing import Any
 
-from huey import SqliteHuey
+from huey import Huey
 from huey.consumer import Consumer
-from huey.serializer import SignedSerializer
+from huey.storage import SqliteStorage
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, IndexqError
+from pipeline.errors import ConfigError, IndexqError, UnreachableError
+from pipeline.intake import Intake
 from pipeline.locks import WriterLock
 from pipeline.writer import Writer
 from tasks.indexing import Tasks, register
+from workers.serializer import JsonSerializer
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +37,21 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def queue_secret(config: Config) -> str:
-    """The key that signs queue payloads: INDEXQ_SECRET, else a per-home key file."""
-    if secret := os.environ.get("INDEXQ_SECRET"):
+    """The key that signs queue payloads: INDEXQ_SECRET, else the data home's key file.
+
+    A local queue creates its key file on first use. A shared queue needs the same key
+    on every machine, so it is never invented: INDEXQ_SECRET, or a copied queue.key.
+    """
+    if secret := os.environ.get("INDEXQ_SECRET", "").strip():
         return secret
     path = config.secret_path
+    if config.remote_producers and not path.exists():
+        raise ConfigError(
+            f"a shared queue ({config.queue_url}) needs the same signing key on every machine:"
+            " INDEXQ_SECRET is not set and there is no queue.key in the data home",
+            hint="set INDEXQ_SECRET to one long random value (e.g. `openssl rand -hex 32`) for every"
+            " producer, writer and maintenance process",
+        )
     if not path.exists():
         # Written whole under a private name, then published with link(): a process
         # racing us sees no key or a complete key, never an empty file.
@@ -67,20 +84,47 @@ class WriterConsumer(Consumer):
             self._signal_actions[signum] = (False, True)
 
 
-class WriterHuey(SqliteHuey):
+def _storage(config: Config) -> tuple[type, dict[str, Any]]:
+    if config.queue_engine == "redis":
+        from huey.storage import RedisStorage
+
+        # blocking pop: an idle writer waits on Redis instead of polling it.
+        return RedisStorage, {"url": config.queue_url, "blocking": True, "read_timeout": 1}
+    config.queue_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return SqliteStorage, {"filename": str(config.queue_path)}
+
+
+class WriterHuey(Huey):
     def __init__(self, config: Config) -> None:
         config.ensure_home()
         self.config = config
         self.writer: Writer | None = None
         self._lock = WriterLock(config.writer_lock_path)
+        secret = queue_secret(config)
+        storage_class, storage_kwargs = _storage(config)
         super().__init__(
             name="indexq-writer",
-            filename=str(config.queue_path),
             results=False,
-            serializer=SignedSerializer(secret=queue_secret(config), salt="indexq-writer"),
+            serializer=JsonSerializer(secret, salt="indexq-writer"),
+            storage_class=storage_class,
+            **storage_kwargs,
         )
-        os.chmod(config.queue_path, 0o600)
+        if config.queue_engine == "sqlite":
+            os.chmod(config.queue_path, 0o600)
+        self.intake = Intake(self.storage, secret)
         self.tasks: Tasks = register(self)
+
+    def ping(self) -> None:
+        """Raise UnreachableError unless the queue answers."""
+        try:
+            self.storage.queue_size()
+        except Exception as exc:
+            if self.config.queue_engine != "redis":
+                raise
+            raise UnreachableError(
+                f"cannot reach the queue at {self.config.queue_url}: {exc}".splitlines()[0],
+                hint="start the Redis server, or check INDEXQ_QUEUE_URL",
+            ) from exc
 
     def running_writer(self) -> Writer:
         if self.writer is None:
@@ -96,15 +140,18 @@ class WriterHuey(SqliteHuey):
                 f"the writer runs exactly one thread worker, got workers={workers} worker_type={worker_type!r}",
                 hint="run: huey_consumer workers.writer.huey -w 1 -k thread",
             )
+        self.ping()
         self._lock.acquire()
         try:
             log_to_home(self.config, "writer.log")
             consumer = WriterConsumer(self, **options)
             self.writer = Writer(self.config, stop=consumer.stop_flag)
-            # The ledger is the truth: drop whatever the queue holds and requeue from it,
-            # so a restart neither loses a task that died with the last writer nor
-            # carries duplicates.
-            self.flush()
+            # The ledger (and the intake) are the truth: drop the queued tasks and requeue
+            # from them, so a restart neither loses a task that died with the last writer
+            # nor carries duplicates. Only the queue and schedule: Huey's flush() would
+            # also empty the key-value store, which holds the intake.
+            self.storage.flush_queue()
+            self.storage.flush_schedule()
             queued = self.requeue()
             logger.info(
                 "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
@@ -128,11 +175,14 @@ class WriterHuey(SqliteHuey):
         self._lock.release()
 
     def requeue(self) -> int:
-        """Enqueue a task for every outstanding ledger row; returns the task count."""
+        """Enqueue a task for every intake part not yet ingested and every outstanding ledger row."""
         from pipeline.ledger import Ledger
 
-        ledger = self.writer.ledger if self.writer else Ledger(self.config.ledger_path)
         count = 0
+        for key in self.intake.keys():
+            self.tasks.ingest(key)
+            count += 1
+        ledger = self.writer.ledger if self.writer else Ledger(self.config.ledger_path)
         for collection, kind, ids in ledger.outstanding(self.config.micro_batch):
             task = self.tasks.delete_chunks if kind == "delete" else self.tasks.index_chunks
             task(collection, ids)
@@ -154,6 +204,8 @@ def log_to_home(config: Config, name: str) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
+    # The Chroma HttpClient's transport logs every request at INFO.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in root.handlers):

@@ -1,0 +1,90 @@
+"""The intake: chunks from producers on other machines, held in the queue until the writer has them.
+
+With a shared (Redis) queue, producers cannot write the writer's ledger. A producer
+instead stores each part of its submission, signed JSON, in the queue's key-value
+store (``indexq.intake.JOB.PART``) and then enqueues an ``ingest`` task naming it.
+The enqueue call returns only after the part is stored: that is the acknowledgement.
+
+The writer reads a part, records its chunks in the ledger together with the part's
+key (one transaction; the ledger-side "received" state), and only then deletes the
+part. Huey pops tasks destructively, so an ingest task can die with the writer; the
+part then stays in the intake, and the writer's start-up and periodic requeue enqueue
+an ingest for every part still there. Ingesting a part twice is harmless: the ledger
+already knows its key.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from huey.constants import EmptyData
+
+from pipeline.errors import ForgedPayloadError
+from pipeline.signing import Signer
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "indexq.intake."
+FORMAT = 1
+
+
+def part_key(job: str, number: int) -> str:
+    # Job ids start with their creation time: keys sort in submission order.
+    return f"{PREFIX}{job}.{number:06d}"
+
+
+class Intake:
+    """Parts in the queue's key-value store (Redis hash or SQLite kv table)."""
+
+    def __init__(self, storage: Any, secret: str) -> None:
+        self.storage = storage
+        self.signer = Signer(secret, "indexq-intake")
+
+    def put(self, key: str, part: dict[str, Any]) -> None:
+        self.storage.put_data(key, self.signer.dumps({"format": FORMAT, **part}))
+
+    def read(self, key: str) -> dict[str, Any] | None:
+        """The part, None once ingested; raises ForgedPayloadError for one this key did not sign."""
+        raw = self.storage.peek_data(key)
+        if raw is EmptyData:
+            return None
+        part = self.signer.loads(raw)
+        if not isinstance(part, dict) or part.get("format") != FORMAT or not _well_formed(part):
+            raise ForgedPayloadError(f"intake part {key} is signed but not a well-formed part")
+        return part
+
+    def remove(self, key: str) -> None:
+        self.storage.delete_data(key)
+
+    def keys(self) -> list[str]:
+        """Keys of every part not yet ingested, oldest first."""
+        conn = getattr(self.storage, "conn", None)
+        result_key = getattr(self.storage, "result_key", None)
+        if conn is not None and isinstance(result_key, str) and hasattr(conn, "hkeys"):
+            names = [k.decode() if isinstance(k, bytes) else k for k in conn.hkeys(result_key)]
+        else:
+            names = list(self.storage.result_items())
+        return sorted(k for k in names if k.startswith(PREFIX))
+
+
+def _well_formed(part: dict[str, Any]) -> bool:
+    try:
+        if not all(isinstance(part[k], str) for k in ("job", "collection", "kind")):
+            return False
+        if not isinstance(part["final"], bool) or not isinstance(part["files"], list):
+            return False
+        for entry in part["files"]:
+            # A part holds whole sources: chunks past the end of one are stale.
+            if not isinstance(entry["source"], str) or entry["total"] != len(entry["chunks"]):
+                return False
+            for chunk in entry["chunks"]:
+                if not (
+                    isinstance(chunk["id"], str) and isinstance(chunk["ordinal"], int)
+                    and isinstance(chunk["text"], str) and isinstance(chunk["hash"], str)
+                    and isinstance(chunk["metadata"], dict)
+                ):  # fmt: skip
+                    return False
+    except (KeyError, TypeError):
+        return False
+    return True

@@ -1,0 +1,111 @@
+"""Real servers for the scale-out tests: redis-server and `chroma run` on loopback ports.
+
+Each is started on a free port in tmp_path and stopped (its whole process group) when
+the test module ends, so no test leaves a server running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self.handle = log.open("ab")
+        self.popen = subprocess.Popen(
+            argv, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+
+    def wait_until(self, ready: object, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not ready():  # type: ignore[operator]
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{what} exited {self.popen.returncode}:\n{self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not start:\n{self.log.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=20)
+        self.handle.close()
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed: `bash ops/test` installs it (Debian package redis-server)")
+    work = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    # appendfsync always: an acknowledged enqueue survives a crash of Redis itself,
+    # the setting the README asks of a production queue.
+    server = Server(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
+         "--appendonly", "yes", "--appendfsync", "always"],
+        work / "redis.log",
+    )  # fmt: skip
+
+    def ready() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    try:
+        server.wait_until(ready, "redis-server")
+        yield f"redis://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    work = tmp_path_factory.mktemp("chroma-server")
+    port = free_port()
+    env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
+    server = Server(
+        [str(BIN / "chroma"), "run", "--path", str(work / "data"), "--host", "127.0.0.1", "--port", str(port)],
+        work / "chroma.log",
+        env,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    try:
+        server.wait_until(ready, "chroma run")
+        yield url
+    finally:
+        server.stop()

@@ -1,0 +1,268 @@
+"""Scale-out on real engines: a real redis-server queue and a real `chroma run` server.
+
+Producers run as separate processes with their own (empty) data homes, as they would
+on other machines: they share only the Redis URL and the signing key with the writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import BIN, Proc, copy_corpus, env_for, ledger_query, run_cli, start_worker, wait_for
+from tests.servers import chroma_url, redis_url  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "test-secret-" + "0" * 32
+# Three producers, three corpora (~270 chunks together): ~10 s of embedding here.
+CORPORA = [
+    ["json/__init__.py", "json/decoder.py", "json/encoder.py", "json/scanner.py", "json/tool.py"],
+    ["textwrap.py", "shlex.py", "fnmatch.py"],
+    ["heapq.py", "glob.py", "bisect.py", "colorsys.py"],
+]
+
+
+def engines(redis: str, db: int, chroma: str | None = None, **extra: str) -> dict[str, str]:
+    env = {"INDEXQ_QUEUE_URL": f"{redis}/{db}", "INDEXQ_SECRET": SECRET, **extra}
+    if chroma:
+        env["INDEXQ_CHROMA_URL"] = chroma
+    return env
+
+
+def server_dump(url: str, collection: str) -> dict[str, dict[str, Any]]:
+    from pipeline.store import Store
+
+    store = Store(url=url)
+    try:
+        return store.dump(collection)
+    finally:
+        store.close()
+
+
+def assert_server_equals_ledger(url: str, home: Path, collection: str) -> int:
+    """The promise: the collection on the server is the ledger's committed set, field by field."""
+    rows = ledger_query(
+        home, "SELECT id, text, metadata, embedding FROM chunks WHERE collection=? AND state='committed'", collection
+    )
+    records = server_dump(url, collection)
+    assert sorted(records) == sorted(r[0] for r in rows)
+    for id_, text, metadata, embedding in rows:
+        assert records[id_]["document"] == text
+        assert records[id_]["metadata"] == json.loads(metadata)
+        np.testing.assert_allclose(records[id_]["embedding"], np.frombuffer(embedding, dtype=np.float32), atol=1e-6)
+    return len(rows)
+
+
+def committed(home: Path, collection: str) -> int:
+    if not (home / "ledger.db").exists():
+        return 0
+    return int(ledger_query(home, "SELECT count(*) FROM chunks WHERE collection=? AND state='committed'", collection)[0][0])
+
+
+def test_producers_on_many_machines_writer_killed_server_equals_ledger(
+    tmp_path: Path, procs: list[Proc], redis_url: str, chroma_url: str  # noqa: F811
+) -> None:
+    collection = "scaleout"
+    extra = engines(redis_url, 1, chroma_url, INDEXQ_MICRO_BATCH="16")
+    writer_home = tmp_path / "writer"
+    writer = start_worker(procs, writer_home, **extra)
+    writer.wait_started()
+
+    # Three producers at once, each with its own data home, as on three machines.
+    producers = []
+    for n, files in enumerate(CORPORA):
+        corpus = copy_corpus(tmp_path / f"corpus-{n}", files)
+        home = tmp_path / f"producer-{n}"
+        producers.append((home, subprocess.Popen(
+            [str(BIN / "indexq"), "index", str(corpus), "--collection", collection, "--json"],
+            env=env_for(home, **extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )))  # fmt: skip
+    acknowledged = {}
+    for home, popen in producers:
+        out, err = popen.communicate(timeout=300)
+        assert popen.returncode == 0, err
+        sub = json.loads(out)
+        assert sub["remote"] is True
+        acknowledged[sub["job"]] = sub["chunks"]
+        # A remote producer never opens a ledger: the writer's is the only one.
+        assert not (home / "ledger.db").exists()
+    total = sum(acknowledged.values())
+    assert total > 200
+
+    # kill -9 the writer twice while it works, restart it each time.
+    kills = 0
+    for threshold in (30, 120):
+        wait_for(lambda t=threshold: committed(writer_home, collection) >= t, 300, f"{threshold} commits")
+        assert committed(writer_home, collection) < total, "the job finished before the kill"
+        writer.kill9()
+        kills += 1
+        writer = start_worker(procs, writer_home, **extra)
+        writer.wait_started()
+
+    def all_done() -> bool:
+        result = run_cli(writer_home, "status", "--json", **extra)
+        jobs = {j["id"]: j for j in json.loads(result.stdout)["jobs"]}
+        return all(job in jobs and jobs[job]["state"] == "done" for job in acknowledged)
+
+    wait_for(all_done, 600, "every job done")
+    # Every acknowledged chunk once: the ledger's jobs hold exactly what producers sent,
+    # and the collection on the server equals the ledger's committed set.
+    rows = ledger_query(writer_home, "SELECT job, count(*) FROM job_chunks GROUP BY job")
+    assert dict(rows) == acknowledged
+    assert assert_server_equals_ledger(chroma_url, writer_home, collection) == total
+    (wasted,) = ledger_query(writer_home, "SELECT count(*) FROM chunks WHERE embeds > 1")[0]
+    assert wasted <= kills * 16
+
+    status = json.loads(run_cli(writer_home, "status", "--json", **extra).stdout)
+    assert status["engines"]["queue"] == "redis"
+    assert status["engines"]["chroma"] == "server"
+    assert status["engines"]["chroma_at"] == chroma_url
+    assert status["intake_parts"] == 0
+    text = run_cli(writer_home, "status", **extra).stdout
+    assert f"chroma:      server {chroma_url}" in text
+    assert writer.terminate() == 0
+
+
+class _Payload:
+    """What an attacker who can write to Redis would push: a pickle that runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_forged_payloads_are_refused_and_logged_not_executed(
+    tmp_path: Path, procs: list[Proc], redis_url: str  # noqa: F811
+) -> None:
+    import redis
+
+    extra = engines(redis_url, 2, INDEXQ_MODEL="hash:384")
+    writer_home = tmp_path / "writer"
+    writer = start_worker(procs, writer_home, **extra)
+    writer.wait_started()
+    conn = redis.Redis.from_url(f"{redis_url}/2")
+    marker = tmp_path / "owned"
+    queue_key = "huey.redis.indexqwriter"
+    # 1. A pickle, as Huey's default serializer would have run it.
+    conn.lpush(queue_key, pickle.dumps(_Payload(marker)))
+    # 2. Our own format, a well-formed task message, signed with the wrong key.
+    from huey.registry import Message
+
+    from workers.serializer import JsonSerializer
+
+    forged = JsonSerializer("not-the-key", salt="indexq-writer").serialize(
+        Message("f1", "tasks.indexing.index_chunks", None, 0, 0, None, ("scaleout", ["x"]), {}, None, None, None)
+    )
+    conn.lpush(queue_key, forged)
+    # 3. An intake part written straight into Redis, unsigned; `resume` enqueues its ingest.
+    conn.hset("huey.results.indexqwriter", "indexq.intake.20990101-000000-bad.000000", b'{"job": "bad"}')
+    assert run_cli(writer_home, "resume", **extra).returncode == 0
+
+    log = lambda: writer.output()  # noqa: E731
+    wait_for(lambda: log().count("refused a queue payload") >= 2 and "refused intake part" in log(), 60, "refusals")
+    assert not marker.exists()
+    assert ledger_query(writer_home, "SELECT count(*) FROM chunks")[0][0] == 0
+    alerts = (writer_home / "logs" / "alerts.log").read_text()
+    assert "refused intake part indexq.intake.20990101-000000-bad.000000" in alerts
+
+    # The writer goes on working: a real submission from a producer completes.
+    corpus = copy_corpus(tmp_path / "corpus", CORPORA[1])
+    result = run_cli(tmp_path / "producer", "index", str(corpus), "--collection", "after-forgery", "--json", **extra)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    wait_for(lambda: committed(writer_home, "after-forgery") == job["chunks"], 120, "the job after the forgeries")
+    assert not marker.exists()
+    assert writer.terminate() == 0
+
+
+def test_shared_queue_without_a_shared_key_is_refused(tmp_path: Path, redis_url: str) -> None:  # noqa: F811
+    result = run_cli(tmp_path / "p", "index", str(tmp_path), "--collection", "abc", INDEXQ_QUEUE_URL=f"{redis_url}/3")
+    assert result.returncode == 2
+    assert result.stderr.startswith("Error: a shared queue (redis://127.0.0.1:")
+    assert "INDEXQ_SECRET is not set" in result.stderr
+
+
+def test_unreachable_servers_exit_5_and_change_nothing(tmp_path: Path) -> None:
+    from tests.servers import free_port
+
+    closed = free_port()
+    corpus = copy_corpus(tmp_path / "corpus", CORPORA[1])
+    result = run_cli(
+        tmp_path / "p", "index", str(corpus), "--collection", "abc",
+        **engines(f"redis://127.0.0.1:{closed}", 0),
+    )  # fmt: skip
+    assert result.returncode == 5, result.stderr
+    assert result.stderr.startswith(f"Error: cannot reach the queue at redis://127.0.0.1:{closed}/0")
+    assert not (tmp_path / "p" / "ledger.db").exists()
+    missing = run_cli(tmp_path / "p", "check")
+    assert (missing.returncode, missing.stderr.splitlines()[0]) == (1, f"Error: no indexq data home at {tmp_path / 'p'}")
+    assert run_cli(tmp_path / "w", "status").returncode == 0  # a data home with its ledger
+    result = run_cli(tmp_path / "w", "check", INDEXQ_CHROMA_URL=f"http://127.0.0.1:{closed}")
+    assert result.returncode == 5
+    assert f"Error: cannot reach the Chroma server at http://127.0.0.1:{closed}" in result.stderr
+    assert "Hint: the check was not made" in result.stderr
+
+
+def test_logical_backup_check_and_rebuild_on_a_chroma_server(
+    tmp_path: Path, procs: list[Proc], chroma_url: str  # noqa: F811
+) -> None:
+    import chromadb
+
+    collection = "server-recovery"
+    extra = {"INDEXQ_CHROMA_URL": chroma_url, "INDEXQ_MODEL": "hash:384"}
+    home = tmp_path / "writer"
+    writer = start_worker(procs, home, **extra)
+    writer.wait_started()
+    corpus = copy_corpus(tmp_path / "corpus", CORPORA[0] + CORPORA[1])
+    result = run_cli(home, "index", str(corpus), "--collection", collection, "--wait", **extra)
+    assert result.returncode == 0, result.stderr
+    total = assert_server_equals_ledger(chroma_url, home, collection)
+
+    backup = run_cli(home, "backup", "--json", **extra)
+    assert backup.returncode == 0, backup.stderr
+    info = json.loads(backup.stdout)
+    assert (info["kind"], info["verified"], info["collections"]) == ("logical", True, {collection: total})
+    assert sorted(p.name for p in Path(info["path"]).iterdir()) == ["ledger.db", "manifest.json", "verification.json"]
+
+    # Damage on the server: records gone, one vector altered, one record nobody wrote.
+    host, port = chroma_url.rsplit(":", 1)
+    client = chromadb.HttpClient(host=host.split("//")[1], port=int(port))
+    col = client.get_collection(collection)
+    ids = sorted(col.get(include=[])["ids"])
+    col.delete(ids=ids[:3])
+    col.upsert(ids=[ids[3]], embeddings=[np.ones(384).tolist()], documents=["altered"])
+    col.upsert(ids=["intruder"], embeddings=[np.ones(384).tolist()], documents=["not ours"])
+
+    found = run_cli(home, "check", "--deep", **extra)
+    assert found.returncode == 1
+    assert "3 committed chunks missing" in found.stdout
+    assert "1 chunks the ledger does not know" in found.stdout
+    assert "1 chunks differ from the ledger" in found.stdout
+
+    # The writer keeps running: recovery pauses it through the commit lock.
+    fixed = run_cli(home, "recover", "--json", **extra)
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["action"] == "rebuild"
+    assert assert_server_equals_ledger(chroma_url, home, collection) == total
+    assert run_cli(home, "check", "--deep", **extra).returncode == 0
+
+    # A restore from the logical backup: the backup's ledger, then what was committed since.
+    more = copy_corpus(tmp_path / "more", CORPORA[2])
+    assert run_cli(home, "index", str(more), "--collection", collection, "--wait", **extra).returncode == 0
+    client.delete_collection(collection)
+    restored = run_cli(home, "recover", "--from", info["name"], "--json", **extra)
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["action"] == "restore"
+    assert assert_server_equals_ledger(chroma_url, home, collection) > total
+    assert writer.terminate() == 0
