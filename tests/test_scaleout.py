@@ -10,7 +10,6 @@ import json
 import os
 import pickle
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +64,15 @@ def assert_server_equals_ledger(url: str, home: Path, collection: str) -> int:
 def committed(home: Path, collection: str) -> int:
     if not (home / "ledger.db").exists():
         return 0
-    return int(ledger_query(home, "SELECT count(*) FROM chunks WHERE collection=? AND state='committed'", collection)[0][0])
+    sql = "SELECT count(*) FROM chunks WHERE collection=? AND state='committed'"
+    return int(ledger_query(home, sql, collection)[0][0])
 
 
 def test_producers_on_many_machines_writer_killed_server_equals_ledger(
-    tmp_path: Path, procs: list[Proc], redis_url: str, chroma_url: str  # noqa: F811
+    tmp_path: Path,
+    procs: list[Proc],
+    redis_url: str,
+    chroma_url: str,  # noqa: F811
 ) -> None:
     collection = "scaleout"
     extra = engines(redis_url, 1, chroma_url, INDEXQ_MICRO_BATCH="16")
@@ -143,7 +146,9 @@ class _Payload:
 
 
 def test_forged_payloads_are_refused_and_logged_not_executed(
-    tmp_path: Path, procs: list[Proc], redis_url: str  # noqa: F811
+    tmp_path: Path,
+    procs: list[Proc],
+    redis_url: str,  # noqa: F811
 ) -> None:
     import redis
 
@@ -206,7 +211,8 @@ def test_unreachable_servers_exit_5_and_change_nothing(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"Error: cannot reach the queue at redis://127.0.0.1:{closed}/0")
     assert not (tmp_path / "p" / "ledger.db").exists()
     missing = run_cli(tmp_path / "p", "check")
-    assert (missing.returncode, missing.stderr.splitlines()[0]) == (1, f"Error: no indexq data home at {tmp_path / 'p'}")
+    assert missing.returncode == 1
+    assert missing.stderr.splitlines()[0] == f"Error: no indexq data home at {tmp_path / 'p'}"
     assert run_cli(tmp_path / "w", "status").returncode == 0  # a data home with its ledger
     result = run_cli(tmp_path / "w", "check", INDEXQ_CHROMA_URL=f"http://127.0.0.1:{closed}")
     assert result.returncode == 5
@@ -215,7 +221,9 @@ def test_unreachable_servers_exit_5_and_change_nothing(tmp_path: Path) -> None:
 
 
 def test_logical_backup_check_and_rebuild_on_a_chroma_server(
-    tmp_path: Path, procs: list[Proc], chroma_url: str  # noqa: F811
+    tmp_path: Path,
+    procs: list[Proc],
+    chroma_url: str,  # noqa: F811
 ) -> None:
     import chromadb
 
