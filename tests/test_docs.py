@@ -35,5 +35,11 @@ def test_every_environment_variable_is_documented() -> None:
 def test_exit_codes_table_matches_the_errors() -> None:
     from pipeline import errors
 
-    for cls in (errors.BadInputError, errors.WriterLockedError, errors.BusyError, errors.JobFailedError):
+    for cls in (
+        errors.BadInputError,
+        errors.WriterLockedError,
+        errors.BusyError,
+        errors.JobFailedError,
+        errors.UnreachableError,
+    ):
         assert re.search(rf"^\| {cls.exit_code} \|", README, re.M), cls

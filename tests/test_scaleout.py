@@ -71,7 +71,7 @@ def committed(home: Path, collection: str) -> int:
 def test_producers_on_many_machines_writer_killed_server_equals_ledger(
     tmp_path: Path,
     procs: list[Proc],
-    redis_url: str,
+    redis_url: str,  # noqa: F811
     chroma_url: str,  # noqa: F811
 ) -> None:
     collection = "scaleout"
@@ -174,7 +174,9 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     conn.hset("huey.results.indexqwriter", "indexq.intake.20990101-000000-bad.000000", b'{"job": "bad"}')
     assert run_cli(writer_home, "resume", **extra).returncode == 0
 
-    log = lambda: writer.output()  # noqa: E731
+    def log() -> str:
+        return writer.output()
+
     wait_for(lambda: log().count("refused a queue payload") >= 2 and "refused intake part" in log(), 60, "refusals")
     assert not marker.exists()
     assert ledger_query(writer_home, "SELECT count(*) FROM chunks")[0][0] == 0
@@ -189,6 +191,30 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     wait_for(lambda: committed(writer_home, "after-forgery") == job["chunks"], 120, "the job after the forgeries")
     assert not marker.exists()
     assert writer.terminate() == 0
+
+
+def test_a_second_writer_on_the_same_queue_is_refused_whatever_its_data_home(
+    tmp_path: Path,
+    procs: list[Proc],
+    redis_url: str,  # noqa: F811
+) -> None:
+    extra = engines(redis_url, 4, INDEXQ_MODEL="hash:384")
+    first = start_worker(procs, tmp_path / "machine-a", **extra)
+    first.wait_started()
+    # Another machine's writer (another data home, so the home's flock cannot see it).
+    second = start_worker(procs, tmp_path / "machine-b", **extra)
+    assert second.popen.wait(timeout=120) == 3
+    assert "Error: another writer serves this queue: pid" in second.output()
+    assert f"(data home {tmp_path / 'machine-a'})" in second.output()
+    # The same data home after a kill -9 takes its own lease over at once.
+    first.kill9()
+    again = start_worker(procs, tmp_path / "machine-a", **extra)
+    again.wait_started()
+    assert again.terminate() == 0
+    # A clean stop releases the lease: the other machine may now serve the queue.
+    other = start_worker(procs, tmp_path / "machine-b", **extra)
+    other.wait_started()
+    assert other.terminate() == 0
 
 
 def test_shared_queue_without_a_shared_key_is_refused(tmp_path: Path, redis_url: str) -> None:  # noqa: F811

@@ -12,13 +12,13 @@ import os
 from typing import Any
 
 from huey import SqliteHuey
-from huey.serializer import SignedSerializer
 
 from pipeline.config import Config
 from pipeline.errors import IndexqError
 from pipeline.locks import WriterLock
 from tasks.maintenance import register
 from workers.queue import WriterConsumer, exit_with, log_to_home, queue_secret
+from workers.serializer import JsonSerializer
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class MaintenanceHuey(SqliteHuey):
             name="indexq-maintenance",
             filename=str(config.maintenance_queue_path),
             results=False,
-            serializer=SignedSerializer(secret=queue_secret(config), salt="indexq-maintenance"),
+            serializer=JsonSerializer(queue_secret(config), salt="indexq-maintenance"),
         )
         os.chmod(config.maintenance_queue_path, 0o600)
         self.maintain = register(self)

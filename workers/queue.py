@@ -12,11 +12,15 @@ are signed JSON either way (``workers.serializer``), never pickle.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import signal
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
 from huey import Huey
@@ -24,7 +28,7 @@ from huey.consumer import Consumer
 from huey.storage import SqliteStorage
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, IndexqError, UnreachableError
+from pipeline.errors import ConfigError, IndexqError, UnreachableError, WriterLockedError
 from pipeline.intake import Intake
 from pipeline.locks import WriterLock
 from pipeline.writer import Writer
@@ -82,6 +86,11 @@ class WriterConsumer(Consumer):
         super().__init__(huey, **options)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._signal_actions[signum] = (False, True)
+        # Now, not when run() starts: a SIGTERM while the model loads or the queue is
+        # requeued then stops the consumer gracefully as soon as it runs, instead of
+        # killing the process with the default action.
+        if threading.current_thread() is threading.main_thread():
+            self._set_signal_handlers()
 
 
 def _storage(config: Config) -> tuple[type, dict[str, Any]]:
@@ -94,12 +103,66 @@ def _storage(config: Config) -> tuple[type, dict[str, Any]]:
     return SqliteStorage, {"filename": str(config.queue_path)}
 
 
+class QueueLease:
+    """With a shared queue, one writer per queue: a lease in Redis, renewed while the writer lives.
+
+    The data home's flock stops a second writer on the same machine and home; a writer
+    with another data home on another machine would drain the same queue into a second
+    ledger. The lease names its holder; a writer finding its own data home's lease takes
+    it over (it holds that home's flock, so the old holder is dead); any other waits
+    out the TTL of a dead holder or is refused (exit 3).
+    """
+
+    TTL = 30
+    _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
+    _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+
+    def __init__(self, conn: Any, key: str, holder: dict[str, Any]) -> None:
+        self.conn, self.key = conn, key
+        self.holder = holder
+        self.value = json.dumps(holder, sort_keys=True)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        if not self.conn.set(self.key, self.value, nx=True, ex=self.TTL):
+            raw = self.conn.get(self.key)
+            current = json.loads(raw) if raw else {}
+            if raw and (current.get("host"), current.get("home")) != (self.holder["host"], self.holder["home"]):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.get("since", 0)))
+                raise WriterLockedError(
+                    f"another writer serves this queue: pid {current.get('pid')} on {current.get('host')}"
+                    f" (data home {current.get('home')}) since {since}",
+                    hint=f"run one writer per queue; if it died, its lease ends within {self.TTL}s",
+                )
+            self.conn.set(self.key, self.value, ex=self.TTL)
+        self._thread = threading.Thread(target=self._renew, name="indexq-queue-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.TTL / 3):
+            try:
+                if not self.conn.eval(self._RENEW, 1, self.key, self.value, self.TTL):
+                    logger.critical("the writer's lease on the queue was lost: another writer may be running")
+                    self.conn.set(self.key, self.value, nx=True, ex=self.TTL)
+            except Exception:  # Redis away: the consumer backs off; keep trying
+                logger.warning("could not renew the writer's lease on the queue", exc_info=True)
+
+    def release(self) -> None:
+        self._stop.set()
+        try:
+            self.conn.eval(self._RELEASE, 1, self.key, self.value)
+        except Exception:
+            logger.warning("could not release the writer's lease on the queue; it ends within %ds", self.TTL)
+
+
 class WriterHuey(Huey):
     def __init__(self, config: Config) -> None:
         config.ensure_home()
         self.config = config
         self.writer: Writer | None = None
         self._lock = WriterLock(config.writer_lock_path)
+        self._lease: QueueLease | None = None
         secret = queue_secret(config)
         storage_class, storage_kwargs = _storage(config)
         super().__init__(
@@ -143,6 +206,13 @@ class WriterHuey(Huey):
         self.ping()
         self._lock.acquire()
         try:
+            if self.config.queue_engine == "redis":
+                self._lease = QueueLease(
+                    self.storage.conn, f"indexq.writer.{self.storage.name}",
+                    {"host": socket.gethostname(), "home": str(self.config.home), "pid": os.getpid(),
+                     "since": time.time()},
+                )  # fmt: skip
+                self._lease.acquire()
             log_to_home(self.config, "writer.log")
             consumer = WriterConsumer(self, **options)
             self.writer = Writer(self.config, stop=consumer.stop_flag)
@@ -157,9 +227,15 @@ class WriterHuey(Huey):
                 "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
             )
         except BaseException:
-            self._lock.release()
+            self._release()
             raise
         return consumer
+
+    def _release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+        self._lock.release()
 
     def create_consumer(self, **options: Any) -> WriterConsumer:
         # Entry point of `huey_consumer workers.writer.huey`.
@@ -172,7 +248,7 @@ class WriterHuey(Huey):
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-        self._lock.release()
+        self._release()
 
     def requeue(self) -> int:
         """Enqueue a task for every intake part not yet ingested and every outstanding ledger row."""

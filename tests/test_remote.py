@@ -1,0 +1,166 @@
+"""Units of the scale-out path without servers: signed JSON messages, intake parts, ledger ingest."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huey.registry import Message
+from huey.storage import SqliteStorage
+
+from pipeline.config import Config
+from pipeline.errors import ConfigError, ForgedPayloadError
+from pipeline.intake import Intake, part_key
+from pipeline.ledger import Ledger
+from workers.serializer import JsonSerializer
+
+
+def message(**changes: Any) -> Message:
+    base = Message("id-1", "tasks.indexing.index_chunks", None, 3, 5, None, ("docs", ["a", "b"]), {}, None, None, None)
+    return base._replace(**changes)
+
+
+def test_messages_round_trip_as_signed_json() -> None:
+    serializer = JsonSerializer("key", salt="indexq-writer")
+    eta = datetime.datetime(2026, 11, 26, 1, 2, 3, 456)
+    original = message(eta=eta, on_complete=message(id="id-2"))
+    data = serializer.serialize(original)
+    assert data.startswith(b"iq1:") and b"docs" in data
+    decoded = serializer.deserialize(data)
+    assert decoded.eta == eta
+    assert decoded.on_complete.id == "id-2"
+    assert list(decoded.args[1]) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        pickle.dumps(message()),  # Huey's own format
+        b"iq1:" + b"0" * 64 + b":" + json.dumps({"$message": {"id": "x"}}).encode(),  # wrong signature
+        JsonSerializer("another key", salt="indexq-writer").serialize(message()),
+        JsonSerializer("key", salt="indexq-maintenance").serialize(message()),  # another queue's key
+        b"",
+    ],
+)
+def test_payloads_not_signed_with_this_key_are_refused_and_logged(
+    forged: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    serializer = JsonSerializer("key", salt="indexq-writer")
+    with pytest.raises(ForgedPayloadError):
+        serializer.deserialize(forged)
+    assert "refused a queue payload" in caplog.text
+    assert "it was not executed" in caplog.text
+
+
+def test_signed_payload_that_is_not_a_message_is_refused() -> None:
+    serializer = JsonSerializer("key", salt="s")
+    with pytest.raises(ForgedPayloadError, match="not a task message"):
+        serializer.deserialize(serializer.signer.dumps({"name": "os.system"}))
+
+
+def test_arguments_that_cannot_travel_as_json_fail_at_enqueue() -> None:
+    with pytest.raises(TypeError, match="cannot travel as JSON"):
+        JsonSerializer("key", salt="s").serialize(message(args=(object(),)))
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://host:6379", "must be sqlite:///PATH or redis://HOST:PORT/DB"),
+        ("redis://:6379/0", "must name a host"),
+        ("redis://host:port/0", "bad port"),
+        ("redis://host:6379/zero", "must end with a database number"),
+        ("sqlite://", "must name a file"),
+    ],
+)
+def test_bad_queue_urls_name_the_setting(url: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error) as info:
+        Config.from_env({"INDEXQ_QUEUE_URL": url})
+    assert str(info.value).startswith("INDEXQ_QUEUE_URL ")
+
+
+@pytest.mark.parametrize("url", ["redis://host:6379/0", "chroma.local:8000", "http://host", "http://host:8000/x"])
+def test_bad_chroma_urls_name_the_setting(url: str) -> None:
+    with pytest.raises(ConfigError, match="INDEXQ_CHROMA_URL must be http://HOST:PORT"):
+        Config.from_env({"INDEXQ_CHROMA_URL": url})
+
+
+def test_engines_follow_the_urls(tmp_path: Path) -> None:
+    local = Config(home=tmp_path)
+    assert (local.queue_engine, local.chroma_engine, local.remote_producers) == ("sqlite", "persistent", False)
+    shared = Config(home=tmp_path, queue_url="redis://10.0.0.5:6379/2", chroma_url="http://10.0.0.6:8000/")
+    assert (shared.queue_engine, shared.chroma_engine, shared.remote_producers) == ("redis", "server", True)
+    assert shared.chroma_url == "http://10.0.0.6:8000"
+    assert Config(home=tmp_path, queue_url="sqlite:///q/queue.db").queue_path == Path("q/queue.db").absolute()
+    assert Config(home=tmp_path, queue_url="sqlite:////var/q.db").queue_path == Path("/var/q.db")
+
+
+def _part(job: str, files: list[tuple[str, list[str]]], final: bool = True, parts: int = 1) -> dict[str, Any]:
+    entries = []
+    for source, texts in files:
+        chunks = [
+            {"id": f"{source}#{n}", "ordinal": n, "text": t, "metadata": {"source": source}, "hash": f"h-{t}"}
+            for n, t in enumerate(texts)
+        ]
+        entries.append({"source": source, "total": len(chunks), "chunks": chunks})
+    part: dict[str, Any] = {"job": job, "collection": "docs", "kind": "paths", "sources": ["/x"], "final": final}
+    part["files"] = entries
+    if final:
+        part["parts"] = parts
+        part["skipped"] = []
+    return part
+
+
+def test_ingesting_a_part_twice_changes_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    part = _part("20261126-000000-aaaaaa", [("a.py", ["one", "two"]), ("b.py", ["three"])])
+    work = ledger.ingest("k1", part, "m")
+    assert work == (["a.py#0", "a.py#1", "b.py#0"], [])
+    assert ledger.ingest("k1", part, "m") is None  # a replayed ingest task
+    progress = ledger.progress("20261126-000000-aaaaaa")
+    assert progress is not None
+    assert (progress.state, progress.chunks, progress.pending) == ("running", 3, 3)
+    (total, new) = ledger.conn.execute("SELECT total, new FROM jobs").fetchone()
+    assert (total, new) == (3, 3)
+
+
+def test_resubmission_through_the_intake_is_compared_with_the_ledger(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.ingest("k1", _part("j1", [("a.py", ["one", "two", "three"])]), "m")
+    to_index, stale = ledger.ingest("k2", _part("j2", [("a.py", ["one", "TWO"])]), "m") or ([], [])
+    assert to_index == ["a.py#0", "a.py#1"]  # #0 unchanged but still pending; #1 changed
+    assert stale == ["a.py#2"]
+    (new, changed, unchanged, n_stale) = ledger.conn.execute(
+        "SELECT new, changed, unchanged, stale FROM jobs WHERE id='j2'"
+    ).fetchone()
+    assert (new, changed, unchanged, n_stale) == (0, 1, 1, 1)
+
+
+def test_a_job_is_queued_only_once_all_its_parts_are_in(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    # The final part may be ingested first (a requeue after a kill): the job waits.
+    ledger.ingest("k2", _part("j", [("b.py", ["b"])], final=True, parts=2), "m")
+    assert ledger.conn.execute("SELECT state FROM jobs").fetchone()[0] == "submitting"
+    ledger.ingest("k1", _part("j", [("a.py", ["a"])], final=False), "m")
+    assert ledger.conn.execute("SELECT state FROM jobs").fetchone()[0] == "queued"
+
+
+def test_intake_parts_are_signed_and_checked(tmp_path: Path) -> None:
+    storage = SqliteStorage("t", filename=str(tmp_path / "q.db"))
+    intake = Intake(storage, "key")
+    key = part_key("20261126-000000-aaaaaa", 0)
+    intake.put(key, _part("20261126-000000-aaaaaa", [("a.py", ["one"])]))
+    assert intake.keys() == [key]
+    assert intake.read(key)["files"][0]["chunks"][0]["text"] == "one"  # type: ignore[index]
+    storage.put_data("indexq.intake.x.000000", Intake(storage, "other key").signer.dumps({"format": 1}))
+    with pytest.raises(ForgedPayloadError):
+        intake.read("indexq.intake.x.000000")
+    storage.put_data("indexq.intake.y.000000", intake.signer.dumps({"format": 1, "job": "y"}))
+    with pytest.raises(ForgedPayloadError, match="not a well-formed part"):
+        intake.read("indexq.intake.y.000000")
+    intake.remove(key)
+    assert intake.read(key) is None
