@@ -127,6 +127,12 @@ def tick(config: Config, now: float | None = None) -> list[str]:
         ran.append("recovery failed")
     if now - last_requeue >= config.requeue_interval:
         queue = WriterHuey(config)
+        try:
+            queue.ping()
+        except UnreachableError as exc:
+            logger.warning("requeue postponed: %s", exc)
+            ran.append("requeue postponed")
+            return ran
         tasks = resume(config) if not queue.pending_count() else 0
         ledger = Ledger(config.ledger_path)
         ledger.add_event("requeue", True, f"{tasks} tasks re-enqueued")

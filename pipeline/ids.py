@@ -40,8 +40,10 @@ def validate_collection(name: str) -> str:
 
 
 def new_job_id() -> str:
-    """Creation time first (ids sort in submission order), then randomness (producers on many machines)."""
+    """Creation time in UTC to the millisecond first (ids sort in submission order across
+    machines whose clocks agree), then randomness (producers on many machines)."""
     import time
     import uuid
 
-    return time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    now = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)) + f"{int(now * 1000) % 1000:03d}-" + uuid.uuid4().hex[:6]

@@ -26,6 +26,7 @@ from pipeline.signing import Signer
 logger = logging.getLogger(__name__)
 
 PREFIX = "indexq.intake."
+REJECTED = "indexq.rejected."
 FORMAT = 1
 
 
@@ -42,7 +43,9 @@ class Intake:
         self.signer = Signer(secret, "indexq-intake")
 
     def put(self, key: str, part: dict[str, Any]) -> None:
-        self.storage.put_data(key, self.signer.dumps({"format": FORMAT, **part}))
+        # The key is signed with the part: a signed part copied under another key
+        # (to replay old text) is refused.
+        self.storage.put_data(key, self.signer.dumps({"format": FORMAT, **part, "key": key}))
 
     def read(self, key: str) -> dict[str, Any] | None:
         """The part, None once ingested; raises ForgedPayloadError for one this key did not sign."""
@@ -52,7 +55,18 @@ class Intake:
         part = self.signer.loads(raw)
         if not isinstance(part, dict) or part.get("format") != FORMAT or not _well_formed(part):
             raise ForgedPayloadError(f"intake part {key} is signed but not a well-formed part")
+        if part.get("key") != key:
+            raise ForgedPayloadError(f"intake part {key} was signed as {part.get('key')!r}: a copy, not a part")
         return part
+
+    def reject(self, key: str) -> str:
+        """Move a refused part aside (``indexq.rejected.KEY``), for an operator to look at."""
+        raw = self.storage.peek_data(key)
+        aside = REJECTED + key
+        if raw is not EmptyData:
+            self.storage.put_data(aside, raw)
+        self.storage.delete_data(key)
+        return aside
 
     def remove(self, key: str) -> None:
         self.storage.delete_data(key)

@@ -106,9 +106,9 @@ class Writer:
         except ForgedPayloadError as exc:
             from ops import alerts
 
-            logger.error("refused intake part %s: %s; it was dropped, nothing was recorded", key, exc)
-            alerts.raise_alert(self.config, self.ledger, f"refused intake part {key}: {exc}")
-            intake.remove(key)
+            aside = intake.reject(key)
+            logger.error("refused intake part %s: %s; nothing was recorded, it was kept as %s", key, exc, aside)
+            alerts.raise_alert(self.config, self.ledger, f"refused intake part {key}: {exc} (kept as {aside})")
             return None
         if part is None:
             return None

@@ -162,5 +162,12 @@ def test_intake_parts_are_signed_and_checked(tmp_path: Path) -> None:
     storage.put_data("indexq.intake.y.000000", intake.signer.dumps({"format": 1, "job": "y"}))
     with pytest.raises(ForgedPayloadError, match="not a well-formed part"):
         intake.read("indexq.intake.y.000000")
+    # A signed part copied under another key (to replay old text) is refused, and kept aside.
+    copy = part_key("20261126-000000-bbbbbb", 0)
+    storage.put_data(copy, storage.peek_data(key))
+    with pytest.raises(ForgedPayloadError, match="a copy, not a part"):
+        intake.read(copy)
+    assert intake.reject(copy) == "indexq.rejected." + copy
+    assert copy not in intake.keys()
     intake.remove(key)
     assert intake.read(key) is None

@@ -173,6 +173,9 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     # 3. An intake part written straight into Redis, unsigned; `resume` enqueues its ingest.
     conn.hset("huey.results.indexqwriter", "indexq.intake.20990101-000000-bad.000000", b'{"job": "bad"}')
     assert run_cli(writer_home, "resume", **extra).returncode == 0
+    # 4. Junk where Huey would look for revocations: must not stall indexing.
+    conn.hset("huey.results.indexqwriter", "rt:tasks.indexing.index_chunks", b"junk")
+    conn.hset("huey.results.indexqwriter", "rt:tasks.indexing.ingest", b"junk")
 
     def log() -> str:
         return writer.output()
@@ -182,6 +185,8 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     assert ledger_query(writer_home, "SELECT count(*) FROM chunks")[0][0] == 0
     alerts = (writer_home / "logs" / "alerts.log").read_text()
     assert "refused intake part indexq.intake.20990101-000000-bad.000000" in alerts
+    # Kept aside for an operator, not silently deleted.
+    assert conn.hget("huey.results.indexqwriter", "indexq.rejected.indexq.intake.20990101-000000-bad.000000")
 
     # The writer goes on working: a real submission from a producer completes.
     corpus = copy_corpus(tmp_path / "corpus", CORPORA[1])

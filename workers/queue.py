@@ -117,25 +117,40 @@ class QueueLease:
     _RENEW = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('expire', KEYS[1], ARGV[2]) end return 0"
     _RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 
-    def __init__(self, conn: Any, key: str, holder: dict[str, Any]) -> None:
+    _TAKEOVER = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then"
+        " return redis.call('set', KEYS[1], ARGV[2], 'EX', ARGV[3]) end return false"
+    )
+
+    def __init__(self, conn: Any, key: str, holder: dict[str, Any], on_lost: Any = None) -> None:
         self.conn, self.key = conn, key
         self.holder = holder
+        self.on_lost = on_lost
         self.value = json.dumps(holder, sort_keys=True)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        if not self.conn.set(self.key, self.value, nx=True, ex=self.TTL):
+        for _ in range(10):
+            if self.conn.set(self.key, self.value, nx=True, ex=self.TTL):
+                break
             raw = self.conn.get(self.key)
-            current = json.loads(raw) if raw else {}
-            if raw and (current.get("host"), current.get("home")) != (self.holder["host"], self.holder["home"]):
+            if raw is None:
+                continue  # it just expired: try to take it again
+            current = json.loads(raw)
+            if (current.get("host"), current.get("home")) != (self.holder["host"], self.holder["home"]):
                 since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(current.get("since", 0)))
                 raise WriterLockedError(
                     f"another writer serves this queue: pid {current.get('pid')} on {current.get('host')}"
                     f" (data home {current.get('home')}) since {since}",
                     hint=f"run one writer per queue; if it died, its lease ends within {self.TTL}s",
                 )
-            self.conn.set(self.key, self.value, ex=self.TTL)
+            # Our own data home's lease: its holder is dead (we hold the home's flock).
+            # Compare-and-set, so that a lease someone else took meanwhile is not overwritten.
+            if self.conn.eval(self._TAKEOVER, 1, self.key, raw, self.value, self.TTL):
+                break
+        else:
+            raise WriterLockedError("could not take the writer's lease on the queue", hint="try again")
         self._thread = threading.Thread(target=self._renew, name="indexq-queue-lease", daemon=True)
         self._thread.start()
 
@@ -143,8 +158,12 @@ class QueueLease:
         while not self._stop.wait(self.TTL / 3):
             try:
                 if not self.conn.eval(self._RENEW, 1, self.key, self.value, self.TTL):
-                    logger.critical("the writer's lease on the queue was lost: another writer may be running")
-                    self.conn.set(self.key, self.value, nx=True, ex=self.TTL)
+                    # Another writer may have taken the queue over: stop (gracefully)
+                    # rather than drain it into a second ledger.
+                    logger.critical("the writer's lease on the queue was lost: stopping")
+                    if self.on_lost is not None:
+                        self.on_lost()
+                    return
             except Exception:  # Redis away: the consumer backs off; keep trying
                 logger.warning("could not renew the writer's lease on the queue", exc_info=True)
 
@@ -176,6 +195,12 @@ class WriterHuey(Huey):
             os.chmod(config.queue_path, 0o600)
         self.intake = Intake(self.storage, secret)
         self.tasks: Tasks = register(self)
+
+    def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
+        # indexq never revokes. Huey would read revocation keys from the shared
+        # key-value store, where anyone who can write to Redis could plant junk that
+        # makes every task fail after it was popped.
+        return False
 
     def ping(self) -> None:
         """Raise UnreachableError unless the queue answers."""
@@ -211,6 +236,7 @@ class WriterHuey(Huey):
                     self.storage.conn, f"indexq.writer.{self.storage.name}",
                     {"host": socket.gethostname(), "home": str(self.config.home), "pid": os.getpid(),
                      "since": time.time()},
+                    on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
                 )  # fmt: skip
                 self._lease.acquire()
             log_to_home(self.config, "writer.log")
