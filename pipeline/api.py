@@ -70,8 +70,29 @@ def _existing_ledger(config: Config) -> Ledger:
     return Ledger(config.ledger_path)
 
 
+def _remote_progress(cfg: Config, job_id: str, queue: Any = None) -> JobProgress | None:
+    """A job's progress as the writer published it in the shared queue (None: not received yet)."""
+    from workers.queue import WriterHuey
+
+    queue = queue or WriterHuey(cfg)
+    value = queue.intake.progress(job_id)
+    if value is None:
+        return None
+    value.pop("published", None)
+    return JobProgress(**value)
+
+
 def job(job_id: str, config: Config | None = None) -> JobProgress:
-    ledger = _existing_ledger(_config(config))
+    cfg = _config(config)
+    if cfg.remote_producers:
+        progress = _remote_progress(cfg, job_id)
+        if progress is None:
+            raise NotFoundError(
+                f"the writer has not published job {job_id!r}",
+                hint="it has not received any part of it yet; is the writer running?",
+            )
+        return progress
+    ledger = _existing_ledger(cfg)
     try:
         progress = ledger.progress(job_id)
     finally:
@@ -89,6 +110,9 @@ def wait(
     With ``timeout``, returns the progress so far when it expires.
     """
     cfg = _config(config)
+    if cfg.remote_producers:
+        return _wait_remote(cfg, job_id, deadline=None if timeout is None else time.monotonic() + timeout,
+                            progress=progress)  # fmt: skip
     ledger = _existing_ledger(cfg)
     bar = None
     warned = False
@@ -119,6 +143,34 @@ def wait(
         if bar is not None:
             bar.close()
         ledger.close()
+
+
+def _wait_remote(cfg: Config, job_id: str, deadline: float | None, progress: bool) -> JobProgress:
+    """wait() for a producer on another machine: poll what the writer publishes in the queue."""
+    from workers.queue import WriterHuey
+
+    queue = WriterHuey(cfg)
+    bar = None
+    try:
+        while True:
+            state = _remote_progress(cfg, job_id, queue)
+            if state is not None and progress:
+                if bar is None:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=state.chunks, unit="chunk", desc=job_id, file=sys.stderr, dynamic_ncols=True)
+                bar.total = state.chunks
+                bar.update(state.committed + state.failed - bar.n)
+                bar.set_postfix(pending=state.pending, failed=state.failed, refresh=False)
+            timed_out = deadline is not None and time.monotonic() >= deadline
+            if state is not None and (state.state in ("done", "failed") or timed_out):
+                return state
+            if timed_out:
+                raise NotFoundError(f"the writer has not received job {job_id!r} yet", hint="is the writer running?")
+            time.sleep(POLL_SECONDS)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:

@@ -130,11 +130,6 @@ def index(
     if not jsonl and not paths:
         raise click.UsageError("give PATHS to index, or --jsonl FILE")
     config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
-    if wait_ and config.remote_producers:
-        raise click.UsageError(
-            "--wait reads the writer's ledger, which a shared queue keeps on the writer's machine:"
-            " run `indexq status` there"
-        )
     producer = Producer(config)
     try:
         if jsonl:

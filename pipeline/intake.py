@@ -16,6 +16,7 @@ already knows its key.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from huey.constants import EmptyData
@@ -27,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "indexq.intake."
 REJECTED = "indexq.rejected."
+# Job progress the writer publishes for producers on other machines (`index --wait`).
+PROGRESS = "indexq.job."
 FORMAT = 1
 
 
@@ -71,15 +74,44 @@ class Intake:
     def remove(self, key: str) -> None:
         self.storage.delete_data(key)
 
+    def publish(self, progress: dict[str, Any]) -> None:
+        self.storage.put_data(PROGRESS + progress["id"], self.signer.dumps({**progress, "published": time.time()}))
+
+    def progress(self, job: str) -> dict[str, Any] | None:
+        """What the writer last published about a job; None before it received a part."""
+        raw = self.storage.peek_data(PROGRESS + job)
+        if raw is EmptyData:
+            return None
+        value = self.signer.loads(raw)
+        if not isinstance(value, dict) or value.get("id") != job:
+            raise ForgedPayloadError(f"progress of job {job} is signed but not this job's")
+        return value
+
+    def prune_progress(self, older_than: float) -> int:
+        """Forget the progress of jobs finished before ``older_than`` (a timestamp)."""
+        removed = 0
+        for key in self._names(PROGRESS):
+            try:
+                value = self.signer.loads(self.storage.peek_data(key))
+            except (ForgedPayloadError, ValueError, TypeError):
+                value = {"state": "done", "published": 0}
+            if value.get("state") in ("done", "failed") and value.get("published", 0) < older_than:
+                self.storage.delete_data(key)
+                removed += 1
+        return removed
+
     def keys(self) -> list[str]:
         """Keys of every part not yet ingested, oldest first."""
+        return self._names(PREFIX)
+
+    def _names(self, prefix: str) -> list[str]:
         conn = getattr(self.storage, "conn", None)
         result_key = getattr(self.storage, "result_key", None)
         if conn is not None and isinstance(result_key, str) and hasattr(conn, "hkeys"):
             names = [k.decode() if isinstance(k, bytes) else k for k in conn.hkeys(result_key)]
         else:
             names = list(self.storage.result_items())
-        return sorted(k for k in names if k.startswith(PREFIX))
+        return sorted(k for k in names if k.startswith(prefix))
 
 
 def _well_formed(part: dict[str, Any]) -> bool:

@@ -419,6 +419,27 @@ class Ledger:
 
     # ---- status ------------------------------------------------------------------
 
+    def jobs_of(self, collection: str, ids: Sequence[str]) -> set[str]:
+        """Jobs whose progress these chunks change: the job that last wrote each row (stale
+        rows included) and every unfinished job the chunks belong to (an unchanged chunk
+        still outstanding belongs to the resubmission too)."""
+        jobs: set[str] = set()
+        for part in _batched(ids, _IN_CHUNK):
+            marks = ",".join("?" * len(part))
+            jobs.update(
+                r[0] for r in self.conn.execute(
+                    f"SELECT DISTINCT job FROM chunks WHERE collection=? AND id IN ({marks})"
+                    f" UNION SELECT DISTINCT l.job FROM job_chunks l JOIN jobs ON jobs.id = l.job"
+                    f" WHERE l.collection=? AND l.id IN ({marks}) AND jobs.finished IS NULL",
+                    (collection, *part, collection, *part),
+                ) if r[0]
+            )  # fmt: skip
+        return jobs
+
+    def mark_finished(self, job: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE jobs SET finished=? WHERE id=? AND finished IS NULL", (time.time(), job))
+
     def progress(self, job: str) -> JobProgress | None:
         row = self.conn.execute(
             "SELECT collection, state, created, skipped_files FROM jobs WHERE id=?", (job,)

@@ -78,9 +78,37 @@ class Writer:
             self._generation = read_generation(config)
         self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
         self.stop = stop or threading.Event()
+        # Set with a shared queue: job progress is published there for remote producers.
+        self.intake: Intake | None = None
+
+    def publish(self, jobs: set[str]) -> None:
+        """Tell producers on other machines how their jobs stand (best effort: the ledger is the truth)."""
+        if self.intake is None:
+            return
+        for job in sorted(jobs):
+            progress = self.ledger.progress(job)
+            if progress is None:
+                continue
+            try:
+                self.intake.publish(progress.as_dict())
+            except Exception:
+                logger.warning("could not publish the progress of job %s", job, exc_info=True)
+                continue
+            if progress.state in ("done", "failed"):
+                # Published as finished: its chunks no longer need to republish it.
+                self.ledger.mark_finished(job)
 
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
+        if self.intake is None:
+            return self._index(collection, ids)
+        jobs = self.ledger.jobs_of(collection, ids)
+        try:
+            return self._index(collection, ids)
+        finally:
+            self.publish(jobs)
+
+    def _index(self, collection: str, ids: Sequence[str]) -> int:
         rows = self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED)))
         for batch in batched([r for r in rows if r.state == PENDING], self.config.micro_batch):
             if self.stop.is_set():
@@ -119,6 +147,7 @@ class Writer:
             logger.info("intake part %s was already recorded", key)
             return None
         to_index, stale = work
+        self.publish({part["job"]})
         logger.info(
             "job %s: recorded part %s from %s (%d chunks to index, %d stale)",
             part["job"], key.rsplit(".", 1)[-1], part.get("host", "?"), len(to_index), len(stale),
@@ -200,6 +229,13 @@ class Writer:
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove stale chunks from Chroma, then from the ledger."""
+        jobs = self.ledger.jobs_of(collection, ids) if self.intake is not None else set()
+        try:
+            return self._delete(collection, ids)
+        finally:
+            self.publish(jobs)
+
+    def _delete(self, collection: str, ids: Sequence[str]) -> int:
         rows = self.ledger.load(collection, ids, (DELETING,))
         done = 0
         for group in batched([r.id for r in rows], self.config.commit_batch):

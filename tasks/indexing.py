@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from huey import crontab
@@ -53,6 +54,9 @@ def register(huey: WriterHuey) -> Tasks:
 
     @huey.periodic_task(crontab(minute="*/5"))
     def requeue_lost() -> int:
+        if huey.config.remote_producers:
+            # Progress published for remote producers: kept as long as backups are.
+            huey.intake.prune_progress(time.time() - huey.config.retention)
         # Only an empty queue with outstanding rows means work was lost: requeueing
         # while tasks wait would just queue the same chunks twice.
         if huey.pending_count():

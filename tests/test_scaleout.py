@@ -188,12 +188,25 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     # Kept aside for an operator, not silently deleted.
     assert conn.hget("huey.results.indexqwriter", "indexq.rejected.indexq.intake.20990101-000000-bad.000000")
 
-    # The writer goes on working: a real submission from a producer completes.
+    # The writer goes on working: a real submission from a producer completes, and the
+    # producer on its "machine" follows it with --wait through what the writer publishes.
     corpus = copy_corpus(tmp_path / "corpus", CORPORA[1])
-    result = run_cli(tmp_path / "producer", "index", str(corpus), "--collection", "after-forgery", "--json", **extra)
+    argv = ["index", str(corpus), "--collection", "after-forgery", "--wait"]
+    result = run_cli(tmp_path / "producer", *argv, **extra)
     assert result.returncode == 0, result.stderr
-    job = json.loads(result.stdout)
-    wait_for(lambda: committed(writer_home, "after-forgery") == job["chunks"], 120, "the job after the forgeries")
+    job = result.stdout.strip()
+    (chunks,) = ledger_query(writer_home, "SELECT count(*) FROM job_chunks WHERE job=?", job)[0]
+    assert chunks > 10
+    assert f"job {job} done: {chunks} committed, 0 failed" in result.stderr
+    assert committed(writer_home, "after-forgery") == chunks
+    # The same corpus again from another machine: compared in the writer, nothing embedded.
+    embedded = ledger_query(writer_home, "SELECT value FROM meta WHERE key='embeddings'")[0][0]
+    again = run_cli(tmp_path / "producer-2", *argv, **extra)
+    assert again.returncode == 0, again.stderr
+    assert f"done: {chunks} committed, 0 failed" in again.stderr
+    assert ledger_query(writer_home, "SELECT value FROM meta WHERE key='embeddings'")[0][0] == embedded
+    (unchanged,) = ledger_query(writer_home, "SELECT unchanged FROM jobs WHERE id=?", again.stdout.strip())[0]
+    assert unchanged == chunks
     assert not marker.exists()
     assert writer.terminate() == 0
 
@@ -220,6 +233,16 @@ def test_a_second_writer_on_the_same_queue_is_refused_whatever_its_data_home(
     other = start_worker(procs, tmp_path / "machine-b", **extra)
     other.wait_started()
     assert other.terminate() == 0
+    # Under Huey's own consumer too (it never calls our stop): the lease goes with it.
+    consumer = start_worker(
+        procs, tmp_path / "machine-c", str(BIN / "huey_consumer"), "workers.writer.huey", "-w", "1", "-k", "thread",
+        **extra,
+    )  # fmt: skip
+    consumer.wait_started()
+    assert consumer.terminate() == 0
+    last = start_worker(procs, tmp_path / "machine-a", **extra)
+    last.wait_started()
+    assert last.terminate() == 0
 
 
 def test_shared_queue_without_a_shared_key_is_refused(tmp_path: Path, redis_url: str) -> None:  # noqa: F811

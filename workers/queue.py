@@ -239,9 +239,14 @@ class WriterHuey(Huey):
                     on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
                 )  # fmt: skip
                 self._lease.acquire()
+                # Under huey_consumer nothing calls stop_writer(): give the lease back
+                # when the worker thread stops, so another machine need not wait it out.
+                self.on_shutdown("indexq-release-lease")(self._release_lease)
             log_to_home(self.config, "writer.log")
             consumer = WriterConsumer(self, **options)
             self.writer = Writer(self.config, stop=consumer.stop_flag)
+            if self.config.remote_producers:
+                self.writer.intake = self.intake
             # The ledger (and the intake) are the truth: drop the queued tasks and requeue
             # from them, so a restart neither loses a task that died with the last writer
             # nor carries duplicates. Only the queue and schedule: Huey's flush() would
@@ -257,10 +262,13 @@ class WriterHuey(Huey):
             raise
         return consumer
 
+    def _release_lease(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
+
     def _release(self) -> None:
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
+        self._release_lease()
         self._lock.release()
 
     def create_consumer(self, **options: Any) -> WriterConsumer:
