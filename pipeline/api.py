@@ -179,6 +179,8 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
 
     cfg = _config(config)
     cfg.ensure_home()
+    if cfg.remote_producers and not cfg.ledger_path.exists():
+        return _producer_status(cfg)
     ledger = Ledger(cfg.ledger_path)
     try:
         holder = writer_alive(cfg.writer_lock_path)
@@ -191,12 +193,7 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         return {
             "home": str(cfg.home),
             "chroma": cfg.chroma_url or str(cfg.chroma_dir),
-            "engines": {
-                "queue": cfg.queue_engine,
-                "queue_at": _redact(cfg.queue_url) if cfg.queue_engine == "redis" else str(cfg.queue_path),
-                "chroma": cfg.chroma_engine,
-                "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
-            },
+            "engines": _engines(cfg),
             "writer": {"alive": holder is not None, **(holder or {})},
             "queue_depth": queue.pending_count(),
             "intake_parts": len(queue.intake.keys()),
@@ -212,6 +209,30 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         }
     finally:
         ledger.close()
+
+
+def _engines(cfg: Config) -> dict[str, str]:
+    return {
+        "queue": cfg.queue_engine,
+        "queue_at": _redact(cfg.queue_url) if cfg.queue_engine == "redis" else str(cfg.queue_path),
+        "chroma": cfg.chroma_engine,
+        "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
+    }
+
+
+def _producer_status(cfg: Config) -> dict[str, Any]:
+    """status() on a producer machine of a shared queue: no ledger here, only the queue."""
+    from workers.queue import WriterHuey
+
+    queue = WriterHuey(cfg)
+    queue.ping()
+    return {
+        "home": str(cfg.home),
+        "engines": _engines(cfg),
+        "producer_only": True,
+        "queue_depth": queue.pending_count(),
+        "intake_parts": len(queue.intake.keys()),
+    }
 
 
 def _redact(url: str | None) -> str:

@@ -215,6 +215,13 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    if info.get("producer_only"):
+        engines = info["engines"]
+        click.echo(f"queue:       {engines['queue']} {engines['queue_at']}: {info['queue_depth']} tasks,"
+                   f" {info['intake_parts']} intake parts waiting")  # fmt: skip
+        click.echo(f"home:        {info['home']} (a producer: the ledger and jobs are on the writer's machine;")
+        click.echo("             follow a job with `indexq index --wait`)")
+        return
     writer = info["writer"]
     if writer["alive"]:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(writer.get("since", 0)))

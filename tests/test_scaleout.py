@@ -132,6 +132,13 @@ def test_producers_on_many_machines_writer_killed_server_equals_ledger(
     assert status["intake_parts"] == 0
     text = run_cli(writer_home, "status", **extra).stdout
     assert f"chroma:      server {chroma_url}" in text
+    # On a producer's machine, status shows the shared queue and creates no ledger.
+    producer_home = producers[0][0]
+    shown = run_cli(producer_home, "status", **extra)
+    assert shown.returncode == 0, shown.stderr
+    assert f"queue:       redis {redis_url}/1: 0 tasks, 0 intake parts waiting" in shown.stdout
+    assert "the ledger and jobs are on the writer's machine" in shown.stdout
+    assert not (producer_home / "ledger.db").exists()
     assert writer.terminate() == 0
 
 
