@@ -214,7 +214,7 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
 def _engines(cfg: Config) -> dict[str, str]:
     return {
         "queue": cfg.queue_engine,
-        "queue_at": _redact(cfg.queue_url) if cfg.queue_engine == "redis" else str(cfg.queue_path),
+        "queue_at": cfg.queue_shown,
         "chroma": cfg.chroma_engine,
         "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
     }
@@ -233,18 +233,6 @@ def _producer_status(cfg: Config) -> dict[str, Any]:
         "queue_depth": queue.pending_count(),
         "intake_parts": len(queue.intake.keys()),
     }
-
-
-def _redact(url: str | None) -> str:
-    """A URL without its password, for display."""
-    import urllib.parse
-
-    parts = urllib.parse.urlsplit(url or "")
-    if parts.password is None:
-        return url or ""
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def index(
     elif sub.remote:
         click.echo(sub.job)
         click.echo(
-            f"{sub.chunks} chunks handed to the writer through {config.queue_url}; {len(sub.skipped)} files skipped",
+            f"{sub.chunks} chunks handed to the writer through {config.queue_shown}; {len(sub.skipped)} files skipped",
             err=True,
         )
     else:

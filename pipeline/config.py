@@ -168,6 +168,17 @@ class Config:
         return "sqlite"
 
     @property
+    def queue_shown(self) -> str:
+        """Where the queue is, for messages: a Redis URL without its password."""
+        if self.queue_engine != "redis":
+            return str(self.queue_path)
+        parts = urllib.parse.urlsplit(self.queue_url or "")
+        if parts.password is None:
+            return self.queue_url or ""
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+    @property
     def chroma_engine(self) -> str:
         """``persistent`` (a directory only the writer opens) or ``server`` (HttpClient)."""
         return "server" if self.chroma_url else "persistent"

@@ -26,7 +26,7 @@ from pipeline.chunking import Chunk, chunk_text
 from pipeline.config import Config
 from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
 from pipeline.embedder import load_tokenizer
-from pipeline.errors import EmptyCorpusError, UnreachableError
+from pipeline.errors import ConfigError, EmptyCorpusError, UnreachableError
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
 from pipeline.ledger import Ledger
@@ -83,7 +83,27 @@ class Producer:
         # A remote producer never opens a ledger: the writer's is on another machine.
         self.ledger: Ledger | None = None if self.remote else Ledger(config.ledger_path)
         self.intake = self.huey.intake if self.remote else None
+        if self.remote:
+            self._check_writer_model()
         self.tokenizer = load_tokenizer(config.model)
+
+    def _check_writer_model(self) -> None:
+        """Chunks are sized with the producer's tokenizer: it must be the writer's model's."""
+        try:
+            writer = self.huey.serving_writer()
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise UnreachableError(
+                    f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
+                    hint="start the Redis server, or check INDEXQ_QUEUE_URL",
+                ) from exc
+            raise
+        if writer and writer.get("model") and writer["model"] != self.config.model:
+            raise ConfigError(
+                f"the writer on {writer.get('host')} embeds with {writer['model']!r}, this producer would chunk"
+                f" for {self.config.model!r}: chunks would not fit the writer's model",
+                hint=f"set INDEXQ_MODEL={writer['model']} (or --model) on this producer",
+            )
 
     def close(self) -> None:
         if self.ledger is not None:
@@ -216,6 +236,7 @@ class Producer:
         part: dict[str, Any] = {
             "job": sub.job, "collection": sub.collection, "kind": job.kind, "sources": job.sources,
             "created": job.created, "host": os.uname().nodename, "files": batch.files, "final": final,
+            "model": self.config.model,
         }  # fmt: skip
         if final:
             part["parts"] = job.parts + 1
@@ -228,7 +249,7 @@ class Producer:
         except Exception as exc:
             if _is_connection_error(exc):
                 raise UnreachableError(
-                    f"cannot reach the queue at {self.config.queue_url}: {exc}".splitlines()[0],
+                    f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
                     hint=f"job {sub.job} is incomplete: submit the same paths again once the queue is back",
                 ) from exc
             raise

@@ -140,6 +140,12 @@ class Writer:
             return None
         if part is None:
             return None
+        if part.get("model", self.config.model) != self.config.model:
+            # Chunked for another model's tokenizer (no writer was running to check it
+            # against): indexed all the same, but chunks may exceed this model's limit.
+            logger.warning(
+                "intake part %s was chunked for %r, this writer embeds with %r", key, part["model"], self.config.model
+            )
         work = self.ledger.ingest(key, part, self.config.model)
         # Only now: a kill before this line leaves the part in the intake, to be ingested again.
         intake.remove(key)

@@ -97,6 +97,9 @@ def test_engines_follow_the_urls(tmp_path: Path) -> None:
     assert shared.chroma_url == "http://10.0.0.6:8000"
     assert Config(home=tmp_path, queue_url="sqlite:///q/queue.db").queue_path == Path("q/queue.db").absolute()
     assert Config(home=tmp_path, queue_url="sqlite:////var/q.db").queue_path == Path("/var/q.db")
+    # Passwords never reach a message or `indexq status`.
+    secret = Config(home=tmp_path, queue_url="redis://indexq:hunter2@10.0.0.5:6379/2")
+    assert secret.queue_shown == "redis://indexq:***@10.0.0.5:6379/2"
 
 
 def _part(job: str, files: list[tuple[str, list[str]]], final: bool = True, parts: int = 1) -> dict[str, Any]:

@@ -199,6 +199,11 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     # producer on its "machine" follows it with --wait through what the writer publishes.
     corpus = copy_corpus(tmp_path / "corpus", CORPORA[1])
     argv = ["index", str(corpus), "--collection", "after-forgery", "--wait"]
+    # A producer chunking for another model than the writer's is stopped before it sends anything.
+    other_model = run_cli(tmp_path / "producer-0", *argv, **{**extra, "INDEXQ_MODEL": "all-MiniLM-L6-v2"})
+    assert other_model.returncode == 2
+    assert "embeds with 'hash:384', this producer would chunk for 'all-MiniLM-L6-v2'" in other_model.stderr
+    assert "Hint: set INDEXQ_MODEL=hash:384" in other_model.stderr
     result = run_cli(tmp_path / "producer", *argv, **extra)
     assert result.returncode == 0, result.stderr
     job = result.stdout.strip()

@@ -51,7 +51,7 @@ def queue_secret(config: Config) -> str:
     path = config.secret_path
     if config.remote_producers and not path.exists():
         raise ConfigError(
-            f"a shared queue ({config.queue_url}) needs the same signing key on every machine:"
+            f"a shared queue ({config.queue_shown}) needs the same signing key on every machine:"
             " INDEXQ_SECRET is not set and there is no queue.key in the data home",
             hint="set INDEXQ_SECRET to one long random value (e.g. `openssl rand -hex 32`) for every"
             " producer, writer and maintenance process",
@@ -196,6 +196,17 @@ class WriterHuey(Huey):
         self.intake = Intake(self.storage, secret)
         self.tasks: Tasks = register(self)
 
+    @property
+    def lease_key(self) -> str:
+        return f"indexq.writer.{self.storage.name}"
+
+    def serving_writer(self) -> dict[str, Any] | None:
+        """The writer that holds this shared queue's lease (host, home, pid, since, model), if any."""
+        if self.config.queue_engine != "redis":
+            return None
+        raw = self.storage.conn.get(self.lease_key)
+        return json.loads(raw) if raw else None
+
     def is_revoked(self, task: Any, timestamp: Any = None, peek: bool = True) -> bool:
         # indexq never revokes. Huey would read revocation keys from the shared
         # key-value store, where anyone who can write to Redis could plant junk that
@@ -210,7 +221,7 @@ class WriterHuey(Huey):
             if self.config.queue_engine != "redis":
                 raise
             raise UnreachableError(
-                f"cannot reach the queue at {self.config.queue_url}: {exc}".splitlines()[0],
+                f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
                 hint="start the Redis server, or check INDEXQ_QUEUE_URL",
             ) from exc
 
@@ -233,9 +244,9 @@ class WriterHuey(Huey):
         try:
             if self.config.queue_engine == "redis":
                 self._lease = QueueLease(
-                    self.storage.conn, f"indexq.writer.{self.storage.name}",
+                    self.storage.conn, self.lease_key,
                     {"host": socket.gethostname(), "home": str(self.config.home), "pid": os.getpid(),
-                     "since": time.time()},
+                     "since": time.time(), "model": self.config.model},
                     on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM),
                 )  # fmt: skip
                 self._lease.acquire()
