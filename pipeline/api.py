@@ -6,6 +6,7 @@ Every function takes an optional ``config``; without one, ``Config.from_env()`` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -78,8 +79,9 @@ def _remote_progress(cfg: Config, job_id: str, queue: Any = None) -> JobProgress
     value = queue.intake.progress(job_id)
     if value is None:
         return None
-    value.pop("published", None)
-    return JobProgress(**value)
+    # Only the fields this version knows: a writer of another version may publish more.
+    fields = {f.name for f in dataclasses.fields(JobProgress)}
+    return JobProgress(**{k: v for k, v in value.items() if k in fields})
 
 
 def job(job_id: str, config: Config | None = None) -> JobProgress:
@@ -151,9 +153,14 @@ def _wait_remote(cfg: Config, job_id: str, deadline: float | None, progress: boo
 
     queue = WriterHuey(cfg)
     bar = None
+    warned = False
     try:
         while True:
             state = _remote_progress(cfg, job_id, queue)
+            if progress and not warned and queue.serving_writer() is None:
+                warned = True
+                print(f"waiting for a writer: none serves {cfg.queue_shown} (start one with `indexq worker`)",
+                      file=sys.stderr)  # fmt: skip
             if state is not None and progress:
                 if bar is None:
                     from tqdm import tqdm

@@ -94,6 +94,8 @@ class Intake:
             try:
                 value = self.signer.loads(self.storage.peek_data(key))
             except (ForgedPayloadError, ValueError, TypeError):
+                value = None
+            if not isinstance(value, dict):
                 value = {"state": "done", "published": 0}
             if value.get("state") in ("done", "failed") and value.get("published", 0) < older_than:
                 self.storage.delete_data(key)

@@ -31,7 +31,7 @@ FAILED = "failed"  # refused by validation; the reason is in `error`
 OUTSTANDING = (PENDING, EMBEDDED, DELETING)
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # SQLite allows 32766 host parameters; stay far below for IN (...) lists.
 _IN_CHUNK = 500
@@ -146,6 +146,8 @@ class Ledger:
             # Version 3: parts received from remote producers (the intake), so that
             # ingesting a part twice changes nothing; jobs count their parts.
             self.db.table("received").create({"key": str, "job": str, "time": float}, pk="key", if_not_exists=True)
+            # Version 4: which jobs a chunk belongs to (progress published per task).
+            self.db.table("job_chunks").create_index(["collection", "id"], if_not_exists=True)
             jobs = self.db.table("jobs")
             for column in ("parts", "received"):
                 if column not in jobs.columns_dict:
@@ -435,6 +437,9 @@ class Ledger:
                 ) if r[0]
             )  # fmt: skip
         return jobs
+
+    def unfinished_jobs(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE finished IS NULL")]
 
     def mark_finished(self, job: str) -> None:
         with self._tx() as conn:

@@ -24,6 +24,7 @@ from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_t
 from pipeline.intake import Intake
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
 from pipeline.locks import CommitLock
+from pipeline.progress import Publisher
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -79,28 +80,16 @@ class Writer:
         self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
         self.stop = stop or threading.Event()
         # Set with a shared queue: job progress is published there for remote producers.
-        self.intake: Intake | None = None
+        self.publisher: Publisher | None = None
 
     def publish(self, jobs: set[str]) -> None:
-        """Tell producers on other machines how their jobs stand (best effort: the ledger is the truth)."""
-        if self.intake is None:
-            return
-        for job in sorted(jobs):
-            progress = self.ledger.progress(job)
-            if progress is None:
-                continue
-            try:
-                self.intake.publish(progress.as_dict())
-            except Exception:
-                logger.warning("could not publish the progress of job %s", job, exc_info=True)
-                continue
-            if progress.state in ("done", "failed"):
-                # Published as finished: its chunks no longer need to republish it.
-                self.ledger.mark_finished(job)
+        """Mark jobs whose progress changed, for the publisher (remote producers only)."""
+        if self.publisher is not None:
+            self.publisher.mark(jobs)
 
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
-        if self.intake is None:
+        if self.publisher is None:
             return self._index(collection, ids)
         jobs = self.ledger.jobs_of(collection, ids)
         try:
@@ -146,6 +135,10 @@ class Writer:
             logger.warning(
                 "intake part %s was chunked for %r, this writer embeds with %r", key, part["model"], self.config.model
             )
+        if self.publisher is not None:
+            # Jobs whose rows this part takes over (a stale chunk written again) change too.
+            ids = [c["id"] for entry in part["files"] for c in entry["chunks"]]
+            self.publish(self.ledger.jobs_of(part["collection"], ids) | {part["job"]})
         work = self.ledger.ingest(key, part, self.config.model)
         # Only now: a kill before this line leaves the part in the intake, to be ingested again.
         intake.remove(key)
@@ -235,7 +228,7 @@ class Writer:
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove stale chunks from Chroma, then from the ledger."""
-        jobs = self.ledger.jobs_of(collection, ids) if self.intake is not None else set()
+        jobs = self.ledger.jobs_of(collection, ids) if self.publisher is not None else set()
         try:
             return self._delete(collection, ids)
         finally:
@@ -255,5 +248,7 @@ class Writer:
         return done
 
     def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
         self.ledger.close()
         self.commit_lock.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +175,26 @@ def test_intake_parts_are_signed_and_checked(tmp_path: Path) -> None:
     assert copy not in intake.keys()
     intake.remove(key)
     assert intake.read(key) is None
+
+
+def test_progress_lost_to_a_kill_is_published_again_at_start(tmp_path: Path) -> None:
+    from pipeline.progress import Publisher
+
+    config = Config(home=tmp_path)
+    ledger = Ledger(config.ledger_path)
+    ledger.ingest("k1", _part("j1", [("a.py", ["one", "two"])]), "m")
+    ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\0" * 16), ("a.py#1", "h-two", b"\0" * 16)], "m")
+    # Committed, then the writer died before publishing: nothing in the queue says so.
+    ledger.checkpoint("docs", [("a.py#0", "h-one"), ("a.py#1", "h-two")])
+    intake = Intake(SqliteStorage("t", filename=str(tmp_path / "q.db")), "key")
+    assert intake.progress("j1") is None
+    publisher = Publisher(config, intake)
+    publisher.start()  # a restarted writer: every unfinished job is republished
+    publisher.close()
+    published = intake.progress("j1")
+    assert published is not None
+    assert (published["state"], published["committed"], published["pending"]) == ("done", 2, 0)
+    assert ledger.unfinished_jobs() == []  # published as finished: not refreshed again
+    # Old finished entries go with the retention.
+    assert intake.prune_progress(time.time() + 1) == 1
+    assert intake.progress("j1") is None

@@ -31,6 +31,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, IndexqError, UnreachableError, WriterLockedError
 from pipeline.intake import Intake
 from pipeline.locks import WriterLock
+from pipeline.progress import Publisher
 from pipeline.writer import Writer
 from tasks.indexing import Tasks, register
 from workers.serializer import JsonSerializer
@@ -234,6 +235,10 @@ class WriterHuey(Huey):
         """Become the one writer of the data home and return its consumer (raises)."""
         workers = options.get("workers", 1)
         worker_type = options.get("worker_type", "thread")
+        if options.get("max_tasks"):
+            # A recycled worker thread would run the shutdown hooks (and give the
+            # queue's lease away) while the consumer goes on.
+            raise ConfigError("the writer does not recycle its worker: drop --max-tasks")
         if workers != 1 or worker_type != "thread":
             raise ConfigError(
                 f"the writer runs exactly one thread worker, got workers={workers} worker_type={worker_type!r}",
@@ -257,7 +262,8 @@ class WriterHuey(Huey):
             consumer = WriterConsumer(self, **options)
             self.writer = Writer(self.config, stop=consumer.stop_flag)
             if self.config.remote_producers:
-                self.writer.intake = self.intake
+                self.writer.publisher = Publisher(self.config, self.intake)
+                self.writer.publisher.start()
             # The ledger (and the intake) are the truth: drop the queued tasks and requeue
             # from them, so a restart neither loses a task that died with the last writer
             # nor carries duplicates. Only the queue and schedule: Huey's flush() would
@@ -274,12 +280,18 @@ class WriterHuey(Huey):
         return consumer
 
     def _release_lease(self) -> None:
+        # As a shutdown hook this also runs when a worker thread dies and Huey starts
+        # another: keep the lease unless the consumer is really stopping.
+        if self.writer is not None and not self.writer.stop.is_set():
+            return
         lease, self._lease = self._lease, None
         if lease is not None:
             lease.release()
 
     def _release(self) -> None:
-        self._release_lease()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.release()
         self._lock.release()
 
     def create_consumer(self, **options: Any) -> WriterConsumer:
