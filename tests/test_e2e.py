@@ -157,6 +157,14 @@ def test_writer_refuses_more_than_one_thread_worker(tmp_path: Path, procs: list[
     assert not (home / "chroma" / "chroma.sqlite3").exists()
 
 
+def test_writer_refuses_to_recycle_its_worker(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    argv = [str(BIN / "huey_consumer"), "workers.writer.huey", "-w", "1", "-k", "thread", "--max-tasks", "100"]
+    proc = start_worker(procs, home, *argv)
+    assert proc.popen.wait(timeout=60) == 2
+    assert "Error: the writer does not recycle its worker: drop --max-tasks" in proc.output()
+
+
 def _embeddings_total(home: Path) -> int:
     return int(ledger_query(home, "SELECT value FROM meta WHERE key='embeddings'")[0][0])
 
