@@ -421,6 +421,21 @@ class Ledger:
 
     # ---- status ------------------------------------------------------------------
 
+    def outstanding_of(self, part: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """(ids to index, stale ids) of an intake part already recorded that still need the writer."""
+        collection = part["collection"]
+        ids = [c["id"] for entry in part["files"] for c in entry["chunks"]]
+        to_index = [id_ for id_, (_, state) in self.by_ids(collection, ids).items() if state in (PENDING, EMBEDDED)]
+        stale: list[str] = []
+        for entry in part["files"]:
+            stale.extend(
+                r[0] for r in self.conn.execute(
+                    "SELECT id FROM chunks WHERE collection=? AND source=? AND job=? AND state=?",
+                    (collection, entry["source"], part["job"], DELETING),
+                )
+            )  # fmt: skip
+        return to_index, stale
+
     def jobs_of(self, collection: str, ids: Sequence[str]) -> set[str]:
         """Jobs whose progress these chunks change: the job that last wrote each row (stale
         rows included) and every unfinished job the chunks belong to (an unchanged chunk

@@ -33,6 +33,7 @@ class Publisher:
         self._last: dict[str, float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._complained = 0.0
         self._thread = threading.Thread(target=self._run, name="indexq-progress", daemon=True)
 
     def start(self) -> None:
@@ -51,8 +52,8 @@ class Publisher:
                     self.mark(self.ledger.unfinished_jobs())
                     refreshed = time.monotonic()
                 self.flush()
-            except Exception:  # best effort: the ledger stays the truth
-                logger.warning("could not publish job progress", exc_info=True)
+            except Exception as exc:  # best effort: the ledger stays the truth
+                self._complain(exc)
 
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -65,14 +66,20 @@ class Publisher:
                 continue
             try:
                 self.intake.publish(progress.as_dict())
-            except Exception:
-                logger.warning("could not publish the progress of job %s", job, exc_info=True)
+            except Exception as exc:
+                self._complain(exc)
                 self.mark([job])
-                continue
+                break  # the queue is away: try again at the next round
             self._last[job] = now
             if progress.state in ("done", "failed"):
                 # Published as finished: no longer refreshed, nor republished by its chunks.
                 self.ledger.mark_finished(job)
+
+    def _complain(self, exc: Exception) -> None:
+        # One line every half minute while the queue is away, not a traceback per round.
+        if time.monotonic() - self._complained >= 30:
+            self._complained = time.monotonic()
+            logger.warning("could not publish job progress (will retry): %s", str(exc).splitlines()[0][:200])
 
     def close(self) -> None:
         self._stop.set()
@@ -80,6 +87,6 @@ class Publisher:
             self._thread.join(timeout=10)
         try:
             self.flush(force=True)
-        except Exception:
-            logger.warning("could not publish job progress at stop", exc_info=True)
+        except Exception as exc:
+            self._complain(exc)
         self.ledger.close()

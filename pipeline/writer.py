@@ -143,8 +143,13 @@ class Writer:
         # Only now: a kill before this line leaves the part in the intake, to be ingested again.
         intake.remove(key)
         if work is None:
-            logger.info("intake part %s was already recorded", key)
-            return None
+            # Recorded by an ingest that died before it enqueued the work (a kill, or
+            # the queue away): enqueue again whatever of the part is still outstanding.
+            work = self.ledger.outstanding_of(part)
+            logger.info("intake part %s was already recorded; %d chunks still outstanding", key, sum(map(len, work)))
+            if not any(work):
+                return None
+            return part["collection"], *work
         to_index, stale = work
         self.publish({part["job"]})
         logger.info(

@@ -44,6 +44,11 @@ class Server:
                 raise AssertionError(f"{what} did not start:\n{self.log.read_text()[-2000:]}")
             time.sleep(0.1)
 
+    def kill9(self) -> None:
+        os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=20)
+        self.handle.close()
+
     def stop(self) -> None:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, signal.SIGTERM)
@@ -55,13 +60,11 @@ class Server:
         self.handle.close()
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def start_redis(work: Path, port: int) -> Server:
+    """redis-server on a loopback port, its append-only file in ``work``."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: `bash ops/test` installs it (Debian package redis-server)")
-    work = tmp_path_factory.mktemp("redis")
-    port = free_port()
     # appendfsync always: an acknowledged enqueue survives a crash of Redis itself,
     # the setting the README asks of a production queue.
     server = Server(
@@ -80,6 +83,17 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     try:
         server.wait_until(ready, "redis-server")
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    server = start_redis(tmp_path_factory.mktemp("redis"), port)
+    try:
         yield f"redis://127.0.0.1:{port}"
     finally:
         server.stop()

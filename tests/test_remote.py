@@ -125,6 +125,8 @@ def test_ingesting_a_part_twice_changes_nothing(tmp_path: Path) -> None:
     work = ledger.ingest("k1", part, "m")
     assert work == (["a.py#0", "a.py#1", "b.py#0"], [])
     assert ledger.ingest("k1", part, "m") is None  # a replayed ingest task
+    # ...which still finds what the first one recorded but did not get enqueued.
+    assert ledger.outstanding_of(part) == (["a.py#0", "a.py#1", "b.py#0"], [])
     progress = ledger.progress("20261126-000000-aaaaaa")
     assert progress is not None
     assert (progress.state, progress.chunks, progress.pending) == ("running", 3, 3)

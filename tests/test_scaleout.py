@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -340,3 +341,49 @@ def test_logical_backup_check_and_rebuild_on_a_chroma_server(
     assert json.loads(restored.stdout)["action"] == "restore"
     assert assert_server_equals_ledger(chroma_url, home, collection) > total
     assert writer.terminate() == 0
+
+
+def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: list[Proc]) -> None:
+    from tests.servers import free_port, start_redis
+
+    port = free_port()
+    work = tmp_path / "redis"
+    work.mkdir()
+    redis_server = start_redis(work, port)
+    try:
+        collection = "redis-crash"
+        extra = engines(f"redis://127.0.0.1:{port}", 0, INDEXQ_MICRO_BATCH="16")
+        writer_home = tmp_path / "writer"
+        writer = start_worker(procs, writer_home, **extra)
+        writer.wait_started()
+        corpus = tmp_path / "corpus"
+        for files in CORPORA:
+            copy_corpus(corpus, files)
+        result = run_cli(tmp_path / "producer", "index", str(corpus), "--collection", collection, "--json", **extra)
+        assert result.returncode == 0, result.stderr
+        acknowledged = json.loads(result.stdout)["chunks"]
+        wait_for(lambda: committed(writer_home, collection) >= 30, 300, "the first commits")
+        assert committed(writer_home, collection) < acknowledged, "the job finished before the kill"
+        # kill -9 Redis itself mid-job; it comes back from its append-only file.
+        redis_server.kill9()
+        time.sleep(2)
+        redis_server = start_redis(work, port)
+        wait_for(lambda: committed(writer_home, collection) == acknowledged, 600, "every acknowledged chunk")
+        assert writer.popen.poll() is None, "the writer must ride out the outage"
+        rows = ledger_query(writer_home, "SELECT count(*) FROM job_chunks")[0][0]
+        assert rows == acknowledged
+        # Chroma (the writer's directory) equals the ledger's committed set.
+        from tests.conftest import dump_collection
+
+        assert writer.terminate() == 0
+        records = dump_collection(writer_home / "chroma", collection)
+        expected = ledger_query(
+            writer_home, "SELECT id, embedding FROM chunks WHERE collection=? AND state='committed'", collection
+        )
+        assert sorted(records) == sorted(r[0] for r in expected)
+        for id_, blob in expected:
+            np.testing.assert_allclose(records[id_]["embedding"], np.frombuffer(blob, dtype=np.float32), atol=1e-6)
+        # The outage was seen (and ridden out), not missed.
+        assert "Error reading from queue" in writer.output()
+    finally:
+        redis_server.stop()

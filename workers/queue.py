@@ -159,14 +159,18 @@ class QueueLease:
         while not self._stop.wait(self.TTL / 3):
             try:
                 if not self.conn.eval(self._RENEW, 1, self.key, self.value, self.TTL):
-                    # Another writer may have taken the queue over: stop (gracefully)
-                    # rather than drain it into a second ledger.
-                    logger.critical("the writer's lease on the queue was lost: stopping")
+                    # Lapsed (Redis was away longer than the TTL) and free: take it again.
+                    if self.conn.set(self.key, self.value, nx=True, ex=self.TTL):
+                        logger.warning("the writer's lease on the queue had lapsed; taken again")
+                        continue
+                    # Another writer took the queue over: stop (gracefully) rather than
+                    # drain it into a second ledger.
+                    logger.critical("the writer's lease on the queue was taken by another writer: stopping")
                     if self.on_lost is not None:
                         self.on_lost()
                     return
-            except Exception:  # Redis away: the consumer backs off; keep trying
-                logger.warning("could not renew the writer's lease on the queue", exc_info=True)
+            except Exception as exc:  # Redis away: the consumer backs off; keep trying
+                logger.warning("could not renew the writer's lease on the queue: %s", str(exc).splitlines()[0][:200])
 
     def release(self) -> None:
         self._stop.set()
