@@ -5,7 +5,14 @@
 # real model. Needs redis-server and the sqlite3 CLI. Usage: bash ops/bench_scaleout.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."; . .venv/bin/activate
-W=$(mktemp -d); trap 'redis-cli -p 16401 shutdown nosave >/dev/null 2>&1 || true; pkill -f "chroma run --path $W" || true; pkill -f "INDEXQ_HOME=$W" || true' EXIT
+W=$(mktemp -d); WRITERS=()
+cleanup() {
+  for pid in "${WRITERS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  redis-cli -p 16401 shutdown nosave >/dev/null 2>&1 || true
+  pkill -f "chroma run --path $W" || true
+}
+trap cleanup EXIT
+trap "exit 143" TERM INT
 redis-server --port 16401 --bind 127.0.0.1 --dir $W --save '' --appendonly yes --appendfsync always --daemonize yes >/dev/null
 ANONYMIZED_TELEMETRY=False chroma run --path $W/srv --host 127.0.0.1 --port 18767 > $W/chroma.log 2>&1 &
 sleep 2
@@ -16,6 +23,7 @@ run() {  # name, model, extra env...
   local home=$W/$name-writer
   env "$@" INDEXQ_MODEL=$model INDEXQ_HOME=$home indexq worker > $W/$name.log 2>&1 &
   local wpid=$!
+  WRITERS+=("$wpid")
   until grep -q "tasks requeued" $W/$name.log; do sleep 0.2; done
   local t0=$(date +%s.%N)
   local phome=$home; case $name in remote*) phome=$W/$name-producer;; esac
