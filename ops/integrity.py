@@ -32,7 +32,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 VECTOR_SEGMENT = "urn:chroma:segment/vector/hnsw-local-persisted"
 # hnswlib's header as chroma-hnswlib writes it: version, then the index parameters.
@@ -290,6 +293,11 @@ def _probe_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
+
+
+def check_home(config: Config, deep: bool = False) -> Report:
+    """Every layer on a data home's Chroma (directory or server) against its ledger."""
+    return check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
 
 
 def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None) -> Report:

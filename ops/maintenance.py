@@ -13,7 +13,7 @@ from typing import Any
 
 from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
-from ops.integrity import Report, check
+from ops.integrity import Report, check_home
 from pipeline.config import Config
 from pipeline.errors import BusyError, IndexqError, NotFoundError, UnreachableError
 from pipeline.ledger import Ledger
@@ -38,7 +38,7 @@ def run_check(config: Config, deep: bool = False) -> Report:
     try:
         with lock.held(timeout=config.lock_timeout):
             paused = time.monotonic()
-            report = check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
+            report = check_home(config, deep=deep)
             report.pause_seconds = time.monotonic() - paused
     finally:
         lock.close()

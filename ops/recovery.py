@@ -22,6 +22,7 @@ ledger snapshot first, then replays what the live ledger committed after it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -33,7 +34,7 @@ from typing import Any
 from ops import alerts
 from ops.backup import list_backups, newest_verified
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
-from ops.integrity import Report, check
+from ops.integrity import Report, check_home
 from pipeline.config import Config
 from pipeline.errors import IndexqError, NotFoundError
 from pipeline.faults import fault_point
@@ -89,7 +90,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             _clean_leftovers(config)
             # Deep: the damage multiple writers leave (SQLite fine, vectors unreadable)
             # shows only when embeddings are read back.
-            report = check(config.chroma_dir, config.ledger_path, deep=True, url=config.chroma_url)
+            report = check_home(config, deep=True)
             result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
             result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})
             if dry_run or result["action"] == NONE:
@@ -100,7 +101,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             except Exception as exc:
                 result["error"] = f"{type(exc).__name__}: {exc}"
                 logger.exception("recovery %s failed", result["action"])
-            final = check(config.chroma_dir, config.ledger_path, deep=True, url=config.chroma_url)
+            final = check_home(config, deep=True)
             result["pause_seconds"] = round(time.monotonic() - started, 3)
             result["healthy"] = final.healthy
             result["remaining"] = [str(p) for p in final.problems]
@@ -164,9 +165,9 @@ def _rebuild_on_server(config: Config, ledger: Ledger, step: dict[str, Any]) -> 
             snapshot = Ledger(copy)
             try:
                 for name in names:
-                    rows = list(snapshot.committed(name))
-                    for start in range(0, len(rows), config.commit_batch):
-                        store.upsert_rows(name, rows[start : start + config.commit_batch])
+                    rows = snapshot.committed(name)
+                    while batch := list(itertools.islice(rows, config.commit_batch)):
+                        store.upsert_rows(name, batch)
             finally:
                 snapshot.close()
                 for leftover in config.home.glob(copy.name + "*"):

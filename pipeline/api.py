@@ -109,59 +109,25 @@ def wait(
 ) -> JobProgress:
     """Block until every chunk of the job is committed (or failed); returns its progress.
 
-    With ``timeout``, returns the progress so far when it expires.
+    With ``timeout``, returns the progress so far when it expires. With a shared queue
+    (a producer on another machine) the progress is what the writer publishes there;
+    a job it has not received yet is waited for rather than unknown.
     """
+    from workers.queue import WriterHuey
+
     cfg = _config(config)
-    if cfg.remote_producers:
-        return _wait_remote(cfg, job_id, deadline=None if timeout is None else time.monotonic() + timeout,
-                            progress=progress)  # fmt: skip
-    ledger = _existing_ledger(cfg)
+    remote = cfg.remote_producers
+    queue = WriterHuey(cfg) if remote else None
+    ledger = None if remote else _existing_ledger(cfg)
     bar = None
     warned = False
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
-            state = ledger.progress(job_id)
-            if state is None:
+            state = _remote_progress(cfg, job_id, queue) if ledger is None else ledger.progress(job_id)
+            if state is None and not remote:
                 raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
-            if progress:
-                if bar is None:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=state.chunks, unit="chunk", desc=job_id, file=sys.stderr, dynamic_ncols=True)
-                bar.total = state.chunks
-                bar.update(state.committed + state.failed - bar.n)
-                bar.set_postfix(pending=state.pending, failed=state.failed, refresh=False)
-            if state.state in ("done", "failed") or (deadline is not None and time.monotonic() >= deadline):
-                return state
-            if progress and not warned and writer_alive(cfg.writer_lock_path) is None:
-                warned = True
-                print(
-                    f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)",
-                    file=sys.stderr,
-                )
-            time.sleep(POLL_SECONDS)
-    finally:
-        if bar is not None:
-            bar.close()
-        ledger.close()
-
-
-def _wait_remote(cfg: Config, job_id: str, deadline: float | None, progress: bool) -> JobProgress:
-    """wait() for a producer on another machine: poll what the writer publishes in the queue."""
-    from workers.queue import WriterHuey
-
-    queue = WriterHuey(cfg)
-    bar = None
-    warned = False
-    try:
-        while True:
-            state = _remote_progress(cfg, job_id, queue)
-            if progress and not warned and queue.serving_writer() is None:
-                warned = True
-                print(f"waiting for a writer: none serves {cfg.queue_shown} (start one with `indexq worker`)",
-                      file=sys.stderr)  # fmt: skip
-            if state is not None and progress:
+            if progress and state is not None:
                 if bar is None:
                     from tqdm import tqdm
 
@@ -174,20 +140,31 @@ def _wait_remote(cfg: Config, job_id: str, deadline: float | None, progress: boo
                 return state
             if timed_out:
                 raise NotFoundError(f"the writer has not received job {job_id!r} yet", hint="is the writer running?")
+            if progress and not warned:
+                if queue is not None and queue.serving_writer() is None:
+                    warned = True
+                    print(f"waiting for a writer: none serves {cfg.queue_shown} (start one with `indexq worker`)",
+                          file=sys.stderr)  # fmt: skip
+                elif queue is None and writer_alive(cfg.writer_lock_path) is None:
+                    warned = True
+                    print(f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)",
+                          file=sys.stderr)  # fmt: skip
             time.sleep(POLL_SECONDS)
     finally:
         if bar is not None:
             bar.close()
+        if ledger is not None:
+            ledger.close()
 
 
 def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
     """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
-    from workers.queue import WriterHuey
 
     cfg = _config(config)
     cfg.ensure_home()
     if cfg.remote_producers and not cfg.ledger_path.exists():
-        return _producer_status(cfg)
+        # A producer's machine: no ledger here, only the queue.
+        return {"home": str(cfg.home), "producer_only": True, **_queue_info(cfg)}
     ledger = Ledger(cfg.ledger_path)
     try:
         holder = writer_alive(cfg.writer_lock_path)
@@ -195,15 +172,11 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         commits = ledger.commit_stats()
         memory = psutil.virtual_memory()
         disk = shutil.disk_usage(cfg.chroma_dir if cfg.chroma_engine == "persistent" else cfg.home)
-        queue = WriterHuey(cfg)
-        queue.ping()
         return {
             "home": str(cfg.home),
             "chroma": cfg.chroma_url or str(cfg.chroma_dir),
-            "engines": _engines(cfg),
+            **_queue_info(cfg),
             "writer": {"alive": holder is not None, **(holder or {})},
-            "queue_depth": queue.pending_count(),
-            "intake_parts": len(queue.intake.keys()),
             "last_commit": commits["last_commit"],
             "recent_rate": round(commits["recent_rate"], 2),
             "chunks": ledger.counts(),
@@ -218,25 +191,19 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         ledger.close()
 
 
-def _engines(cfg: Config) -> dict[str, str]:
-    return {
-        "queue": cfg.queue_engine,
-        "queue_at": cfg.queue_shown,
-        "chroma": cfg.chroma_engine,
-        "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
-    }
-
-
-def _producer_status(cfg: Config) -> dict[str, Any]:
-    """status() on a producer machine of a shared queue: no ledger here, only the queue."""
+def _queue_info(cfg: Config) -> dict[str, Any]:
+    """Engines in use, queue depth and intake parts waiting (raises UnreachableError)."""
     from workers.queue import WriterHuey
 
     queue = WriterHuey(cfg)
     queue.ping()
     return {
-        "home": str(cfg.home),
-        "engines": _engines(cfg),
-        "producer_only": True,
+        "engines": {
+            "queue": cfg.queue_engine,
+            "queue_at": cfg.queue_shown,
+            "chroma": cfg.chroma_engine,
+            "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
+        },
         "queue_depth": queue.pending_count(),
         "intake_parts": len(queue.intake.keys()),
     }

@@ -215,10 +215,12 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
+    engines = info["engines"]
+    queue_line = f"queue:       {engines['queue']} {engines['queue_at']}: {info['queue_depth']} tasks" + (
+        f", {info['intake_parts']} intake parts waiting" if engines["queue"] == "redis" else ""
+    )
     if info.get("producer_only"):
-        engines = info["engines"]
-        click.echo(f"queue:       {engines['queue']} {engines['queue_at']}: {info['queue_depth']} tasks,"
-                   f" {info['intake_parts']} intake parts waiting")  # fmt: skip
+        click.echo(queue_line)
         click.echo(f"home:        {info['home']} (a producer: the ledger and jobs are on the writer's machine;")
         click.echo("             follow a job with `indexq index --wait`)")
         return
@@ -229,9 +231,7 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     else:
         click.echo("writer:      not running")
     click.echo(f"home:        {info['home']}")
-    engines = info["engines"]
-    click.echo(f"queue:       {engines['queue']} {engines['queue_at']}: {info['queue_depth']} tasks"
-               + (f", {info['intake_parts']} intake parts waiting" if engines["queue"] == "redis" else ""))  # fmt: skip
+    click.echo(queue_line)
     click.echo(f"chroma:      {engines['chroma']} {engines['chroma_at']}")
     last = info["last_commit"]
     last_text = (

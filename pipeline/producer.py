@@ -26,7 +26,7 @@ from pipeline.chunking import Chunk, chunk_text
 from pipeline.config import Config
 from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
 from pipeline.embedder import load_tokenizer
-from pipeline.errors import ConfigError, EmptyCorpusError, UnreachableError
+from pipeline.errors import ConfigError, EmptyCorpusError
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
 from pipeline.ledger import Ledger
@@ -89,15 +89,8 @@ class Producer:
 
     def _check_writer_model(self) -> None:
         """Chunks are sized with the producer's tokenizer: it must be the writer's model's."""
-        try:
+        with self.huey.reaching():
             writer = self.huey.serving_writer()
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise UnreachableError(
-                    f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
-                    hint="start the Redis server, or check INDEXQ_QUEUE_URL",
-                ) from exc
-            raise
         if writer and writer.get("model") and writer["model"] != self.config.model:
             raise ConfigError(
                 f"the writer on {writer.get('host')} embeds with {writer['model']!r}, this producer would chunk"
@@ -243,16 +236,9 @@ class Producer:
             part["skipped"] = [s.as_dict() for s in sub.skipped]
         key = part_key(sub.job, job.parts)
         assert self.intake is not None
-        try:
+        with self.huey.reaching(f"job {sub.job} is incomplete: submit the same paths again once the queue is back"):
             self.intake.put(key, part)
             self.huey.tasks.ingest(key)
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise UnreachableError(
-                    f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
-                    hint=f"job {sub.job} is incomplete: submit the same paths again once the queue is back",
-                ) from exc
-            raise
         job.parts += 1
 
     def _finish(self, job: _LazyJob, sub: Submission, batch: _Batch, empty: str) -> Submission:
@@ -290,15 +276,6 @@ class _LazyJob:
         if self._id is None:
             self._id = self._ledger.create_job(*self._args) if self._ledger else new_job_id()
         return self._id
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    try:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-    except ImportError:  # pragma: no cover - redis is a dependency
-        return False
-    return isinstance(exc, RedisConnectionError | RedisTimeoutError)
 
 
 def _file_chunk(source: str, chunk: Chunk) -> dict[str, Any]:

@@ -9,9 +9,10 @@ same deterministic ids is harmless.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -89,11 +90,16 @@ class Writer:
 
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
-        if self.publisher is None:
+        with self._publishing(collection, ids):
             return self._index(collection, ids)
-        jobs = self.ledger.jobs_of(collection, ids)
+
+    @contextlib.contextmanager
+    def _publishing(self, collection: str, ids: Sequence[str]) -> Iterator[None]:
+        """Mark the jobs of ``ids`` for the publisher once the block is done (jobs read before it:
+        a delete removes the rows that name them)."""
+        jobs = self.ledger.jobs_of(collection, ids) if self.publisher is not None else set()
         try:
-            return self._index(collection, ids)
+            yield
         finally:
             self.publish(jobs)
 
@@ -233,11 +239,8 @@ class Writer:
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove stale chunks from Chroma, then from the ledger."""
-        jobs = self.ledger.jobs_of(collection, ids) if self.publisher is not None else set()
-        try:
+        with self._publishing(collection, ids):
             return self._delete(collection, ids)
-        finally:
-            self.publish(jobs)
 
     def _delete(self, collection: str, ids: Sequence[str]) -> int:
         rows = self.ledger.load(collection, ids, (DELETING,))

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,9 +35,9 @@ class Server:
             argv, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
         )
 
-    def wait_until(self, ready: object, what: str, timeout: float = 60) -> None:
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while not ready():  # type: ignore[operator]
+        while not ready():
             if self.popen.poll() is not None:
                 raise AssertionError(f"{what} exited {self.popen.returncode}:\n{self.log.read_text()[-2000:]}")
             if time.monotonic() > deadline:

@@ -12,6 +12,7 @@ are signed JSON either way (``workers.serializer``), never pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from huey import Huey
@@ -218,17 +220,23 @@ class WriterHuey(Huey):
         # makes every task fail after it was popped.
         return False
 
+    @contextlib.contextmanager
+    def reaching(self, hint: str = "start the Redis server, or check INDEXQ_QUEUE_URL") -> Iterator[None]:
+        """Turn a Redis connection failure inside the block into UnreachableError (exit 5)."""
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise UnreachableError(
+                f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0], hint=hint
+            ) from exc
+
     def ping(self) -> None:
         """Raise UnreachableError unless the queue answers."""
-        try:
+        with self.reaching():
             self.storage.queue_size()
-        except Exception as exc:
-            if self.config.queue_engine != "redis":
-                raise
-            raise UnreachableError(
-                f"cannot reach the queue at {self.config.queue_shown}: {exc}".splitlines()[0],
-                hint="start the Redis server, or check INDEXQ_QUEUE_URL",
-            ) from exc
 
     def running_writer(self) -> Writer:
         if self.writer is None:
@@ -286,16 +294,16 @@ class WriterHuey(Huey):
     def _release_lease(self) -> None:
         # As a shutdown hook this also runs when a worker thread dies and Huey starts
         # another: keep the lease unless the consumer is really stopping.
-        if self.writer is not None and not self.writer.stop.is_set():
-            return
+        if self.writer is None or self.writer.stop.is_set():
+            self._drop_lease()
+
+    def _drop_lease(self) -> None:
         lease, self._lease = self._lease, None
         if lease is not None:
             lease.release()
 
     def _release(self) -> None:
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            lease.release()
+        self._drop_lease()
         self._lock.release()
 
     def create_consumer(self, **options: Any) -> WriterConsumer:
