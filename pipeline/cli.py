@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a job or check failed, 2 bad usage or bad input, 3 another
 writer holds the lock, 4 busy (a lock timed out), 5 a server (Redis, Chroma) did not
-answer.
+answer, 6 the data home cannot be read or written (disk full, read-only, permission,
+I/O error: never judged as damage).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline import api
 from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config
 from pipeline.errors import IndexqError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_STORAGE = 0, 1, 2, 3, 4, 5, 6
 # Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
 # which would leave a fresh job waiting; a look at an SQLite queue costs microseconds).
 WRITER_MAX_POLL = 0.25

@@ -69,6 +69,13 @@ class UnreachableError(IndexqError):
     exit_code = 5
 
 
+class StorageError(IndexqError):
+    """The data home could not be read or written (disk full, read-only, permission,
+    I/O error): nothing was judged damaged and nothing half-done was left."""
+
+    exit_code = 6
+
+
 class ForgedPayloadError(IndexqError, ValueError):
     """A queue payload whose signature does not match this queue's key: never run."""
 
