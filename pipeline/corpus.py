@@ -1,9 +1,12 @@
 """What producers read: files under paths (filtered by globs) and JSON records.
 
 Files stream one at a time, so memory stays flat however large the corpus. A file
-that cannot be indexed (unreadable, binary, not UTF-8, too large, empty) is skipped
-and counted with its reason; it never fails the job. Records are validated in full
-before anything is written: a bad record fails the submission with its line number.
+that cannot be indexed (unreadable, binary, not UTF-8, too large, empty, not a regular
+file, a symlink leading outside the paths given) is skipped and counted with its
+reason; it never fails the job. A file is known by its resolved real path, so every
+spelling of it (``..``, a symlinked parent, a symlink inside the tree) is one source.
+Records are validated in full before anything is written: a bad record fails the
+submission with its line number.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import dataclasses
 import fnmatch
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from pipeline.errors import BadInputError
 from pipeline.guards import clean_metadata, clean_text
 
 # Folders no one means to index; --include cannot bring them back, --exclude adds more.
 DEFAULT_EXCLUDES = (".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules")
-# One file is held in memory while it is chunked: bound it.
-MAX_FILE_BYTES = 64 * 2**20
+# One file (or one JSONL line) is held in memory while it is chunked: bound it. With
+# tokens counted in segments (pipeline.producer) a producer's peak RSS stays near
+# 400 MB above the model's tokenizer for a file of this size (see the benchmark).
+MAX_FILE_BYTES = 16 * 2**20
+MAX_LINE_BYTES = MAX_FILE_BYTES
 # Text read ahead and tokenized together (a batch runs on every core); bounds memory.
 GROUP_BYTES = 2 * 2**20
 # Bytes looked at to call a file binary (a NUL byte among them), as git does.
@@ -48,15 +55,34 @@ class Record:
     position: int  # line number in a JSONL file, index in an iterable
 
 
+# Skip reasons that mean the file's content can no longer be indexed: chunks it had
+# are stale. Other reasons (unreadable: a permission or I/O error) may pass; its
+# chunks stay until it can be read again or is gone (--prune).
+GONE_REASONS = ("empty", "binary", "not UTF-8", "larger than", "not a regular file", "symlink to", "broken symlink")
+
+
+def content_gone(reason: str) -> bool:
+    return reason.startswith(GONE_REASONS)
+
+
 def check_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Every path must exist before anything is written."""
-    resolved = [Path(p).expanduser().absolute() for p in paths]
-    if not resolved:
+    """Every path must exist before anything is written; each is resolved to its real path."""
+    given = [Path(p).expanduser() for p in paths]
+    if not given:
         raise BadInputError("no path given", hint="name files or directories to index")
-    missing = [str(p) for p in resolved if not p.exists()]
+    missing = [str(p.absolute()) for p in given if not p.exists()]
     if missing:
         raise BadInputError(f"no such file or directory: {', '.join(missing)}")
+    resolved: list[Path] = []
+    for path in given:
+        real = path.resolve()
+        if real not in resolved:
+            resolved.append(real)
     return resolved
+
+
+def _inside(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or path.is_relative_to(root) for root in roots)
 
 
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
@@ -64,33 +90,80 @@ def _matches(rel: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk(paths: list[Path], include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Files under ``paths`` in a stable order; globs match a name or a relative path."""
+def walk(
+    paths: list[Path], include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), follow_symlinks: bool = False
+) -> Iterator[Path | Skipped]:
+    """Files under ``paths`` (resolved real paths) in a stable order, or why one is skipped.
+
+    Globs match a name or a path relative to its root, as spelled in the tree. A
+    symlink is followed when it leads inside the paths given: a file is then indexed
+    under its real path, once, and a linked folder's files are found under their own
+    path. With ``follow_symlinks`` a symlink may lead anywhere (a folder is walked
+    once however many links lead to it). Everything else is skipped with its reason.
+    """
     excluded = (*DEFAULT_EXCLUDES, *exclude)
+    seen: set[Path] = set()  # real paths already yielded: one file, one source
+    walked: set[Path] = set()  # real folders already walked: no loops through links
+
+    def one(path: Path, rel: str) -> Path | Skipped | None:
+        if _matches(rel, excluded) or (include and not _matches(rel, include)):
+            return None
+        real = path.resolve()
+        if path.is_symlink():
+            if not path.exists():
+                return Skipped(str(path), "broken symlink")
+            if not follow_symlinks and not _inside(real, paths):
+                return Skipped(str(path), f"symlink to {real}, outside the paths given (--follow-symlinks)")
+        if real in seen:
+            return None
+        seen.add(real)
+        if not real.is_file():
+            return Skipped(str(real), "not a regular file")
+        return real
+
     for root in paths:
-        if root.is_file():
-            if not _matches(root.name, exclude) and (not include or _matches(root.name, include)):
-                yield root
+        if not root.is_dir():
+            found = one(root, root.name)
+            if found is not None:
+                yield found
             continue
-        for folder, dirs, files in os.walk(root):
+        for folder, dirs, files in os.walk(root, followlinks=follow_symlinks):
             base = Path(folder)
-            dirs[:] = sorted(d for d in dirs if not _matches((base / d).relative_to(root).as_posix(), excluded))
+            real_base = base.resolve()
+            if real_base in walked:
+                dirs[:] = []
+                continue
+            walked.add(real_base)
+            kept = []
+            for d in sorted(dirs):
+                sub = base / d
+                if _matches(sub.relative_to(root).as_posix(), excluded):
+                    continue
+                if sub.is_symlink() and not follow_symlinks:
+                    target = sub.resolve()
+                    if not _inside(target, paths):
+                        yield Skipped(str(sub), f"symlink to {target}, outside the paths given (--follow-symlinks)")
+                    # A link to a folder inside the paths: its files are found under their own path.
+                    continue
+                kept.append(d)
+            dirs[:] = kept
             for name in sorted(files):
                 path = base / name
-                rel = path.relative_to(root).as_posix()
-                if _matches(rel, excluded) or (include and not _matches(rel, include)):
-                    continue
-                if path.is_file():
-                    yield path
+                found = one(path, path.relative_to(root).as_posix())
+                if found is not None:
+                    yield found
 
 
 def read_text(path: Path) -> str | Skipped:
     """The file's text, or why it is skipped."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
+        with path.open("rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                return Skipped(str(path), "not a regular file")
+            # Read one byte past the limit rather than trust st_size: a file may grow.
+            data = handle.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
             return Skipped(str(path), f"larger than {MAX_FILE_BYTES // 2**20} MB")
-        data = path.read_bytes()
     except OSError as exc:
         return Skipped(str(path), f"unreadable: {exc.strerror or exc}")
     if b"\x00" in data[:_SNIFF]:
@@ -105,11 +178,16 @@ def read_text(path: Path) -> str | Skipped:
     return text
 
 
-def read_groups(files: Iterable[Path], max_bytes: int = GROUP_BYTES) -> Iterator[list[tuple[Path, str | Skipped]]]:
+def read_groups(
+    files: Iterable[Path | Skipped], max_bytes: int = GROUP_BYTES
+) -> Iterator[list[tuple[Path, str | Skipped]]]:
     """Files read a few at a time, so that they can be tokenized in one parallel batch."""
     group: list[tuple[Path, str | Skipped]] = []
     size = 0
     for path in files:
+        if isinstance(path, Skipped):
+            group.append((Path(path.source), path))
+            continue
         text = read_text(path)
         group.append((path, text))
         size += len(text) if isinstance(text, str) else 0
@@ -132,6 +210,8 @@ def _record(raw: Any, position: int, where: str) -> Record:
     text = raw.get("text")
     if not isinstance(text, str):
         raise ValueError(f'{where}: "text" must be a string')
+    for name, value in (("id", id_), ("text", text)):
+        _check_unicode(value, f'{where}: "{name}"')
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f'{where}: "metadata" must be an object')
@@ -139,57 +219,94 @@ def _record(raw: Any, position: int, where: str) -> Record:
         metadata = clean_metadata(metadata)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    for key, value in metadata.items():
+        _check_unicode(key, f"{where}: metadata key")
+        _check_unicode(value, f"{where}: metadata {key!r}")
     return Record(None if id_ is None else str(id_), clean_text(text), metadata, position)
 
 
-def validate_records(raws: Iterable[tuple[int, Any, str]], spool: IO[str], label: str) -> int:
-    """Check every record (position, value, where) and spool the good ones; raises with all problems."""
-    problems: list[str] = []
-    seen: set[str] = set()
-    count = 0
-    for position, raw, where in raws:
+def _check_unicode(value: Any, what: str) -> None:
+    """JSON may spell a lone UTF-16 surrogate (\\ud800); no tokenizer, SQLite or Chroma takes one."""
+    if isinstance(value, str):
         try:
-            if isinstance(raw, ValueError):
-                raise raw
-            record = _record(raw, position, where)
-            if record.id is not None:
-                if record.id in seen:
-                    raise ValueError(f"{where}: duplicate id {record.id!r}")
-                seen.add(record.id)
-        except ValueError as exc:
-            problems.append(str(exc))
-            continue
-        spool.write(json.dumps(dataclasses.asdict(record)) + "\n")
-        count += 1
-    if problems:
-        shown = "; ".join(problems[:_MAX_PROBLEMS])
-        more = f" (and {len(problems) - _MAX_PROBLEMS} more)" if len(problems) > _MAX_PROBLEMS else ""
-        raise BadInputError(f"{label}: {shown}{more}", hint="nothing was enqueued; fix the records and submit again")
-    return count
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"{what} holds a lone UTF-16 surrogate ({value[exc.start]!a} at character {exc.start})"
+            ) from None
+
+
+def check_record(raw: Any, position: int, where: str) -> Record:
+    """A valid record from a parsed value (or the ValueError found reading it); raises ValueError."""
+    if isinstance(raw, ValueError):
+        raise raw
+    return _record(raw, position, where)
+
+
+class Problems:
+    """Every problem of a submission, counted; the first few kept for the one-line error."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown: list[str] = []
+        self.count = 0
+
+    def add(self, problem: str) -> None:
+        self.count += 1
+        if len(self.shown) < _MAX_PROBLEMS:
+            self.shown.append(problem)
+
+    def raise_any(self) -> None:
+        if not self.count:
+            return
+        more = f" (and {self.count - _MAX_PROBLEMS} more)" if self.count > _MAX_PROBLEMS else ""
+        raise BadInputError(
+            f"{self.label}: {'; '.join(self.shown)}{more}",
+            hint="nothing was enqueued; fix the records and submit again",
+        )
 
 
 def jsonl_values(path: Path) -> Iterator[tuple[int, Any, str]]:
-    """(line number, parsed value or the ValueError, where) for each non-blank line."""
+    """(line number, parsed value or the ValueError, where) for each non-blank line.
+
+    Lines are read with a bound (``MAX_LINE_BYTES``): a file without line ends (or
+    /dev/zero) cannot make the producer hold more than one line in memory.
+    """
     try:
-        handle = path.open(encoding="utf-8")
+        handle = path.open("rb")
     except OSError as exc:
         raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
     with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise BadInputError(f"{path} is not a regular file", hint="--jsonl takes a file of JSON lines")
         number = 0
-        try:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                where = f"line {number}"
-                try:
-                    yield number, json.loads(line), where
-                except json.JSONDecodeError as exc:
-                    yield number, ValueError(f"{where}: not valid JSON ({exc.msg})"), where
-        except UnicodeDecodeError:
-            raise BadInputError(f"{path}: line {number + 1}: not UTF-8") from None
-
-
-def spooled(spool: IO[str]) -> Iterator[Record]:
-    spool.seek(0)
-    for line in spool:
-        yield Record(**json.loads(line))
+        while True:
+            try:
+                line = handle.readline(MAX_LINE_BYTES + 1)
+            except OSError as exc:
+                raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if not line:
+                return
+            number += 1
+            where = f"line {number}"
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                # Skip the rest of the line without holding it.
+                while line and not line.endswith(b"\n"):
+                    line = handle.readline(2**20)
+                yield number, ValueError(f"{where}: longer than {MAX_LINE_BYTES // 2**20} MB"), where
+                continue
+            if number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 BOM, as text files may begin
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, ValueError(f"{where}: not UTF-8 (byte {exc.start})"), where
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text), where
+            except json.JSONDecodeError as exc:
+                yield number, ValueError(f"{where}: not valid JSON ({exc.msg})"), where
+            except RecursionError:
+                yield number, ValueError(f"{where}: nested too deeply"), where

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
@@ -19,6 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psutil
 import sqlite_utils
 
 from pipeline.ids import new_job_id
@@ -31,7 +34,7 @@ FAILED = "failed"  # refused by validation; the reason is in `error`
 OUTSTANDING = (PENDING, EMBEDDED, DELETING)
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # SQLite allows 32766 host parameters; stay far below for IN (...) lists.
 _IN_CHUNK = 500
@@ -56,9 +59,14 @@ class SourcePlan:
     linked: list[str] = dataclasses.field(default_factory=list)
     to_index: list[str] = dataclasses.field(default_factory=list)
     stale: list[str] = dataclasses.field(default_factory=list)
+    # (id, metadata JSON): text unchanged, metadata not; no new embedding needed.
+    retag: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # (id, owning source): ids another source holds; never written over.
+    collisions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    metadata_updated: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +93,18 @@ def _event(row: tuple[Any, ...]) -> dict[str, Any]:
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def _producer_gone(pid: int | None, host: str | None, created: float) -> bool:
+    """The producer of a submission on this host is no longer running (killed, crashed)."""
+    if not pid or host != socket.gethostname():
+        return False  # a remote producer's submission: its parts are still coming, or not
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return True
+    # A pid reused by a later process is not the producer.
+    return started > created + 1
 
 
 class Ledger:
@@ -149,9 +169,12 @@ class Ledger:
             # Version 4: which jobs a chunk belongs to (progress published per task).
             self.db.table("job_chunks").create_index(["collection", "id"], if_not_exists=True)
             jobs = self.db.table("jobs")
-            for column in ("parts", "received"):
+            # Version 5: metadata-only updates; the producer's pid and host, so that a
+            # submission whose producer died shows as abandoned.
+            for column, kind in (("parts", int), ("received", int), ("metadata_updated", int), ("pid", int),
+                                 ("host", str)):  # fmt: skip
                 if column not in jobs.columns_dict:
-                    jobs.add_column(column, int)
+                    jobs.add_column(column, kind)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -175,31 +198,59 @@ class Ledger:
         with self._tx() as conn:
             conn.execute(
                 "INSERT INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
-                " unchanged, stale, skipped_files, skipped)"
-                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]')",
-                (job, collection, kind, json.dumps(sources), time.time()),
+                " unchanged, metadata_updated, stale, skipped_files, skipped, pid, host)"
+                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, 0, '[]', ?, ?)",
+                (job, collection, kind, json.dumps(sources), time.time(), os.getpid(), socket.gethostname()),
             )
         return job
 
     def finish_submission(self, job: str, counts: dict[str, int], skipped: list[dict[str, str]]) -> None:
         with self._tx() as conn:
             conn.execute(
-                "UPDATE jobs SET state='queued', total=?, new=?, changed=?, unchanged=?, stale=?,"
-                " skipped_files=?, skipped=? WHERE id=?",
-                (counts["total"], counts["new"], counts["changed"], counts["unchanged"], counts["stale"],
-                 len(skipped), json.dumps(skipped), job),
+                "UPDATE jobs SET state='queued', total=?, new=?, changed=?, unchanged=?, metadata_updated=?,"
+                " stale=?, skipped_files=?, skipped=? WHERE id=?",
+                (counts["total"], counts["new"], counts["changed"], counts["unchanged"], counts["metadata_updated"],
+                 counts["stale"], len(skipped), json.dumps(skipped), job),
             )  # fmt: skip
 
     def fail_submission(self, job: str, reason: str) -> None:
         with self._tx() as conn:
             conn.execute("UPDATE jobs SET state='failed', skipped=? WHERE id=?", (json.dumps([{"error": reason}]), job))
 
-    def by_source(self, collection: str, source: str) -> dict[int, tuple[str, str, str]]:
-        """ordinal -> (id, hash, state) of the rows a source has now."""
+    def by_source(self, collection: str, source: str) -> dict[int, tuple[str, str, str, str]]:
+        """ordinal -> (id, hash, state, metadata JSON) of the rows a source has now."""
         rows = self.conn.execute(
-            "SELECT ordinal, id, hash, state FROM chunks WHERE collection=? AND source=?", (collection, source)
+            "SELECT ordinal, id, hash, state, metadata FROM chunks WHERE collection=? AND source=?",
+            (collection, source),
         )
-        return {ordinal: (id_, hash_, state) for ordinal, id_, hash_, state in rows}
+        return {ordinal: (id_, hash_, state, meta) for ordinal, id_, hash_, state, meta in rows}
+
+    def owners(self, collection: str, ids: Sequence[str]) -> dict[str, str]:
+        """id -> source for those of ``ids`` the ledger holds (stale rows on their way out aside)."""
+        found: dict[str, str] = {}
+        for part in _batched(ids, _IN_CHUNK):
+            marks = ",".join("?" * len(part))
+            found.update(
+                self.conn.execute(
+                    f"SELECT id, source FROM chunks WHERE collection=? AND id IN ({marks}) AND state != 'deleting'",
+                    (collection, *part),
+                )
+            )
+        return found
+
+    def sources_under(self, collection: str, roots: Sequence[str]) -> list[str]:
+        """Sources of a collection that are one of ``roots`` or lie under one (real paths)."""
+        found: set[str] = set()
+        for root in roots:
+            prefix = root.rstrip("/") + "/"
+            found.update(
+                r[0] for r in self.conn.execute(
+                    "SELECT DISTINCT source FROM chunks WHERE collection=? AND state != 'deleting'"
+                    " AND (source=? OR substr(source, 1, ?)=?)",
+                    (collection, root, len(prefix), prefix),
+                )
+            )  # fmt: skip
+        return sorted(found)
 
     def by_ids(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
         """id -> (hash, state) for those of ``ids`` the ledger has."""
@@ -223,17 +274,34 @@ class Ledger:
     def plan_source(self, collection: str, source: str, chunks: Sequence[dict[str, Any]], model: str) -> SourcePlan:
         """Compare a source's chunks (id, ordinal, text, metadata, hash) with what the ledger has.
 
-        Unchanged chunks are not written again (but indexed if still outstanding);
-        changed ones are reset; chunks past the source's end become stale. Text already
-        embedded with the same model anywhere in the collection reuses that embedding.
+        Unchanged chunks are not written again (but indexed if still outstanding); a
+        chunk whose text is unchanged but whose metadata is not (lines moved above it)
+        gets its metadata updated with its stored embedding; changed ones are reset;
+        chunks past the source's end become stale. Text already embedded with the same
+        model anywhere in the collection reuses that embedding. An id another source
+        holds is never written over: it is listed in ``collisions``.
         """
         plan = SourcePlan()
         existing = self.by_source(collection, source)
+        owners: dict[str, str] = {}
+        if source.startswith("id:"):  # file ids are hashes of their own source: they cannot collide
+            owners = self.owners(collection, [c["id"] for c in chunks])
         for chunk in chunks:
             id_ = chunk["id"]
+            owner = owners.get(id_)
+            if owner is not None and owner != source:
+                plan.collisions.append((id_, owner))
+                continue
             plan.linked.append(id_)
+            metadata = chunk["metadata"]
+            metadata = metadata if isinstance(metadata, str) else json.dumps(metadata, sort_keys=True)
             old = existing.get(chunk["ordinal"])
             if old and old[0] == id_ and old[1] == chunk["hash"] and old[2] != DELETING:
+                if old[3] != metadata:
+                    plan.metadata_updated += 1
+                    plan.retag.append((id_, metadata))
+                    plan.to_index.append(id_)
+                    continue
                 plan.unchanged += 1
                 if old[2] in (PENDING, EMBEDDED):
                     plan.to_index.append(id_)
@@ -243,12 +311,10 @@ class Ledger:
             else:
                 plan.new += 1
             reused = self.reusable_embedding(collection, chunk["hash"], model)
-            metadata = chunk["metadata"]
             plan.rows.append({
                 "id": id_, "source": source, "ordinal": chunk["ordinal"], "text": chunk["text"],
-                "metadata": metadata if isinstance(metadata, str) else json.dumps(metadata, sort_keys=True),
-                "hash": chunk["hash"], "state": EMBEDDED if reused else PENDING, "embedding": reused,
-                "model": model if reused else None,
+                "metadata": metadata, "hash": chunk["hash"], "state": EMBEDDED if reused else PENDING,
+                "embedding": reused, "model": model if reused else None,
             })  # fmt: skip
             plan.to_index.append(id_)
         plan.stale = [
@@ -259,11 +325,12 @@ class Ledger:
         return plan
 
     def write_submission(
-        self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str]
-    ) -> None:
-        """One transaction: new or changed rows, the job's membership, stale rows to delete."""
+        self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str],
+        retag: Sequence[tuple[str, str]] = (),
+    ) -> None:  # fmt: skip
+        """One transaction: new or changed rows, metadata updates, the job's membership, stale rows."""
         with self._tx() as conn:
-            self._write(conn, job, collection, rows, linked, stale)
+            self._write(conn, job, collection, rows, linked, stale, retag)
 
     def ingest(self, key: str, part: dict[str, Any], model: str) -> tuple[list[str], list[str]] | None:
         """Record an intake part from a remote producer: (ids to index, stale ids), or None if already received.
@@ -283,23 +350,39 @@ class Ledger:
             )
             to_index: list[str] = []
             stale: list[str] = []
-            counts = {"total": 0, "new": 0, "changed": 0, "unchanged": 0, "stale": 0}
+            counts = {"total": 0, "new": 0, "changed": 0, "unchanged": 0, "metadata_updated": 0, "stale": 0}
+            refused: list[dict[str, str]] = []
             for entry in part["files"]:
                 plan = self.plan_source(collection, entry["source"], entry["chunks"], model)
-                self._write(conn, job, collection, plan.rows, plan.linked, plan.stale)
+                self._write(conn, job, collection, plan.rows, plan.linked, plan.stale, plan.retag)
                 to_index.extend(plan.to_index)
                 stale.extend(plan.stale)
                 counts["total"] += len(plan.linked)
                 counts["stale"] += len(plan.stale)
-                for name in ("new", "changed", "unchanged"):
+                for name in ("new", "changed", "unchanged", "metadata_updated"):
                     counts[name] += getattr(plan, name)
+                # A remote producer cannot see this ledger: an id another source holds is
+                # refused here, kept visible in the job's skipped list, never written over.
+                refused.extend(
+                    {"source": entry["source"], "reason": f"id {id_!r} is already held by {owner}"}
+                    for id_, owner in plan.collisions
+                )
             conn.execute(
                 "UPDATE jobs SET total=total+:total, new=new+:new, changed=changed+:changed,"
-                " unchanged=unchanged+:unchanged, stale=stale+:stale, received=coalesce(received, 0)+1 WHERE id=:job",
+                " unchanged=unchanged+:unchanged, metadata_updated=coalesce(metadata_updated, 0)+:metadata_updated,"
+                " stale=stale+:stale, received=coalesce(received, 0)+1 WHERE id=:job",
                 {**counts, "job": job},
             )
+            if refused:
+                (old,) = conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
+                merged = json.loads(old or "[]") + refused
+                conn.execute(
+                    "UPDATE jobs SET skipped=?, skipped_files=? WHERE id=?", (json.dumps(merged), len(merged), job)
+                )
             if part["final"]:
-                skipped = part.get("skipped", [])
+                (old,) = conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
+                # Ids refused from earlier parts (and this one) are already there.
+                skipped = json.loads(old or "[]") + part.get("skipped", [])
                 conn.execute(
                     "UPDATE jobs SET parts=?, skipped_files=?, skipped=? WHERE id=?",
                     (part["parts"], len(skipped), json.dumps(skipped), job),
@@ -314,9 +397,18 @@ class Ledger:
 
     def _write(
         self, conn: sqlite3.Connection, job: str, collection: str,
-        rows: list[dict[str, Any]], linked: list[str], stale: list[str],
+        rows: list[dict[str, Any]], linked: list[str], stale: list[str], retag: Sequence[tuple[str, str]] = (),
     ) -> None:  # fmt: skip
         now = time.time()
+        # Metadata only: a committed row goes back to 'embedded' with its stored
+        # embedding, so the writer upserts the new metadata without embedding again.
+        conn.executemany(
+            "UPDATE chunks SET metadata=?, job=?, updated=?, error=NULL, state=CASE"
+            " WHEN state IN ('committed', 'failed')"
+            " THEN (CASE WHEN embedding IS NULL THEN 'pending' ELSE 'embedded' END)"
+            " ELSE state END WHERE collection=? AND id=?",
+            [(meta, job, now, collection, id_) for id_, meta in retag],
+        )
         conn.executemany(
             "INSERT INTO chunks(collection, id, source, ordinal, text, metadata, hash, state, embedding,"
             " model, embeds, updated, job) VALUES (:collection, :id, :source, :ordinal, :text, :metadata,"
@@ -462,11 +554,13 @@ class Ledger:
 
     def progress(self, job: str) -> JobProgress | None:
         row = self.conn.execute(
-            "SELECT collection, state, created, skipped_files FROM jobs WHERE id=?", (job,)
+            "SELECT collection, state, created, skipped_files, pid, host FROM jobs WHERE id=?", (job,)
         ).fetchone()
         if row is None:
             return None
-        collection, state, created, skipped_files = row
+        collection, state, created, skipped_files, pid, host = row
+        if state == "submitting" and _producer_gone(pid, host, created):
+            state = "abandoned"
         chunks, committed, pending, failed = self.conn.execute(
             "SELECT count(*), coalesce(sum(c.state='committed'), 0),"
             " coalesce(sum(c.state IN ('pending', 'embedded')), 0), coalesce(sum(c.state='failed'), 0)"

@@ -13,23 +13,36 @@ and the writer makes the same comparison when it records the part in its ledger.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.chunking import Chunk, chunk_text
 from pipeline.config import Config
-from pipeline.corpus import Record, Skipped, check_paths, jsonl_values, read_groups, spooled, validate_records, walk
-from pipeline.embedder import load_tokenizer
+from pipeline.corpus import (
+    GROUP_BYTES,
+    Problems,
+    Record,
+    Skipped,
+    check_paths,
+    check_record,
+    content_gone,
+    jsonl_values,
+    read_groups,
+    walk,
+)  # fmt: skip
+from pipeline.embedder import Tokenizer, load_tokenizer
 from pipeline.errors import ConfigError, EmptyCorpusError
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
 from pipeline.ledger import Ledger
+from pipeline.spool import Spool
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +58,12 @@ class Submission:
     new: int = 0
     changed: int = 0
     unchanged: int = 0
+    # Text unchanged, metadata not (lines moved above it): updated without re-embedding.
+    metadata_updated: int = 0
     stale: int = 0
+    # Files indexed from under the paths that no longer exist (--prune): their chunks
+    # are counted in ``stale``.
+    pruned: int = 0
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
     # Handed to a remote writer through the intake: new/changed/unchanged/stale are
     # then counted by the writer as it records the parts (see `indexq status`).
@@ -62,6 +80,7 @@ class _Batch:
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
+        self.retag: list[tuple[str, str]] = []
         self.linked: list[str] = []
         self.stale: list[str] = []
         self.to_index: list[str] = []
@@ -107,32 +126,39 @@ class Producer:
     def submit_paths(
         self, paths: Sequence[str | os.PathLike[str]], collection: str,
         include: Sequence[str] = (), exclude: Sequence[str] = (),
+        prune: bool = False, follow_symlinks: bool = False,
     ) -> Submission:  # fmt: skip
+        """Index the files under ``paths``; with ``prune``, remove files indexed from under
+        them that no longer exist."""
         validate_collection(collection)
         roots = check_paths(paths)
-        job = _LazyJob(self.ledger, collection, "paths", [str(p) for p in roots])
+        if prune and self.ledger is None:
+            raise ConfigError(
+                "--prune needs the writer's ledger, and this producer hands its work to a remote writer",
+                hint="run the same command with --prune on the writer's machine",
+            )
         sub = Submission("", collection, remote=self.remote)
-        batch = _Batch()
-        for group in read_groups(walk(roots, tuple(include), tuple(exclude))):
-            readable = [(path, text) for path, text in group if isinstance(text, str)]
-            starts = iter(self.tokenizer.token_starts([text for _, text in readable]))
-            for path, text in group:
-                if isinstance(text, Skipped):
-                    logger.info("skipped %s: %s", text.source, text.reason)
-                    sub.skipped.append(text)
-                    continue
-                source = str(path)
-                chunks = chunk_text(
-                    text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=next(starts)
-                )
-                self._add(
-                    sub, batch, source, chunks,
-                    lambda c, s=source: _file_chunk(s, c), lambda c, s=source: chunk_id(s, c.ordinal),
-                )  # fmt: skip
-                if len(batch) >= FLUSH_EVERY:
-                    self._flush(job, sub, batch)
-                    batch = _Batch()
-        return self._finish(job, sub, batch, f"no indexable text under {', '.join(map(str, roots))}")
+        with self._spool() as spool:
+            files = walk(roots, tuple(include), tuple(exclude), follow_symlinks)
+            for group in read_groups(files):
+                readable = [(path, text) for path, text in group if isinstance(text, str)]
+                starts = iter(token_starts(self.tokenizer, [text for _, text in readable]))
+                for path, text in group:
+                    source = str(path)
+                    if isinstance(text, Skipped):
+                        logger.info("skipped %s: %s", text.source, text.reason)
+                        sub.skipped.append(text)
+                        if content_gone(text.reason) and not spool.has_source(source):
+                            spool.add(source, source, [])  # what it had is stale
+                        continue
+                    chunks = chunk_text(
+                        text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=next(starts)
+                    )
+                    spool.add(source, source, [_file_record(source, c) for c in chunks])
+            if prune:
+                self._prune(spool, sub, collection, roots)
+            empty = f"no indexable text under {', '.join(map(str, roots))}"
+            return self._write(spool, sub, "paths", [str(p) for p in roots], empty)
 
     def submit_jsonl(self, path: str | os.PathLike[str], collection: str) -> Submission:
         validate_collection(collection)
@@ -147,49 +173,86 @@ class Producer:
 
     # ---- internals ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _spool(self) -> Iterator[Spool]:
+        with Spool(self.config.home / "tmp") as spool:
+            yield spool
+
     def _submit_records(
         self, values: Iterable[tuple[int, Any, str]], collection: str, label: str, kind: str
     ) -> Submission:
-        # Validate every record first, into a private spool file, so a bad record
-        # fails the submission before a single row is written.
-        tmp = self.config.home / "tmp"
-        tmp.mkdir(mode=0o700, exist_ok=True)
-        with tempfile.TemporaryFile("w+", encoding="utf-8", dir=tmp) as spool:
-            validate_records(values, spool, label)
-            job = _LazyJob(self.ledger, collection, kind, [label])
-            sub = Submission("", collection, remote=self.remote)
-            batch = _Batch()
-            derived: set[str] = set()
-            for record in spooled(spool):
+        # Every record is checked, chunked and given its ids in a private spool first,
+        # so a bad record or two records claiming one id fail the submission before a
+        # single row is written.
+        sub = Submission("", collection, remote=self.remote)
+        problems = Problems(label)
+        with self._spool() as spool:
+            for position, raw, where in values:
+                try:
+                    record = check_record(raw, position, where)
+                except ValueError as exc:
+                    problems.add(str(exc))
+                    continue
                 if not record.text.strip():
                     sub.skipped.append(Skipped(f"{label}:{record.position}", "empty text"))
                     continue
                 # Without an id, a record is known by its text: resubmitting it (in any
                 # order, with lines added around it) is then idempotent.
                 base = record.id or chunk_id(label, content_hash(record.text))
-                if not record.id:
-                    if base in derived:
+                source = f"id:{base}"
+                earlier = spool.has_source(source)
+                if earlier:
+                    if record.id:
+                        problems.add(f"{where}: duplicate id {record.id!r} (also {earlier})")
+                    else:
                         sub.skipped.append(Skipped(f"{label}:{record.position}", "same text as an earlier record"))
-                        continue
-                    derived.add(base)
-                chunks = chunk_text(record.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap)
-                self._add(
-                    sub, batch, f"id:{base}", chunks,
-                    functools.partial(_record_chunk, record, total=len(chunks)),
-                    lambda c, b=base: b if c.ordinal == 0 else f"{b}#{c.ordinal}",
-                )  # fmt: skip
-                if len(batch) >= FLUSH_EVERY:
-                    self._flush(job, sub, batch)
-                    batch = _Batch()
-            return self._finish(job, sub, batch, f"{label} holds no record with text")
+                    continue
+                (starts,) = token_starts(self.tokenizer, [record.text])
+                chunks = chunk_text(
+                    record.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=starts
+                )
+                place = f"the record on {where}"
+                records = [_record_chunk(record, base, c, len(chunks)) for c in chunks]
+                collision = spool.add(source, place, records)
+                if collision:
+                    problems.add(f"{where}: {collision}")
+            problems.raise_any()
+            if self.ledger is not None:
+                self._check_owners(spool, collection, problems)
+                problems.raise_any()
+            return self._write(spool, sub, kind, [label], f"{label} holds no record with text")
 
-    def _add(
-        self, sub: Submission, batch: _Batch, source: str, chunks: list[Chunk], metadata: Any, make_id: Any
-    ) -> None:
-        records = [
-            {"id": make_id(c), "ordinal": c.ordinal, "text": c.text, "metadata": metadata(c), "hash": c.hash}
-            for c in chunks
-        ]
+    def _check_owners(self, spool: Spool, collection: str, problems: Problems) -> None:
+        """An id the ledger already holds for another source (a record's own id equal to a
+        chunk id of an earlier record, ``c`` and ``c#1``) would silently replace it."""
+        assert self.ledger is not None
+        for batch in spool.ids():
+            owners = self.ledger.owners(collection, [id_ for id_, _, _ in batch])
+            for id_, source, place in batch:
+                owner = owners.get(id_)
+                if owner is not None and owner != source:
+                    problems.add(f"{place}: id {id_!r} is already held in {collection!r} by {_spelled(owner)}")
+
+    def _prune(self, spool: Spool, sub: Submission, collection: str, roots: list[Path]) -> None:
+        """Files indexed from under ``roots`` that no longer exist: their chunks are stale."""
+        assert self.ledger is not None
+        for source in self.ledger.sources_under(collection, [str(r) for r in roots]):
+            if not spool.has_source(source) and not os.path.lexists(source):
+                spool.add(source, source, [])
+                sub.pruned += 1
+
+    def _write(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
+        """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
+        job = _LazyJob(self.ledger, sub.collection, kind, sources)
+        batch = _Batch()
+        for source, _, chunks in spool.sources():
+            self._add(sub, batch, source, chunks)
+            if len(batch) >= FLUSH_EVERY:
+                self._flush(job, sub, batch)
+                batch = _Batch()
+        return self._finish(job, sub, batch, empty)
+
+    def _add(self, sub: Submission, batch: _Batch, source: str, records: list[dict[str, Any]]) -> None:
         sub.chunks += len(records)
         batch.linked.extend(r["id"] for r in records)
         if self.ledger is None:
@@ -197,11 +260,13 @@ class Producer:
             return
         plan = self.ledger.plan_source(sub.collection, source, records, self.config.model)
         batch.rows.extend(plan.rows)
+        batch.retag.extend(plan.retag)
         batch.to_index.extend(plan.to_index)
         batch.stale.extend(plan.stale)
         sub.new += plan.new
         sub.changed += plan.changed
         sub.unchanged += plan.unchanged
+        sub.metadata_updated += plan.metadata_updated
         sub.stale += len(plan.stale)
 
     def _flush(self, job: _LazyJob, sub: Submission, batch: _Batch, final: bool = False) -> None:
@@ -211,7 +276,7 @@ class Producer:
         if not len(batch):
             return
         sub.job = job.id()
-        self.ledger.write_submission(sub.job, sub.collection, batch.rows, batch.linked, batch.stale)
+        self.ledger.write_submission(sub.job, sub.collection, batch.rows, batch.linked, batch.stale, batch.retag)
         # Enqueue only after the rows are durable in the ledger.
         step = self.config.micro_batch
         for start in range(0, len(batch.to_index), step):
@@ -252,11 +317,12 @@ class Producer:
                 sub.job, sub.chunks, sub.collection, job.parts, len(sub.skipped),
             )  # fmt: skip
             return sub
-        counts = {k: getattr(sub, k) for k in ("new", "changed", "unchanged", "stale")}
+        counts = {k: getattr(sub, k) for k in ("new", "changed", "unchanged", "metadata_updated", "stale")}
         self.ledger.finish_submission(sub.job, {"total": sub.chunks, **counts}, [s.as_dict() for s in sub.skipped])
         logger.info(
-            "job %s: %d chunks for %s (%d new, %d changed, %d unchanged, %d stale, %d files skipped)",
-            sub.job, sub.chunks, sub.collection, sub.new, sub.changed, sub.unchanged, sub.stale, len(sub.skipped),
+            "job %s: %d chunks for %s (%d new, %d changed, %d unchanged, %d metadata updated, %d stale,"
+            " %d files skipped, %d pruned)", sub.job, sub.chunks, sub.collection, sub.new, sub.changed,
+            sub.unchanged, sub.metadata_updated, sub.stale, len(sub.skipped), sub.pruned,
         )  # fmt: skip
         return sub
 
@@ -278,19 +344,71 @@ class _LazyJob:
         return self._id
 
 
-def _file_chunk(source: str, chunk: Chunk) -> dict[str, Any]:
-    return {
+def _file_record(source: str, chunk: Chunk) -> dict[str, Any]:
+    metadata = {
         "source": source, "ordinal": chunk.ordinal, "start_line": chunk.start_line,
         "end_line": chunk.end_line, "content_hash": chunk.hash,
     }  # fmt: skip
+    return {"id": chunk_id(source, chunk.ordinal), "ordinal": chunk.ordinal, "text": chunk.text,
+            "metadata": metadata, "hash": chunk.hash}  # fmt: skip
 
 
-def _record_chunk(record: Record, chunk: Chunk, total: int) -> dict[str, Any]:
+def _record_chunk(record: Record, base: str, chunk: Chunk, total: int) -> dict[str, Any]:
     meta = dict(record.metadata)
     meta.setdefault("content_hash", chunk.hash)
     if total > 1:
         meta.setdefault("ordinal", chunk.ordinal)
-    return meta
+    id_ = base if chunk.ordinal == 0 else f"{base}#{chunk.ordinal}"
+    return {"id": id_, "ordinal": chunk.ordinal, "text": chunk.text, "metadata": meta, "hash": chunk.hash}
+
+
+def _spelled(source: str) -> str:
+    return f"record {source[3:]!r}" if source.startswith("id:") else source
+
+
+# Text tokenized in one call at most: one 16 MB line would otherwise become tens of
+# millions of offset objects at once (4.75 GB RSS for a 30 MB line, measured).
+_SEGMENT_CHARS = 256 * 1024
+
+
+def _segments(text: str) -> Iterator[tuple[int, str]]:
+    """(offset, piece) of at most _SEGMENT_CHARS, cut at a line end, else at white space.
+
+    The model's tokenizer splits at white space first, so such cuts change no token.
+    """
+    start = 0
+    while len(text) - start > _SEGMENT_CHARS:
+        end = start + _SEGMENT_CHARS
+        cut = text.rfind("\n", start, end) + 1
+        if cut <= start:
+            cut = max(text.rfind(" ", start, end), text.rfind("\t", start, end)) + 1
+        if cut <= start:
+            cut = end  # no white space at all: a token may be split, the chunk re-counted
+        yield start, text[start:cut]
+        start = cut
+    yield start, text[start:]
+
+
+def token_starts(tokenizer: Tokenizer, texts: list[str]) -> list[array[int]]:
+    """Token start offsets of each text, counted in bounded segments and held compactly."""
+    out = [array("q") for _ in texts]
+    pending: list[tuple[int, int, str]] = []
+    size = 0
+
+    def run() -> None:
+        for (index, offset, _), starts in zip(pending, tokenizer.token_starts([p for _, _, p in pending]), strict=True):
+            out[index].extend(offset + s for s in starts)
+
+    for index, text in enumerate(texts):
+        for offset, piece in _segments(text):
+            pending.append((index, offset, piece))
+            size += len(piece)
+            if size >= GROUP_BYTES:
+                run()
+                pending, size = [], 0
+    if pending:
+        run()
+    return out
 
 
 def _reason_counts(skipped: list[Skipped]) -> str:

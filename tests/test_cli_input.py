@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -71,14 +72,14 @@ def test_binary_non_utf8_and_unreadable_files_are_skipped_and_counted(
     locked.write_text("secret\n")
     if os.geteuid() == 0:
         # root reads anything: make this one file fail the way an unreadable file does.
-        real = Path.read_bytes
+        real = Path.open
 
-        def read_bytes(self: Path) -> bytes:
+        def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
             if self == locked:
                 raise PermissionError(13, "Permission denied")
-            return real(self)
+            return real(self, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        monkeypatch.setattr(Path, "open", open_)
     else:
         locked.chmod(0)
     code, out, err = invoke(home, "index", str(corpus), "-c", "docs", "--json")
