@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 
 from pipeline.embedder import Tokenizer
+from pipeline.errors import ConfigError
 from pipeline.ids import content_hash
 
 # One line in this many (by hash) may end a chunk once it is half full. With lines of
@@ -69,16 +70,37 @@ def _lines(text: str, starts: list[int], budget: int) -> list[_Line]:
     return out
 
 
+def chunk_budget(tokenizer: Tokenizer, max_tokens: int | None, overlap: int) -> int:
+    """Tokens per chunk for these settings; ConfigError, never a silent clamp, for values the
+    model cannot take. Call it once the tokenizer is loaded, before anything is written."""
+    limit = tokenizer.max_tokens
+    if max_tokens is not None and max_tokens > limit:
+        raise ConfigError(
+            f"chunk size (--chunk-tokens, INDEXQ_CHUNK_TOKENS) must be at most {limit}, the limit of model"
+            f" {tokenizer.model!r} (its maximum sequence length less 2 special tokens), got {max_tokens}",
+            hint=f"leave it unset to use {limit}",
+        )
+    budget = max_tokens or limit
+    if not 0 <= overlap < budget // 2:
+        raise ConfigError(
+            f"chunk overlap (--chunk-overlap, INDEXQ_CHUNK_OVERLAP) must be >= 0 and under half the chunk size"
+            f" of {budget} tokens, got {overlap}",
+            hint=f"use at most {budget // 2 - 1}",
+        )
+    return budget
+
+
 def chunk_text(
     text: str, tokenizer: Tokenizer, max_tokens: int | None = None, overlap: int = 32, starts: list[int] | None = None
 ) -> list[Chunk]:
     """Chunks of ``text``, each at most ``max_tokens`` (default: the model's limit).
 
+    Settings the model cannot take raise ConfigError (see ``chunk_budget``).
+
     ``starts`` (from ``tokenizer.token_starts``) saves tokenizing again a text that
     was tokenized in a batch.
     """
-    budget = min(max_tokens or tokenizer.max_tokens, tokenizer.max_tokens)
-    overlap = min(overlap, budget // 2 - 1) if overlap > 0 else 0
+    budget = chunk_budget(tokenizer, max_tokens, overlap)
     if starts is None:
         (starts,) = tokenizer.token_starts([text])
     lines = _lines(text, starts, budget - overlap)

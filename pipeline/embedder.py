@@ -64,6 +64,7 @@ class Tokenizer:
 
     def __init__(self, model: str) -> None:
         location = resolve_model(model)
+        self.model = model
         self.max_seq_length = _max_seq_length(location)
         tokenizer_file = Path(location) / "tokenizer.json"
         self._fast: Any

@@ -6,10 +6,13 @@ never drops work. Validation refuses single chunks with a reason the ledger keep
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,29 +62,94 @@ def check_vector(vector: np.ndarray, dimension: int) -> str | None:
     return None
 
 
-class ResourceGuard:
-    """System memory and free disk, checked before each commit."""
+@dataclasses.dataclass(frozen=True)
+class Hold:
+    """A resource guard holding commits back: which one, since when, what it measured."""
 
-    def __init__(self, chroma_path: Path, memory_threshold: float, min_free_mb: int) -> None:
+    guard: str  # "memory" (percent of system memory in use) or "disk" (MB free)
+    value: float
+    limit: float
+    since: float  # time.time() when this guard began to hold commits back
+
+    def describe(self) -> str:
+        if self.guard == "memory":
+            return f"memory {self.value:.0f} % >= {self.limit:g} %"
+        return f"disk {self.value:.0f} MB free < {self.limit:g} MB"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "summary": self.describe()}
+
+
+class ResourceGuard:
+    """System memory and free disk, checked before each commit.
+
+    ``on_change`` is called with the new Hold when a guard starts holding commits back
+    (or its measured value moves by a whole unit), and with None when commits are
+    released: never on the commit path itself, only while waiting.
+    """
+
+    def __init__(
+        self, chroma_path: Path, memory_threshold: float, min_free_mb: int,
+        on_change: Callable[[Hold | None], None] | None = None,
+    ) -> None:  # fmt: skip
         self.chroma_path = chroma_path
         self.memory_threshold = memory_threshold
         self.min_free_mb = min_free_mb
+        self.on_change = on_change
+        self.hold: Hold | None = None
 
-    def problem(self) -> str | None:
+    def measure(self) -> Hold | None:
+        """The guard that would hold a commit back now, or None."""
         memory = psutil.virtual_memory().percent
         if memory >= self.memory_threshold:
-            return f"system memory at {memory:.0f}% (threshold {self.memory_threshold:g}%)"
+            return Hold("memory", memory, self.memory_threshold, time.time())
         free_mb = shutil.disk_usage(self.chroma_path).free / 2**20
         if free_mb < self.min_free_mb:
-            return f"{free_mb:.0f} MB free under {self.chroma_path} (minimum {self.min_free_mb} MB)"
+            return Hold("disk", free_mb, self.min_free_mb, time.time())
         return None
+
+    def problem(self) -> str | None:
+        hold = self.measure()
+        if hold is None:
+            return None
+        if hold.guard == "memory":
+            return f"system memory at {hold.value:.0f}% (threshold {hold.limit:g}%)"
+        return f"{hold.value:.0f} MB free under {self.chroma_path} (minimum {hold.limit:g} MB)"
 
     def wait_until_clear(self, stop: threading.Event) -> bool:
         """Block while a guard is tripped; False if a stop was asked for meanwhile."""
         delay, growth, longest = GUARD_BACKOFF
-        while (problem := self.problem()) is not None:
-            logger.warning("commit held back: %s; retrying in %.1fs", problem, delay)
+        while (hold := self.measure()) is not None:
+            self._held(hold, delay)
             if stop.wait(delay):
                 return False
             delay = min(delay * growth, longest)
+        if self.hold is not None:
+            logger.warning(
+                "commits released after %.0fs held back (%s)", time.time() - self.hold.since, self.hold.describe()
+            )
+            self.hold = None
+            self._changed(None)
         return not stop.is_set()
+
+    def _held(self, hold: Hold, delay: float) -> None:
+        # One log line and one publication per change of state, not one per poll.
+        previous = self.hold
+        if previous is not None and previous.guard == hold.guard:
+            hold = dataclasses.replace(hold, since=previous.since)
+            if round(hold.value) == round(previous.value):
+                logger.debug("commit still held back: %s; retrying in %.1fs", hold.describe(), delay)
+                return
+            self.hold = hold
+        else:
+            self.hold = hold
+            logger.warning("commits held back: %s; retrying with back-off", hold.describe())
+        self._changed(hold)
+
+    def _changed(self, hold: Hold | None) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(hold)
+        except Exception as exc:  # telling status is best effort: it must never stop the writer
+            logger.warning("could not publish the guard state: %s", str(exc).splitlines()[0][:200])

@@ -12,15 +12,13 @@ import logging
 import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from pipeline.config import Config, redact_url
 from pipeline.errors import UnreachableError
 from pipeline.ledger import Row
-
-if TYPE_CHECKING:
-    from pipeline.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ class Store:
                 self.client.heartbeat()
             except Exception as exc:
                 raise UnreachableError(
-                    f"cannot reach the Chroma server at {url}: {exc}".splitlines()[0],
+                    f"cannot reach the Chroma server at {redact_url(url)}: {exc}".splitlines()[0],
                     hint="start it (`chroma run --path DIR --port PORT`) or check INDEXQ_CHROMA_URL",
                 ) from exc
         else:
@@ -60,7 +58,8 @@ class Store:
 
     @property
     def where(self) -> str:
-        return self.url or str(self.path)
+        """For messages: never a password."""
+        return redact_url(self.url) if self.url else str(self.path)
 
     def drop(self, collection: str) -> None:
         """Delete a collection (server rebuilds); a missing one is fine."""

@@ -26,6 +26,7 @@ from pipeline.intake import Intake
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
 from pipeline.locks import CommitLock
 from pipeline.progress import Publisher
+from pipeline.state import WriterState
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def open_store(config: Config) -> Store:
         raise
     except Exception as exc:  # Chroma refusing its own directory is damage, said plainly
         raise StoreError(
-            f"cannot open Chroma at {config.chroma_url or config.chroma_dir}: {exc}".splitlines()[0],
+            f"cannot open Chroma at {config.chroma_shown}: {exc}".splitlines()[0],
             hint="run `indexq check` and `indexq recover`",
         ) from exc
 
@@ -78,7 +79,11 @@ class Writer:
         with self.commit_lock.held():
             self.store = open_store(config)
             self._generation = read_generation(config)
-        self.guard = ResourceGuard(config.chroma_dir, config.memory_threshold, config.min_free_mb)
+        # Published when the writer starts serving (WriterHuey) and on each change of guard state.
+        self.state = WriterState(config)
+        self.guard = ResourceGuard(
+            config.chroma_dir, config.memory_threshold, config.min_free_mb, on_change=self.state.guard_changed
+        )
         self.stop = stop or threading.Event()
         # Set with a shared queue: job progress is published there for remote producers.
         self.publisher: Publisher | None = None

@@ -71,3 +71,88 @@ def test_parse_duration() -> None:
     assert parse_duration("x", "7d") == 7 * 86400
     with pytest.raises(ConfigError):
         parse_duration("x", "0")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://u:pw123@chroma.internal:8000", "http://u:***@chroma.internal:8000"),
+        ("https://:pw123@10.0.0.6:8443", "https://:***@10.0.0.6:8443"),
+        ("redis://indexq:hunter2@10.0.0.5:6379/2", "redis://indexq:***@10.0.0.5:6379/2"),
+        ("http://10.0.0.6:8000", "http://10.0.0.6:8000"),
+        ("http://u@10.0.0.6:8000", "http://u@10.0.0.6:8000"),
+        ("http://u:pw@host:port", "http://u:***@host"),
+        (None, ""),
+    ],
+)
+def test_redact_url_hides_any_password(url: str | None, shown: str) -> None:
+    from pipeline.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_queue_and_chroma_urls_are_shown_through_the_one_helper(tmp_path: Path) -> None:
+    config = Config(
+        home=tmp_path, queue_url="redis://q:s3cret@10.0.0.5:6379/0", chroma_url="http://c:pw123@10.0.0.6:8000"
+    )
+    assert config.queue_shown == "redis://q:***@10.0.0.5:6379/0"
+    assert config.chroma_shown == "http://c:***@10.0.0.6:8000"
+    assert Config(home=tmp_path).chroma_shown == str(tmp_path / "chroma")
+
+
+@pytest.mark.parametrize(
+    ("tokens", "overlap", "message"),
+    [
+        (255, 32, "chunk size (--chunk-tokens, INDEXQ_CHUNK_TOKENS) must be at most 254, the limit of model 'hash:8'"),
+        (None, 300, "chunk overlap (--chunk-overlap, INDEXQ_CHUNK_OVERLAP) must be >= 0 and under half"),
+        (None, 300, "under half the chunk size of 254 tokens, got 300"),
+        (None, 127, "under half the chunk size of 254 tokens, got 127"),
+        (64, 32, "under half the chunk size of 64 tokens, got 32"),
+        (None, -1, "got -1"),
+    ],
+)
+def test_chunk_settings_the_model_cannot_take_are_errors_not_clamps(
+    tokens: int | None, overlap: int, message: str
+) -> None:
+    from pipeline.chunking import chunk_budget, chunk_text
+    from pipeline.embedder import load_tokenizer
+
+    tokenizer = load_tokenizer("hash:8")
+    with pytest.raises(ConfigError) as info:
+        chunk_budget(tokenizer, tokens, overlap)
+    assert message in str(info.value)
+    with pytest.raises(ConfigError):
+        chunk_text("some text\n", tokenizer, tokens, overlap)
+
+
+def test_chunk_budget_accepts_what_the_model_can_take() -> None:
+    from pipeline.chunking import chunk_budget
+    from pipeline.embedder import load_tokenizer
+
+    tokenizer = load_tokenizer("hash:8")
+    assert chunk_budget(tokenizer, None, 126) == 254
+    assert chunk_budget(tokenizer, 254, 0) == 254
+    assert chunk_budget(tokenizer, 64, 31) == 64
+
+
+def test_ensure_home_makes_an_open_home_private_once(tmp_path: Path) -> None:
+    import stat
+
+    home = tmp_path / "home"
+    (home / "chroma" / "seg").mkdir(parents=True)
+    (home / "chroma" / "seg" / "header.bin").write_bytes(b"x")
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o755)
+    outside.chmod(0o755)
+    (home / "elsewhere").symlink_to(outside)
+    for path, mode in ((home, 0o755), (home / "chroma", 0o755), (home / "chroma" / "seg", 0o750)):
+        path.chmod(mode)
+    (home / "chroma" / "seg" / "header.bin").chmod(0o644)
+    Config(home=home).ensure_home()
+    for path, mode in (
+        (home, 0o700), (home / "chroma", 0o700), (home / "chroma" / "seg", 0o700),
+        (home / "chroma" / "seg" / "header.bin", 0o600), (home / "logs", 0o700),
+    ):  # fmt: skip
+        assert stat.S_IMODE(path.stat().st_mode) == mode, path
+    # A link is not followed: what it points at is not the home's.
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o755

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from huey.registry import Message
@@ -58,12 +60,24 @@ def _decode(value: Any) -> Any:
     return value
 
 
+# Refused payloads raise at most one alert per this many seconds (each is logged): a
+# queue flooded with junk must not flood the alerts, nor fsync an event per payload.
+ALERT_EVERY = 60.0
+
+
 class JsonSerializer(Serializer):
-    """Signed JSON for Huey: what the queue carries can only name a registered task."""
+    """Signed JSON for Huey: what the queue carries can only name a registered task.
+
+    ``on_refused`` (set by the consumer that drains the queue) is called with a one-line
+    summary when payloads were refused, to raise an alert.
+    """
 
     def __init__(self, secret: str, salt: str) -> None:
         super().__init__()
         self.signer = Signer(secret, salt)
+        self.on_refused: Callable[[str], None] | None = None
+        self._alerted = 0.0
+        self._unreported = 0
 
     def _serialize(self, data: Any) -> bytes:
         return self.signer.dumps(_encode(data))
@@ -72,12 +86,25 @@ class JsonSerializer(Serializer):
         try:
             value = _decode(self.signer.loads(data))
         except ForgedPayloadError as exc:
-            logger.error("refused a queue payload: %s; it was not executed", exc)
+            self._refuse(str(exc))
             raise
         except ValueError as exc:  # signed by our key, yet not our JSON: refuse as well
-            logger.error("refused a queue payload that is not valid JSON: %s; it was not executed", exc)
+            self._refuse(f"not valid JSON: {exc}")
             raise ForgedPayloadError(str(exc)) from exc
         if not isinstance(value, Message):
-            logger.error("refused a queue payload that is not a task message; it was not executed")
+            self._refuse("not a task message")
             raise ForgedPayloadError("payload is not a task message")
         return value
+
+    def _refuse(self, reason: str) -> None:
+        logger.error("refused a queue payload: %s; it was not executed", reason)
+        self._unreported += 1
+        if self.on_refused is None or (self._alerted and time.monotonic() - self._alerted < ALERT_EVERY):
+            return
+        count, self._unreported = self._unreported, 0
+        self._alerted = time.monotonic()
+        more = f" (and {count - 1} more since the last alert)" if count > 1 else ""
+        try:
+            self.on_refused(f"refused a queue payload{more}: {reason}; it was not executed")
+        except Exception:  # the refusal stands and is logged; the alert is best effort
+            logger.exception("could not raise an alert for a refused queue payload")

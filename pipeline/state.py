@@ -1,0 +1,116 @@
+"""What the running writer says about itself: its effective settings and guard state.
+
+``indexq status`` runs in another process with its own defaults, so it cannot know the
+memory threshold the writer was started with, nor that a guard holds every commit
+back. The writer writes ``writer.state`` in the data home (JSON, atomically, 0600)
+when it starts and whenever a guard starts or stops holding commits back: never per
+commit, whose path must stay lean. A reader trusts the file only while the writer
+lock is held by the process it names, so a file left by a killed writer is never
+shown as live.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.guards import Hold
+
+logger = logging.getLogger(__name__)
+
+
+def settings(config: Config) -> dict[str, Any]:
+    """The settings that change what the writer does, as it runs with them."""
+    return {
+        "model": config.model,
+        "memory_threshold": config.memory_threshold,
+        "min_free_mb": config.min_free_mb,
+        "micro_batch": config.micro_batch,
+        "commit_batch": config.commit_batch,
+        "queue": config.queue_shown,
+        "chroma": config.chroma_shown,
+    }
+
+
+def write_private_json(path: Path, data: Any) -> None:
+    """Temporary name (owner only), fsync, rename, fsync the folder: a reader sees the old
+    file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+class WriterState:
+    """The writer's side: the state file, and any other place it is published (``sinks``)."""
+
+    def __init__(self, config: Config, sinks: list[Callable[[dict[str, Any]], None]] | None = None) -> None:
+        self.path = config.writer_state_path
+        self.sinks = list(sinks or [])
+        self._lock = threading.Lock()
+        self.state: dict[str, Any] = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.time(),
+            "settings": settings(config),
+            "guard": None,
+        }
+
+    def publish(self) -> None:
+        with self._lock:
+            state = {**self.state, "published": time.time()}
+            try:
+                write_private_json(self.path, state)
+            except OSError as exc:  # a full or read-only home must not stop the writer for this
+                logger.warning("could not write %s: %s", self.path, exc)
+            for sink in self.sinks:
+                try:
+                    sink(state)
+                except Exception as exc:  # a queue away: the file is still right
+                    logger.warning("could not publish the writer's state: %s", str(exc).splitlines()[0][:200])
+
+    def guard_changed(self, hold: Hold | None) -> None:
+        """ResourceGuard's ``on_change``: which guard holds commits back, or None once released."""
+        self.state["guard"] = hold.as_dict() if hold is not None else None
+        self.publish()
+
+
+def live_state(state: dict[str, Any] | None, holder: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``state`` if the process that wrote it is the one holding the writer lock (or lease) now."""
+    if not state or not holder:
+        return None
+    if (state.get("pid"), state.get("host")) != (holder.get("pid"), holder.get("host")):
+        return None
+    return state
+
+
+def read_state(config: Config, holder: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The state file of the writer holding the lock (``holder``), or None: not running, not
+    published yet, or left by a writer that is gone."""
+    if holder is None:
+        return None
+    try:
+        state = json.loads(config.writer_state_path.read_text())
+    except (OSError, ValueError):
+        return None
+    return live_state(state if isinstance(state, dict) else None, holder)
