@@ -136,7 +136,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
         manifest = {
             "name": name,
             "kind": "logical" if logical else "full",
-            "chroma": config.chroma_url or str(config.chroma_dir),
+            "chroma": config.chroma_shown,
             "time": now,
             "watermark": watermark,
             "collections": counts,

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.config import redact_url
+
 if TYPE_CHECKING:
     from pipeline.config import Config
 
@@ -237,12 +239,17 @@ def check_hnsw(chroma: Path) -> list[Problem]:
 
 def run_probe(chroma: Path, ledger: Path, deep: bool, url: str | None = None) -> tuple[dict[str, Any], list[Problem]]:
     """Layers 4 and 5, in a fresh process."""
-    target = ["--chroma-url", url] if url else ["--chroma", str(chroma)]
+    # A server's URL travels in the environment: on the command line, any user's `ps` would show its password.
+    env = _probe_env()
+    env.pop("INDEXQ_CHROMA_URL", None)
+    target = [] if url else ["--chroma", str(chroma)]
+    if url:
+        env["INDEXQ_CHROMA_URL"] = url
     argv = [sys.executable, "-m", "ops.probe", *target, "--ledger", str(ledger)]
     if deep:
         argv.append("--deep")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, env=_probe_env())
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT, env=env)
     except subprocess.TimeoutExpired:
         return {}, [Problem("chroma", str(chroma), f"the Chroma probe did not finish in {PROBE_TIMEOUT}s")]
     if proc.returncode < 0:
@@ -258,7 +265,8 @@ def run_probe(chroma: Path, ledger: Path, deep: bool, url: str | None = None) ->
 
         raise UnreachableError(result["unreachable"], hint="the check was not made; run it again once Chroma answers")
     if "error" in result:
-        return {}, [Problem("chroma", url or str(chroma), f"Chroma could not be read: {result['error']}")]
+        where = redact_url(url) if url else str(chroma)
+        return {}, [Problem("chroma", where, f"Chroma could not be read: {result['error']}")]
     problems: list[Problem] = []
     for name, info in result["collections"].items():
         if info["missing"]:

@@ -1,6 +1,7 @@
 """Chroma-level probes, run in a subprocess: a damaged segment can kill its reader.
 
     python -m ops.probe (--chroma DIR | --chroma-url URL) --ledger FILE [--deep]
+    (or INDEXQ_CHROMA_URL=URL python -m ops.probe --ledger FILE)
 
 Prints one JSON object: per collection, the ids Chroma has against the ledger's
 committed set, and with --deep, embeddings and documents read back against the ledger
@@ -100,7 +101,8 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
 
 @click.command()
 @click.option("--chroma", type=click.Path(path_type=Path))
-@click.option("--chroma-url")
+# run_probe passes a server's URL in the environment, out of sight of `ps`.
+@click.option("--chroma-url", envvar="INDEXQ_CHROMA_URL")
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
 @click.option("--deep", is_flag=True)
 def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: bool) -> None:

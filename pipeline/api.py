@@ -1,7 +1,8 @@
 """The Python API for scripts: submit, wait, status, search, resume.
 
 Every function takes an optional ``config``; without one, ``Config.from_env()`` is used
-(``INDEXQ_HOME`` and friends). Errors are the ``pipeline.errors`` classes.
+(``INDEXQ_HOME`` and friends). Errors are the ``pipeline.errors`` classes. Those that may
+create files in the data home do so with a private umask (0600 files, 0700 folders).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import psutil
 
-from pipeline.config import Config
+from pipeline.config import Config, private_umask
 from pipeline.errors import IndexqError, NotFoundError, StoreError
 from pipeline.ledger import JobProgress, Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
+from pipeline.state import live_state, read_state
 
 # How often wait() looks at the ledger.
 POLL_SECONDS = 0.5
@@ -30,6 +32,7 @@ def _config(config: Config | None) -> Config:
     return config if config is not None else Config.from_env()
 
 
+@private_umask()
 def submit_paths(
     paths: Sequence[str | os.PathLike[str]], collection: str, include: Sequence[str] = (),
     exclude: Sequence[str] = (), config: Config | None = None,
@@ -42,6 +45,7 @@ def submit_paths(
         producer.close()
 
 
+@private_umask()
 def submit_records(
     records: Iterable[dict[str, Any]], collection: str, source: str = "records", config: Config | None = None
 ) -> str:
@@ -56,6 +60,7 @@ def submit_records(
         producer.close()
 
 
+@private_umask()
 def submit_jsonl(path: str | os.PathLike[str], collection: str, config: Config | None = None) -> str:
     """Index a JSONL file of records; returns the job id."""
     producer = Producer(_config(config))
@@ -157,33 +162,44 @@ def wait(
             ledger.close()
 
 
+@private_umask()
 def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
     """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
 
     cfg = _config(config)
     cfg.ensure_home()
     if cfg.remote_producers and not cfg.ledger_path.exists():
-        # A producer's machine: no ledger here, only the queue.
-        return {"home": str(cfg.home), "producer_only": True, **_queue_info(cfg)}
+        # A producer's machine: no ledger here, only the queue and what its writer publishes there.
+        from workers.queue import WriterHuey
+
+        queue = WriterHuey(cfg)
+        info = _queue_info(cfg, queue)
+        with queue.reaching():
+            lease = queue.serving_writer()
+            state = live_state(queue.serving_writer_state(), lease)
+        return {"home": str(cfg.home), "producer_only": True, **info, "writer": _writer_info(lease, state)}
     ledger = Ledger(cfg.ledger_path)
     try:
         holder = writer_alive(cfg.writer_lock_path)
+        writer = _writer_info(holder, read_state(cfg, holder))
+        # The thresholds the running writer applies, not this process's defaults.
+        applied = writer.get("settings") or {}
         progress = [p for p in (ledger.progress(j) for j in ledger.job_ids(jobs)) if p is not None]
         commits = ledger.commit_stats()
         memory = psutil.virtual_memory()
         disk = shutil.disk_usage(cfg.chroma_dir if cfg.chroma_engine == "persistent" else cfg.home)
         return {
             "home": str(cfg.home),
-            "chroma": cfg.chroma_url or str(cfg.chroma_dir),
+            "chroma": cfg.chroma_shown,
             **_queue_info(cfg),
-            "writer": {"alive": holder is not None, **(holder or {})},
+            "writer": writer,
             "last_commit": commits["last_commit"],
             "recent_rate": round(commits["recent_rate"], 2),
             "chunks": ledger.counts(),
             "embeddings_total": ledger.embeddings_total(),
             "embedded_more_than_once": ledger.embedded_more_than_once(),
-            "memory": {"percent": memory.percent, "threshold": cfg.memory_threshold},
-            "disk": {"free_mb": disk.free // 2**20, "min_free_mb": cfg.min_free_mb},
+            "memory": {"percent": memory.percent, "threshold": applied.get("memory_threshold", cfg.memory_threshold)},
+            "disk": {"free_mb": disk.free // 2**20, "min_free_mb": applied.get("min_free_mb", cfg.min_free_mb)},
             "jobs": [p.as_dict() for p in progress],
             **_maintenance(cfg, ledger),
         }
@@ -191,18 +207,29 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         ledger.close()
 
 
-def _queue_info(cfg: Config) -> dict[str, Any]:
+def _writer_info(holder: dict[str, Any] | None, state: dict[str, Any] | None) -> dict[str, Any]:
+    """Alive or not (pid, host, since), and what the live writer published: its effective
+    settings and ``guard`` (None, or which guard holds commits back, since when, value and limit)."""
+    info: dict[str, Any] = {"alive": holder is not None}
+    info.update({k: holder[k] for k in ("pid", "host", "since") if holder and k in holder})
+    if holder is not None:
+        info["settings"] = state["settings"] if state else None
+        info["guard"] = state["guard"] if state else None
+    return info
+
+
+def _queue_info(cfg: Config, queue: Any = None) -> dict[str, Any]:
     """Engines in use, queue depth and intake parts waiting (raises UnreachableError)."""
     from workers.queue import WriterHuey
 
-    queue = WriterHuey(cfg)
+    queue = queue or WriterHuey(cfg)
     queue.ping()
     return {
         "engines": {
             "queue": cfg.queue_engine,
             "queue_at": cfg.queue_shown,
             "chroma": cfg.chroma_engine,
-            "chroma_at": cfg.chroma_url or str(cfg.chroma_dir),
+            "chroma_at": cfg.chroma_shown,
         },
         "queue_depth": queue.pending_count(),
         "intake_parts": len(queue.intake.keys()),
@@ -229,6 +256,7 @@ def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@private_umask()
 def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
     from pipeline.embedder import load_embedder
@@ -261,6 +289,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
         lock.close()
 
 
+@private_umask()
 def resume(config: Config | None = None) -> int:
     """Enqueue every outstanding chunk again; returns the number of tasks enqueued."""
     from workers.queue import WriterHuey

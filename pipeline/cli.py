@@ -20,8 +20,8 @@ from typing import Any
 import click
 
 from pipeline import api
-from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config
-from pipeline.errors import IndexqError
+from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config, private_files
+from pipeline.errors import ConfigError, IndexqError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_STORAGE = 0, 1, 2, 3, 4, 5, 6
 # Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
@@ -95,6 +95,8 @@ def main() -> None:
       indexq search "how do I resume" --collection docs
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Every file and folder indexq creates, Chroma's and SQLite's included, is the owner's only.
+    private_files()
 
 
 @main.command()
@@ -224,13 +226,9 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
         click.echo(queue_line)
         click.echo(f"home:        {info['home']} (a producer: the ledger and jobs are on the writer's machine;")
         click.echo("             follow a job with `indexq index --wait`)")
+        _echo_writer(info["writer"])
         return
-    writer = info["writer"]
-    if writer["alive"]:
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(writer.get("since", 0)))
-        click.echo(f"writer:      running (pid {writer.get('pid')} on {writer.get('host')} since {since})")
-    else:
-        click.echo("writer:      not running")
+    _echo_writer(info["writer"])
     click.echo(f"home:        {info['home']}")
     click.echo(queue_line)
     click.echo(f"chroma:      {engines['chroma']} {engines['chroma_at']}")
@@ -244,6 +242,10 @@ def status(as_json: bool, jobs: int, home: Path) -> None:
     click.echo(f"rate:        {info['recent_rate']:.1f} chunks/s (last minute)")
     chunks = ", ".join(f"{n} {state}" for state, n in sorted(info["chunks"].items())) or "none"
     click.echo(f"chunks:      {chunks}")
+    click.echo(
+        f"embeddings:  {info['embeddings_total']} computed, {info['embedded_more_than_once']} chunks embedded"
+        " more than once"
+    )
     click.echo(f"memory:      {info['memory']['percent']:.0f}% used (threshold {info['memory']['threshold']:g}%)")
     click.echo(f"disk:        {info['disk']['free_mb']} MB free (minimum {info['disk']['min_free_mb']} MB)")
     backup = info["last_backup"]
@@ -369,6 +371,33 @@ def backups(as_json: bool, home: Path) -> None:
         click.echo(f"{b['name']}  {state:<10} {age:>10} ago  watermark {b['watermark']}  {b['size_bytes'] // 2**20} MB")
 
 
+def _clock(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+def _echo_writer(writer: dict[str, Any]) -> None:
+    """The writer's lines of `indexq status`: alive or not, its effective settings, its guard."""
+    if not writer["alive"]:
+        click.echo("writer:      not running")
+        return
+    since = _clock(writer.get("since", 0))
+    click.echo(f"writer:      running (pid {writer.get('pid')} on {writer.get('host')} since {since})")
+    settings = writer.get("settings")
+    if not settings:
+        click.echo("settings:    not published yet (the writer is starting)")
+        return
+    click.echo(
+        f"settings:    model {settings['model']}, memory threshold {settings['memory_threshold']:g} %,"
+        f" min free disk {settings['min_free_mb']} MB, micro-batch {settings['micro_batch']},"
+        f" commit batch {settings['commit_batch']}"
+    )
+    guard = writer.get("guard")
+    if guard:
+        click.echo(f"guard:       commits held back since {_clock(guard['since'])}: {guard['summary']}")
+    else:
+        click.echo("guard:       clear (commits are not held back)")
+
+
 def _age(when: float) -> str:
     seconds = max(0, time.time() - when)
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -421,6 +450,9 @@ def recover(source: str | None, dry_run: bool, as_json: bool, home: Path) -> Non
     """
     from ops.recovery import recover as run
 
+    if source is not None and not source.strip():
+        # Not "no --from": an empty name must not quietly restore the newest backup instead.
+        raise ConfigError(f"--from must name a backup, got {source!r}", hint="`indexq backups` lists them")
     result = run(_config(home=home), source=source, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ from typing import Any
 
 from huey import SqliteHuey
 
-from pipeline.config import Config
+from pipeline.config import Config, private_files
 from pipeline.errors import IndexqError
 from pipeline.locks import WriterLock
 from tasks.maintenance import register
@@ -70,6 +70,8 @@ def __getattr__(name: str) -> Any:
     if name != "huey":
         raise AttributeError(name)
     if _instance is None:
+        # huey_consumer is where this process starts: what it creates is the owner's only.
+        private_files()
         try:
             _instance = MaintenanceHuey(Config.from_env())
         except IndexqError as exc:  # bad configuration: one line, not a traceback

@@ -276,6 +276,9 @@ class WriterHuey(Huey):
             if self.config.remote_producers:
                 self.writer.publisher = Publisher(self.config, self.intake)
                 self.writer.publisher.start()
+                # Where `indexq status` on a producer's machine reads the writer's settings.
+                self.writer.state.sinks.append(self._publish_state)
+            self.serializer.on_refused = self._alert
             # The ledger (and the intake) are the truth: drop the queued tasks and requeue
             # from them, so a restart neither loses a task that died with the last writer
             # nor carries duplicates. Only the queue and schedule: Huey's flush() would
@@ -283,6 +286,7 @@ class WriterHuey(Huey):
             self.storage.flush_queue()
             self.storage.flush_schedule()
             queued = self.requeue()
+            self.writer.state.publish()
             logger.info(
                 "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
             )
@@ -290,6 +294,26 @@ class WriterHuey(Huey):
             self._release()
             raise
         return consumer
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.lease_key}.state"
+
+    def _publish_state(self, state: dict[str, Any]) -> None:
+        # Unsigned, like the lease: only shown, and trusted only while its pid holds the lease.
+        self.storage.conn.set(self.state_key, json.dumps(state))
+
+    def serving_writer_state(self) -> dict[str, Any] | None:
+        """What the writer holding this shared queue's lease published about itself, if anything."""
+        raw = self.storage.conn.get(self.state_key)
+        return json.loads(raw) if raw else None
+
+    def _alert(self, message: str) -> None:
+        """A refused queue payload: an alert in logs/alerts.log and `indexq status`."""
+        from ops import alerts
+
+        if self.writer is not None:
+            alerts.raise_alert(self.config, self.writer.ledger, message)
 
     def _release_lease(self) -> None:
         # As a shutdown hook this also runs when a worker thread dies and Huey starts
