@@ -139,6 +139,9 @@ def test_producers_on_many_machines_writer_killed_server_equals_ledger(
     assert shown.returncode == 0, shown.stderr
     assert f"queue:       redis {redis_url}/1: 0 tasks, 0 intake parts waiting" in shown.stdout
     assert "the ledger and jobs are on the writer's machine" in shown.stdout
+    # ... and the writer serving it, with the settings it published beside its lease.
+    assert f"writer:      running (pid {writer.popen.pid} on " in shown.stdout
+    assert "settings:    model " in shown.stdout and "guard:       " in shown.stdout
     assert not (producer_home / "ledger.db").exists()
     assert writer.terminate() == 0
 
