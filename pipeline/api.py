@@ -35,12 +35,16 @@ def _config(config: Config | None) -> Config:
 @private_umask()
 def submit_paths(
     paths: Sequence[str | os.PathLike[str]], collection: str, include: Sequence[str] = (),
-    exclude: Sequence[str] = (), config: Config | None = None,
+    exclude: Sequence[str] = (), config: Config | None = None, prune: bool = False, follow_symlinks: bool = False,
 ) -> str:  # fmt: skip
-    """Index files and directories (recursively) into ``collection``; returns the job id."""
+    """Index files and directories (recursively) into ``collection``; returns the job id.
+
+    ``prune`` removes the chunks of files indexed from under ``paths`` that no longer
+    exist; ``follow_symlinks`` follows symlinks that lead outside ``paths``.
+    """
     producer = Producer(_config(config))
     try:
-        return producer.submit_paths(paths, collection, include, exclude).job
+        return producer.submit_paths(paths, collection, include, exclude, prune, follow_symlinks).job
     finally:
         producer.close()
 
@@ -141,7 +145,8 @@ def wait(
                 bar.update(state.committed + state.failed - bar.n)
                 bar.set_postfix(pending=state.pending, failed=state.failed, refresh=False)
             timed_out = deadline is not None and time.monotonic() >= deadline
-            if state is not None and (state.state in ("done", "failed") or timed_out):
+            # An abandoned submission (its producer died) never completes: re-run it.
+            if state is not None and (state.state in ("done", "failed", "abandoned") or timed_out):
                 return state
             if timed_out:
                 raise NotFoundError(f"the writer has not received job {job_id!r} yet", hint="is the writer running?")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 
 from pipeline.embedder import Tokenizer
 from pipeline.errors import ConfigError
@@ -48,7 +49,7 @@ def _boundary(line: str) -> bool:
     return int.from_bytes(digest, "little") % _BOUNDARY_DIVISOR == 0
 
 
-def _lines(text: str, starts: list[int], budget: int) -> list[_Line]:
+def _lines(text: str, starts: Sequence[int], budget: int) -> list[_Line]:
     """Lines with their token counts; lines over ``budget`` tokens split into pieces."""
     out: list[_Line] = []
     position = 0
@@ -91,7 +92,11 @@ def chunk_budget(tokenizer: Tokenizer, max_tokens: int | None, overlap: int) -> 
 
 
 def chunk_text(
-    text: str, tokenizer: Tokenizer, max_tokens: int | None = None, overlap: int = 32, starts: list[int] | None = None
+    text: str,
+    tokenizer: Tokenizer,
+    max_tokens: int | None = None,
+    overlap: int = 32,
+    starts: Sequence[int] | None = None,
 ) -> list[Chunk]:
     """Chunks of ``text``, each at most ``max_tokens`` (default: the model's limit).
 

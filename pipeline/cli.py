@@ -105,6 +105,10 @@ def main() -> None:
 @click.option("--include", multiple=True, metavar="GLOB", help="Only files matching GLOB (name or relative path).")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Skip files and folders matching GLOB.")
 @click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), help="Index records from a JSONL file.")
+@click.option("--prune", is_flag=True, help="Remove the chunks of files indexed from under PATHS that no longer exist.")
+@click.option(
+    "--follow-symlinks", is_flag=True, help="Follow symlinks that lead outside PATHS (by default they are skipped)."
+)
 @click.option("--wait", "wait_", is_flag=True, help="Show progress until every chunk is committed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the submission as JSON.")
 @click.option(
@@ -116,8 +120,8 @@ def main() -> None:
 @_errors
 def index(
     paths: tuple[Path, ...], collection: str, include: tuple[str, ...], exclude: tuple[str, ...],
-    jsonl: Path | None, wait_: bool, as_json: bool, chunk_tokens: int | None, chunk_overlap: int | None,
-    model: str | None, home: Path,
+    jsonl: Path | None, prune: bool, follow_symlinks: bool, wait_: bool, as_json: bool, chunk_tokens: int | None,
+    chunk_overlap: int | None, model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Enqueue a bulk-index job; prints the job id.
 
@@ -125,6 +129,7 @@ def index(
     Examples:
       indexq index ./src --collection code --include '*.py' --exclude 'tests/*'
       indexq index --jsonl records.jsonl --collection notes --wait
+      indexq index ./docs --collection docs --prune
     """
     from pipeline.producer import Producer
 
@@ -132,13 +137,15 @@ def index(
         raise click.UsageError("give PATHS or --jsonl, not both")
     if not jsonl and not paths:
         raise click.UsageError("give PATHS to index, or --jsonl FILE")
+    if jsonl and (prune or follow_symlinks):
+        raise click.UsageError("--prune and --follow-symlinks apply to PATHS, not --jsonl")
     config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
     producer = Producer(config)
     try:
         if jsonl:
             sub = producer.submit_jsonl(jsonl, collection)
         else:
-            sub = producer.submit_paths(list(paths), collection, include, exclude)
+            sub = producer.submit_paths(list(paths), collection, include, exclude, prune, follow_symlinks)
     finally:
         producer.close()
     if as_json:
@@ -153,7 +160,8 @@ def index(
         click.echo(sub.job)
         click.echo(
             f"{sub.chunks} chunks: {sub.new} new, {sub.changed} changed, {sub.unchanged} unchanged,"
-            f" {sub.stale} stale; {len(sub.skipped)} files skipped",
+            f" {sub.metadata_updated} metadata updated, {sub.stale} stale; {len(sub.skipped)} files skipped"
+            + (f"; {sub.pruned} files pruned" if prune else ""),
             err=True,
         )
     if wait_:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.chunking import Chunk, chunk_text
+from pipeline.chunking import Chunk, chunk_budget, chunk_text
 from pipeline.config import Config
 from pipeline.corpus import (
     GROUP_BYTES,
@@ -39,6 +39,7 @@ from pipeline.corpus import (
 )  # fmt: skip
 from pipeline.embedder import Tokenizer, load_tokenizer
 from pipeline.errors import ConfigError, EmptyCorpusError
+from pipeline.faults import fault_point
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
 from pipeline.ledger import Ledger
@@ -105,6 +106,8 @@ class Producer:
         if self.remote:
             self._check_writer_model()
         self.tokenizer = load_tokenizer(config.model)
+        # A chunk size or overlap the model cannot take fails here, before anything is written.
+        chunk_budget(self.tokenizer, config.chunk_tokens, config.chunk_overlap)
 
     def _check_writer_model(self) -> None:
         """Chunks are sized with the producer's tokenizer: it must be the writer's model's."""
@@ -283,6 +286,7 @@ class Producer:
             self.huey.tasks.index_chunks(sub.collection, batch.to_index[start : start + step])
         for start in range(0, len(batch.stale), step):
             self.huey.tasks.delete_chunks(sub.collection, batch.stale[start : start + step])
+        fault_point("submission-flushed")
 
     def _hand_over(self, job: _LazyJob, sub: Submission, batch: _Batch, final: bool) -> None:
         """Store a part in the intake, then enqueue its ingest: the part is safe before the task exists."""

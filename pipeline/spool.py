@@ -39,6 +39,7 @@ class Spool:
             "CREATE TABLE chunks(n INTEGER PRIMARY KEY, source INTEGER NOT NULL, id TEXT UNIQUE NOT NULL,"
             " ordinal INTEGER, text TEXT, metadata TEXT, hash TEXT)"
         )
+        self.conn.execute("CREATE INDEX chunks_source ON chunks(source, ordinal)")
         self.chunks = 0
 
     def close(self) -> None:

@@ -1,0 +1,308 @@
+"""One source, one identity; nothing half-done; the tree is the boundary (invariants 6, 7, 9).
+
+Each test reproduces a hole that adversarial testing found (issue 9) with the real CLI,
+a real writer subprocess (``hash:384`` embedder: the model is not the point here) and
+real Chroma directories, and compares with a clean run of the same tree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BIN, Proc, dump_collection, env_for, ledger_query, run_cli, start_worker, wait_for
+
+HASH = {"INDEXQ_MODEL": "hash:384"}
+LINES = [f"line {n}: some words about topic {n % 7} to give each chunk a body" for n in range(400)]
+
+
+def _tree(root: Path) -> Path:
+    (root / "xml").mkdir(parents=True)
+    for i in range(3):
+        (root / "xml" / f"f{i}.txt").write_text("\n".join(f"file {i} {line}" for line in LINES) + "\n")
+    (root / "notes.md").write_text("\n".join(LINES[:120]) + "\n")
+    return root
+
+
+def _index(home: Path, *args: str, code: int = 0) -> dict[str, Any]:
+    result = run_cli(home, "index", *args, "--json", **HASH)
+    assert result.returncode == code, result.stderr
+    return json.loads(result.stdout) if code == 0 else {"stderr": result.stderr}
+
+
+def _drain(procs: list[Proc], home: Path) -> None:
+    """Start a writer if none runs and wait until the ledger has nothing outstanding."""
+    if not any(p.popen.poll() is None and p.log.name.startswith(home.name) for p in procs):
+        start_worker(procs, home, **HASH).wait_started()
+
+    def idle() -> bool:
+        rows = ledger_query(home, "SELECT count(*) FROM chunks WHERE state IN ('pending', 'embedded', 'deleting')")
+        return rows[0][0] == 0
+
+    wait_for(idle, what="the writer to drain the ledger")
+
+
+def _records(home: Path, collection: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """id -> (document, metadata) as Chroma holds them (writer stopped)."""
+    return {k: (v["document"], v["metadata"]) for k, v in dump_collection(home / "chroma", collection).items()}
+
+
+def _chunk_rows(home: Path) -> int:
+    try:
+        return int(ledger_query(home, "SELECT count(*) FROM chunks")[0][0])
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def _stop(procs: list[Proc]) -> None:
+    for proc in procs:
+        if proc.popen.poll() is None:
+            assert proc.terminate() == 0
+
+
+def _clean_run(procs: list[Proc], tmp_path: Path, *paths: Path) -> dict[str, tuple[str, dict[str, Any]]]:
+    clean = tmp_path / "clean"
+    _index(clean, *map(str, paths), "-c", "docs")
+    _drain(procs, clean)
+    _stop(procs)
+    return _records(clean, "docs")
+
+
+# ---- 1. a record's own id never replaces another record's chunk --------------------
+
+
+def test_record_id_equal_to_a_chunk_id_is_refused_with_its_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    long_text = "x " * 2000  # several chunks: c, c#1, ...
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"id": "c", "text": long_text}) + "\n" + json.dumps({"id": "c#1", "text": "hi"}) + "\n")
+    out = _index(home, "--jsonl", str(both), "-c", "notes", code=2)
+    assert out["stderr"].splitlines() == [
+        f"Error: {both}: line 2: id 'c#1' is also chunk 1 of the record on line 1",
+        "Hint: nothing was enqueued; fix the records and submit again",
+    ]
+    assert not (home / "ledger.db").exists() or ledger_query(home, "SELECT count(*) FROM chunks") == [(0,)]
+
+    # Across submissions: c is split in one job, c#1 arrives alone in the next.
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"id": "c", "text": long_text}) + "\n")
+    chunks = _index(home, "--jsonl", str(first), "-c", "notes")["chunks"]
+    assert chunks > 2
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps({"id": "other", "text": "fine"}) + "\n" + json.dumps({"id": "c#1", "text": "x"}))
+    out = _index(home, "--jsonl", str(second), "-c", "notes", code=2)
+    assert out["stderr"].splitlines()[0] == (
+        f"Error: {second}: the record on line 2: id 'c#1' is already held in 'notes' by record 'c'"
+    )
+    assert ledger_query(home, "SELECT count(*), count(DISTINCT source) FROM chunks") == [(chunks, 1)]
+    assert ledger_query(home, "SELECT count(*) FROM jobs") == [(1,)]
+
+
+# ---- 2. one file, one source, whatever path spells it -------------------------------
+
+
+def test_every_spelling_of_a_path_is_one_source(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    (tmp_path / "alias").symlink_to(corpus)
+    first = _index(home, str(corpus / "xml"), "-c", "docs")
+    assert first["new"] == first["chunks"] > 0
+    spellings = [corpus / "xml" / ".." / "xml", tmp_path / "alias" / "xml", Path(os.path.relpath(corpus / "xml"))]
+    for spelling in spellings:
+        again = _index(home, str(spelling), "-c", "docs")
+        assert (again["new"], again["unchanged"]) == (0, first["chunks"]), spelling
+    rows = ledger_query(home, "SELECT count(*), count(DISTINCT source), min(source) FROM chunks")
+    assert rows == [(first["chunks"], 3, str(corpus.resolve() / "xml" / "f0.txt"))]
+
+
+# ---- 3. metadata follows an edit, without re-embedding -------------------------------
+
+
+def test_moved_lines_update_metadata_without_embedding_again(procs: list[Proc], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    _index(home, str(corpus), "-c", "docs")
+    _drain(procs, home)
+    (embeddings_before,) = ledger_query(home, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='embeddings'")[0]
+    target = corpus / "xml" / "f1.txt"
+    target.write_text("a new first line\nand a second one\n" + target.read_text())
+    again = _index(home, str(corpus), "-c", "docs")
+    assert again["metadata_updated"] > 10 and again["changed"] <= 2
+    _drain(procs, home)
+    _stop(procs)
+    (embeddings_after,) = ledger_query(home, "SELECT CAST(value AS INTEGER) FROM meta WHERE key='embeddings'")[0]
+    # Only the changed chunks were embedded again, never the ones whose lines moved.
+    assert embeddings_after - embeddings_before == again["changed"] + again["new"]
+    tortured = _records(home, "docs")
+    assert tortured == _clean_run(procs, tmp_path, corpus)
+
+
+# ---- 4 and 5. emptied, binary and vanished files ---------------------------------------
+
+
+def test_emptied_binary_and_non_utf8_files_lose_their_chunks(procs: list[Proc], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    (corpus / "soon-unreadable.txt").write_text("kept while it cannot be read\n" * 5)
+    _index(home, str(corpus), "-c", "docs")
+    _drain(procs, home)
+    (corpus / "xml" / "f0.txt").write_text("")
+    (corpus / "xml" / "f1.txt").write_bytes(b"\x89PNG\x00\x01" * 100)
+    (corpus / "xml" / "f2.txt").write_bytes("caf\xe9\n".encode("latin-1") * 50)
+    again = _index(home, str(corpus), "-c", "docs")
+    reasons = {Path(s["source"]).name: s["reason"] for s in again["skipped"]}
+    assert reasons == {"f0.txt": "empty", "f1.txt": "binary", "f2.txt": "not UTF-8 (byte 3)"}
+    assert again["stale"] > 0
+    _drain(procs, home)
+    _stop(procs)
+    sources = {meta["source"] for _, meta in _records(home, "docs").values()}
+    assert sources == {str(corpus.resolve() / "notes.md"), str(corpus.resolve() / "soon-unreadable.txt")}
+
+
+def test_prune_removes_files_that_are_gone_and_only_with_the_flag(procs: list[Proc], tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    other = _tree(tmp_path / "other")
+    _index(home, str(corpus), str(other), "-c", "docs")
+    _drain(procs, home)
+    (corpus / "xml" / "f2.txt").unlink()
+    (other / "xml" / "f2.txt").unlink()  # gone too, but not under the path pruned below
+    without = _index(home, str(corpus), "-c", "docs")
+    assert (without["stale"], without["pruned"]) == (0, 0)
+    result = run_cli(home, "index", str(corpus / "xml" / ".."), "-c", "docs", "--prune", **HASH)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[-1].endswith("stale; 0 files skipped; 1 files pruned")
+    _drain(procs, home)
+    _stop(procs)
+    sources = {meta["source"] for _, meta in _records(home, "docs").values()}
+    assert str(corpus.resolve() / "xml" / "f2.txt") not in sources
+    assert str(other.resolve() / "xml" / "f2.txt") in sources
+    assert len(sources) == 7
+
+
+# ---- 8. the indexed tree is the boundary -----------------------------------------------
+
+
+def test_symlinks_leading_outside_the_tree_are_skipped_unless_asked(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    secret = tmp_path / "outside" / "shadow"
+    secret.parent.mkdir()
+    secret.write_text("root:$6$secret-hash:19000:0:99999:7:::\n")
+    (corpus / "innocent.txt").symlink_to(secret)
+    (corpus / "linked-dir").symlink_to(secret.parent)
+    (corpus / "inside-link.txt").symlink_to(corpus / "notes.md")  # inside: the same file, once
+    (corpus / "xml-again").symlink_to(corpus / "xml")  # inside: found under its own path
+    (corpus / "dangling").symlink_to(tmp_path / "nowhere")
+    sub = _index(home, str(corpus), "-c", "docs")
+    reasons = {Path(s["source"]).name: s["reason"] for s in sub["skipped"]}
+    assert reasons == {
+        "innocent.txt": f"symlink to {secret.resolve()}, outside the paths given (--follow-symlinks)",
+        "linked-dir": f"symlink to {secret.parent.resolve()}, outside the paths given (--follow-symlinks)",
+        "dangling": "broken symlink",
+    }
+    texts = " ".join(r[0] for r in ledger_query(home, "SELECT text FROM chunks"))
+    assert "secret-hash" not in texts
+    assert ledger_query(home, "SELECT count(DISTINCT source) FROM chunks") == [(4,)]
+
+    followed = _index(home, str(corpus), "-c", "docs", "--follow-symlinks")
+    assert followed["new"] == 1  # the one line of the outside file, once for two links
+    assert ledger_query(home, "SELECT source FROM chunks WHERE text LIKE '%secret-hash%'") == [(str(secret.resolve()),)]
+
+
+def test_fifos_and_devices_are_skipped_and_counted(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    os.mkfifo(corpus / "pipe")
+    (corpus / "zero").symlink_to("/dev/zero")
+    sub = _index(home, str(corpus), "-c", "docs", "--follow-symlinks")
+    reasons = {Path(s["source"]).name: s["reason"] for s in sub["skipped"]}
+    assert reasons == {"pipe": "not a regular file", "zero": "not a regular file"}
+
+
+# ---- 9 and 10. bad records, huge inputs, killed producers ------------------------------
+
+
+def test_lone_surrogate_fails_the_submission_before_anything_is_written(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    records = tmp_path / "r.jsonl"
+    good = "".join(json.dumps({"id": f"r{n}", "text": f"record {n} " * 50}) + "\n" for n in range(600))
+    records.write_text(good + '{"id": "bad", "text": "half a pair: \\ud800 here"}\n')
+    out = _index(home, "--jsonl", str(records), "-c", "notes", code=2)
+    assert out["stderr"].splitlines()[0] == (
+        f"Error: {records}: line 601: \"text\" holds a lone UTF-16 surrogate ('\\ud800' at character 13)"
+    )
+    assert "Traceback" not in out["stderr"]
+    assert not (home / "ledger.db").exists() or ledger_query(home, "SELECT count(*) FROM jobs") == [(0,)]
+
+
+def test_jsonl_lines_are_bounded_and_devices_refused(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    zero = run_cli(home, "index", "--jsonl", "/dev/zero", "-c", "notes", timeout=60, **HASH)
+    assert (zero.returncode, zero.stderr.splitlines()[0]) == (2, "Error: /dev/zero is not a regular file")
+    huge = tmp_path / "huge.jsonl"
+    with huge.open("wb") as handle:
+        handle.write(b'{"id": "a", "text": "fine"}\n')
+        handle.write(b"x" * (17 * 2**20))  # one line past the 16 MB limit, no line end
+    out = _index(home, "--jsonl", str(huge), "-c", "notes", code=2)
+    assert out["stderr"].splitlines()[0] == f"Error: {huge}: line 2: longer than 16 MB"
+
+
+def test_jsonl_with_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    records = tmp_path / "bom.jsonl"
+    records.write_bytes(b'\xef\xbb\xbf{"id": "a", "text": "first"}\n{"id": "b", "text": "second"}\n')
+    assert _index(home, "--jsonl", str(records), "-c", "notes")["new"] == 2
+
+
+def test_a_producer_killed_mid_submission_leaves_an_abandoned_job_that_a_rerun_completes(
+    procs: list[Proc], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):  # > 512 chunks: more than one ledger flush
+        (corpus / f"f{i:02}.txt").write_text("\n".join(f"{i} {line}" for line in LINES) + "\n")
+    env = env_for(home, INDEXQ_FAULT_PAUSE="submission-flushed:60", **HASH)
+    producer = subprocess.Popen(
+        [str(BIN / "indexq"), "index", str(corpus), "-c", "docs"], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: _chunk_rows(home) > 0, what="the first flush")
+        time.sleep(0.5)
+    finally:
+        os.killpg(producer.pid, signal.SIGKILL)
+        producer.communicate(timeout=30)
+    status = run_cli(home, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    (job,) = json.loads(status.stdout)["jobs"]
+    assert job["state"] == "abandoned"
+    rerun = _index(home, str(corpus), "-c", "docs")
+    assert rerun["unchanged"] > 0 and rerun["new"] > 0
+    _drain(procs, home)
+    _stop(procs)
+    states = {j["id"]: j["state"] for j in json.loads(run_cli(home, "status", "--json").stdout)["jobs"]}
+    assert states == {job["id"]: "abandoned", rerun["job"]: "done"}
+    assert _records(home, "docs") == _clean_run(procs, tmp_path, corpus)
+
+
+@pytest.mark.parametrize("size_mb", [15])
+def test_a_large_single_line_file_is_chunked_within_bounds(tmp_path: Path, size_mb: int) -> None:
+    home = tmp_path / "home"
+    big = tmp_path / "big" / "one-line.txt"
+    big.parent.mkdir()
+    word = b"lorem ipsum dolor sit amet "
+    big.write_bytes(word * (size_mb * 2**20 // len(word)))
+    sub = _index(home, str(big.parent), "-c", "docs")
+    assert sub["chunks"] > 1000 and sub["skipped"] == []
+    (longest,) = ledger_query(home, "SELECT max(length(text)) FROM chunks")[0]
+    assert longest < 2000
