@@ -16,7 +16,7 @@ import fnmatch
 import json
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +152,37 @@ def walk(
                 found = one(path, path.relative_to(root).as_posix())
                 if found is not None:
                     yield found
+
+
+def selected(source: str, roots: Iterable[Path], include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
+    """Whether ``walk`` would take a file at ``source`` (a real path) if it existed there."""
+    path = Path(source)
+    excluded = (*DEFAULT_EXCLUDES, *exclude)
+    include = tuple(include)
+    for root in roots:
+        if path == root:
+            return not _matches(root.name, excluded) and (not include or _matches(root.name, include))
+        if path.is_relative_to(root):
+            parts = path.relative_to(root).parts
+            folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
+            if any(_matches(folder, excluded) for folder in folders):
+                return False
+            rel = "/".join(parts)
+            return not _matches(rel, excluded) and (not include or _matches(rel, include))
+    return False
+
+
+def gone(
+    candidates: Iterable[str], seen: Callable[[str], bool], roots: Iterable[Path],
+    include: Iterable[str] = (), exclude: Iterable[str] = (),
+) -> list[str]:  # fmt: skip
+    """Sources indexed from under ``roots`` that a walk with the same filters no longer
+    found (``seen`` says which it found, skipped ones included): ``--prune`` removes them.
+
+    A file that still exists but is now excluded by a glob is kept.
+    """
+    roots = list(roots)
+    return [s for s in candidates if not seen(s) and selected(s, roots, include, exclude)]
 
 
 def read_text(path: Path) -> str | Skipped:

@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import sqlite_utils
 
+from pipeline.corpus import gone
 from pipeline.ids import new_job_id
 
 PENDING = "pending"  # needs an embedding
@@ -171,8 +172,9 @@ class Ledger:
             jobs = self.db.table("jobs")
             # Version 5: metadata-only updates; the producer's pid and host, so that a
             # submission whose producer died shows as abandoned.
+            # A remote job's --prune (roots and filters) waits here until every part is in.
             for column, kind in (("parts", int), ("received", int), ("metadata_updated", int), ("pid", int),
-                                 ("host", str)):  # fmt: skip
+                                 ("host", str), ("pruned", int), ("prune", str)):  # fmt: skip
                 if column not in jobs.columns_dict:
                     jobs.add_column(column, kind)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -384,16 +386,41 @@ class Ledger:
                 # Ids refused from earlier parts (and this one) are already there.
                 skipped = json.loads(old or "[]") + part.get("skipped", [])
                 conn.execute(
-                    "UPDATE jobs SET parts=?, skipped_files=?, skipped=? WHERE id=?",
-                    (part["parts"], len(skipped), json.dumps(skipped), job),
+                    "UPDATE jobs SET parts=?, skipped_files=?, skipped=?, prune=? WHERE id=?",
+                    (part["parts"], len(skipped), json.dumps(skipped), json.dumps(part.get("prune")), job),
                 )
-            conn.execute(
+            complete = conn.execute(
                 "UPDATE jobs SET state='queued' WHERE id=? AND state='submitting' AND parts IS NOT NULL"
-                " AND received >= parts",
+                " AND received >= parts RETURNING prune, skipped",
                 (job,),
-            )
+            ).fetchone()
+            if complete and complete[0] and json.loads(complete[0]):
+                stale.extend(self._prune(conn, job, collection, json.loads(complete[0]), json.loads(complete[1])))
             conn.execute("INSERT INTO received(key, job, time) VALUES (?, ?, ?)", (key, job, time.time()))
         return to_index, stale
+
+    def _prune(
+        self, conn: sqlite3.Connection, job: str, collection: str, spec: dict[str, Any], skipped: list[dict[str, str]]
+    ) -> list[str]:
+        """A remote job's --prune, once all its parts are in: sources under its roots that it
+        did not send (nor skip), and that its filters would have taken, become stale."""
+        sent = {
+            r[0] for r in conn.execute(
+                "SELECT DISTINCT c.source FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
+                " WHERE j.job=?", (job,),
+            )
+        } | {s.get("source") for s in skipped}  # fmt: skip
+        sources = gone(self.sources_under(collection, spec["roots"]), sent.__contains__,
+                       map(Path, spec["roots"]), spec.get("include", ()), spec.get("exclude", ()))  # fmt: skip
+        ids = [
+            r[0] for source in sources for r in conn.execute(
+                "SELECT id FROM chunks WHERE collection=? AND source=? AND state IN (?, ?, ?, ?)",
+                (collection, source, COMMITTED, PENDING, EMBEDDED, FAILED),
+            )
+        ]  # fmt: skip
+        self._write(conn, job, collection, [], [], ids)
+        conn.execute("UPDATE jobs SET pruned=?, stale=stale+? WHERE id=?", (len(sources), len(ids), job))
+        return ids
 
     def _write(
         self, conn: sqlite3.Connection, job: str, collection: str,

@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from pipeline.corpus import (
     check_paths,
     check_record,
     content_gone,
+    gone,
     jsonl_values,
     read_groups,
     walk,
@@ -66,13 +67,16 @@ class Submission:
     # are counted in ``stale``.
     pruned: int = 0
     skipped: list[Skipped] = dataclasses.field(default_factory=list)
-    # Handed to a remote writer through the intake: new/changed/unchanged/stale are
-    # then counted by the writer as it records the parts (see `indexq status`).
+    # Handed to a remote writer through the intake: new/changed/unchanged/stale (and
+    # pruned) are then counted by the writer as it records the parts (`indexq status`).
     remote: bool = False
+    # --prune handed to a remote writer: roots and filters.
+    prune: dict[str, list[str]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["skipped"] = [s.as_dict() for s in self.skipped]
+        del data["prune"]  # what was asked, not what happened
         return data
 
 
@@ -135,12 +139,9 @@ class Producer:
         them that no longer exist."""
         validate_collection(collection)
         roots = check_paths(paths)
-        if prune and self.ledger is None:
-            raise ConfigError(
-                "--prune needs the writer's ledger, and this producer hands its work to a remote writer",
-                hint="run the same command with --prune on the writer's machine",
-            )
         sub = Submission("", collection, remote=self.remote)
+        # Files that exist but could not be read keep their chunks (and are not pruned).
+        unreadable: set[str] = set()
         with self._spool() as spool:
             files = walk(roots, tuple(include), tuple(exclude), follow_symlinks)
             for group in read_groups(files):
@@ -151,15 +152,22 @@ class Producer:
                     if isinstance(text, Skipped):
                         logger.info("skipped %s: %s", text.source, text.reason)
                         sub.skipped.append(text)
-                        if content_gone(text.reason) and not spool.has_source(source):
-                            spool.add(source, source, [])  # what it had is stale
+                        if content_gone(text.reason):
+                            if not spool.has_source(source):
+                                spool.add(source, source, [])  # what it had is stale
+                        else:
+                            unreadable.add(source)
                         continue
                     chunks = chunk_text(
                         text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=next(starts)
                     )
                     spool.add(source, source, [_file_record(source, c) for c in chunks])
             if prune:
-                self._prune(spool, sub, collection, roots)
+                spec = {"roots": [str(r) for r in roots], "include": list(include), "exclude": list(exclude)}
+                if self.ledger is None:
+                    sub.prune = spec  # the writer prunes against its ledger once every part is in
+                else:
+                    self._prune(spool, sub, collection, spec, lambda s: s in unreadable)
             empty = f"no indexable text under {', '.join(map(str, roots))}"
             return self._write(spool, sub, "paths", [str(p) for p in roots], empty)
 
@@ -236,13 +244,19 @@ class Producer:
                 if owner is not None and owner != source:
                     problems.add(f"{place}: id {id_!r} is already held in {collection!r} by {_spelled(owner)}")
 
-    def _prune(self, spool: Spool, sub: Submission, collection: str, roots: list[Path]) -> None:
-        """Files indexed from under ``roots`` that no longer exist: their chunks are stale."""
+    def _prune(
+        self, spool: Spool, sub: Submission, collection: str, spec: dict[str, list[str]], kept: Callable[[str], bool]
+    ) -> None:
+        """Files indexed from under the roots that the walk no longer found: their chunks are stale."""
         assert self.ledger is not None
-        for source in self.ledger.sources_under(collection, [str(r) for r in roots]):
-            if not spool.has_source(source) and not os.path.lexists(source):
-                spool.add(source, source, [])
-                sub.pruned += 1
+        candidates = self.ledger.sources_under(collection, spec["roots"])
+
+        def seen(source: str) -> bool:
+            return spool.has_source(source) is not None or kept(source)
+
+        for source in gone(candidates, seen, map(Path, spec["roots"]), spec["include"], spec["exclude"]):
+            spool.add(source, source, [])
+            sub.pruned += 1
 
     def _write(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
         """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
@@ -292,7 +306,7 @@ class Producer:
         """Store a part in the intake, then enqueue its ingest: the part is safe before the task exists."""
         if not batch.files and not final:
             return
-        if final and not sub.chunks:
+        if final and not batch.files and not job.parts and not sub.prune:
             return  # an empty corpus: nothing was sent, _finish raises
         sub.job = job.id()
         part: dict[str, Any] = {
@@ -303,6 +317,8 @@ class Producer:
         if final:
             part["parts"] = job.parts + 1
             part["skipped"] = [s.as_dict() for s in sub.skipped]
+            if sub.prune:
+                part["prune"] = sub.prune
         key = part_key(sub.job, job.parts)
         assert self.intake is not None
         with self.huey.reaching(f"job {sub.job} is incomplete: submit the same paths again once the queue is back"):
@@ -312,7 +328,7 @@ class Producer:
 
     def _finish(self, job: _LazyJob, sub: Submission, batch: _Batch, empty: str) -> Submission:
         self._flush(job, sub, batch, final=True)
-        if not sub.chunks and not sub.stale:
+        if not sub.chunks and not sub.stale and not job.parts:
             reasons = _reason_counts(sub.skipped)
             raise EmptyCorpusError(empty + (f" ({reasons} skipped)" if reasons else ""))
         if self.ledger is None:

@@ -155,6 +155,51 @@ def test_a_job_is_queued_only_once_all_its_parts_are_in(tmp_path: Path) -> None:
     assert ledger.conn.execute("SELECT state FROM jobs").fetchone()[0] == "queued"
 
 
+def test_prune_through_the_intake_waits_for_every_part_and_keeps_excluded_files(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    files = [(f"/t/{name}", [f"text of {name}"]) for name in ("a.py", "b.py", "gone.py", "notes.md", "x/unread.py")]
+    ledger.ingest("k0", _part("j1", [*files, ("/elsewhere/gone.py", ["other"])]), "m")
+    # The resubmission: gone.py was deleted, notes.md is excluded by a glob now, unread.py
+    # could not be read; the final part (with --prune) arrives first.
+    final = _part("j2", [("/t/b.py", ["text of b.py"])], final=True, parts=2)
+    final["prune"] = {"roots": ["/t"], "include": [], "exclude": ["*.md"]}
+    final["skipped"] = [{"source": "/t/x/unread.py", "reason": "unreadable: Permission denied"}]
+    work = ledger.ingest("k2", final, "m")
+    assert work is not None and work[1] == []  # nothing is pruned before every part is in
+    _, stale = ledger.ingest("k1", _part("j2", [("/t/a.py", ["text of a.py"])], final=False), "m") or ([], [])
+    assert stale == ["/t/gone.py#0"]
+    assert ledger.conn.execute("SELECT pruned, stale, state FROM jobs WHERE id='j2'").fetchone() == (1, 1, "queued")
+    states = dict(ledger.conn.execute("SELECT source, state FROM chunks"))
+    assert states["/t/gone.py"] == "deleting"
+    assert {states[s] for s in ("/t/notes.md", "/t/x/unread.py", "/elsewhere/gone.py")} == {"pending"}
+
+
+def test_a_record_id_another_source_holds_is_refused_at_ingest_and_listed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.ingest("k1", _part("j1", [("id:c", ["c zero", "c one"])]), "m")  # ids id:c#0, id:c#1
+    intruder = _part("j2", [("id:other", ["replacement"])])
+    intruder["files"][0]["chunks"][0]["id"] = "id:c#1"
+    to_index, _ = ledger.ingest("k2", intruder, "m") or ([], [])
+    assert to_index == []
+    assert ledger.conn.execute("SELECT source, text FROM chunks WHERE id='id:c#1'").fetchone() == ("id:c", "c one")
+    (skipped,) = ledger.conn.execute("SELECT skipped FROM jobs WHERE id='j2'").fetchone()
+    assert json.loads(skipped) == [{"source": "id:other", "reason": "id 'id:c#1' is already held by id:c"}]
+
+
+def test_metadata_only_change_through_the_intake_keeps_the_embedding(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.ingest("k1", _part("j1", [("a.py", ["one"])]), "m")
+    ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\x01" * 8)], "m")
+    ledger.checkpoint("docs", [("a.py#0", "h-one")])
+    moved = _part("j2", [("a.py", ["one"])])
+    moved["files"][0]["chunks"][0]["metadata"] = {"source": "a.py", "start_line": 3}
+    to_index, _ = ledger.ingest("k2", moved, "m") or ([], [])
+    assert to_index == ["a.py#0"]
+    row = ledger.conn.execute("SELECT state, embedding, metadata FROM chunks").fetchone()
+    assert row == ("embedded", b"\x01" * 8, '{"source": "a.py", "start_line": 3}')
+    assert ledger.conn.execute("SELECT metadata_updated, changed FROM jobs WHERE id='j2'").fetchone() == (1, 0)
+
+
 def test_intake_parts_are_signed_and_checked(tmp_path: Path) -> None:
     storage = SqliteStorage("t", filename=str(tmp_path / "q.db"))
     intake = Intake(storage, "key")

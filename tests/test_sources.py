@@ -177,7 +177,8 @@ def test_prune_removes_files_that_are_gone_and_only_with_the_flag(procs: list[Pr
     (other / "xml" / "f2.txt").unlink()  # gone too, but not under the path pruned below
     without = _index(home, str(corpus), "-c", "docs")
     assert (without["stale"], without["pruned"]) == (0, 0)
-    result = run_cli(home, "index", str(corpus / "xml" / ".."), "-c", "docs", "--prune", **HASH)
+    # notes.md still exists but is excluded now: kept, like any file that is not gone.
+    result = run_cli(home, "index", str(corpus / "xml" / ".."), "-c", "docs", "--prune", "--exclude", "*.md", **HASH)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[-1].endswith("stale; 0 files skipped; 1 files pruned")
     _drain(procs, home)
