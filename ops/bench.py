@@ -11,6 +11,7 @@ apart. Prints a table and writes JSON. A benchmark, not a test: nothing asserts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -50,6 +51,7 @@ TARGETS = {
     "query": "p50 <= 15 at 40k chunks",
     "rss_growth": "<= 15 %",
     "rss_peak_mb": "< 1536",
+    "producer_rss_mb": "< 768",
 }
 
 
@@ -348,6 +350,17 @@ def report(results: dict[str, Any]) -> str:
             TARGETS["rss_peak_mb"],
         ),
         _row("RSS growth over 10x corpus (%)", get("memory", "growth_percent"), TARGETS["rss_growth"]),
+        _row("producer peak RSS (MB, one tiny file)", get("producer_memory", "tiny_file_mb")),
+        _row(
+            f"producer peak RSS (MB, {get('producer_memory', 'file_mb')} MB one-line file)",
+            get("producer_memory", "max_file_one_line_mb"),
+            TARGETS["producer_rss_mb"],
+        ),
+        _row(
+            f"producer peak RSS (MB, {get('producer_memory', 'jsonl_bytes_mb')} MB JSONL)",
+            get("producer_memory", "jsonl_mb"),
+            TARGETS["producer_rss_mb"],
+        ),
         _row("backup incl. verification (s)", get("operations", "backup_seconds")),
         _row("writer pause during backup (s)", get("operations", "backup_writer_pause_seconds")),
         _row("deep check (s)", get("operations", "deep_check_seconds")),
@@ -411,6 +424,11 @@ def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: 
         stage("resume", "resume after kill -9", lambda: resume_waste(work / "corpus-small", work, env, seed))
         stage("query", "query latency", lambda: query_latency(work / "pipeline-home", corpus_chunks, config))
         stage(
+            "producer_memory",
+            "producer memory on huge inputs",
+            lambda: producer_memory(work, env, size >= QUICK_CHUNKS),
+        )
+        stage(
             "operations",
             "operations: backup, deep check, restore and replay",
             lambda: operations(work / "pipeline-home", env),
@@ -422,6 +440,57 @@ def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: 
             shutil.rmtree(work, ignore_errors=True)
     click.echo(report(results))
     click.echo(f"results: {output}", err=True)
+
+
+def _peak_rss_mb(argv: list[str], env: dict[str, str]) -> float:
+    """Peak RSS of a command, read from /proc (VmHWM) until it exits; it must succeed."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0.0
+    while proc.poll() is None:
+        with contextlib.suppress(OSError, psutil.Error):
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        time.sleep(0.02)
+    if proc.returncode != 0:
+        raise click.ClickException(
+            f"{' '.join(argv)} failed: {proc.stderr.read().decode()[-500:] if proc.stderr else ''}"
+        )
+    return round(peak, 1)
+
+
+def producer_memory(work: Path, env: dict[str, str], full: bool = True) -> dict[str, Any]:
+    """Producer peak RSS on the inputs that once grew it without bound: the largest file
+    allowed as one line without white space, and a large JSONL file (both 1/16 of that
+    when not ``full``: a smoke run)."""
+    import base64
+
+    from pipeline.corpus import MAX_FILE_BYTES
+
+    indexq = str(Path(sys.executable).parent / "indexq")
+    run_env = {**env, "INDEXQ_MODEL": "hash:384"}
+    results: dict[str, Any] = {}
+    tiny = work / "pm-tiny"
+    tiny.mkdir()
+    (tiny / "a.txt").write_text("one short line\n")
+    big = work / "pm-big"
+    big.mkdir()
+    size = MAX_FILE_BYTES if full else MAX_FILE_BYTES // 16
+    (big / "one-line.txt").write_bytes(base64.b64encode(random.Random(1).randbytes(size * 3 // 4 - 3)))
+    records = work / "pm-records.jsonl"
+    with records.open("w") as handle:
+        for n in range(200_000 if full else 12_500):
+            handle.write(json.dumps({"id": f"r{n}", "text": f"record {n}: " + "some words " * 30}) + "\n")
+    for name, args in (
+        ("tiny_file_mb", [str(tiny)]),
+        ("max_file_one_line_mb", [str(big)]),
+        ("jsonl_mb", ["--jsonl", str(records)]),
+    ):
+        home = work / f"pm-home-{name}"
+        results[name] = _peak_rss_mb([indexq, "index", *args, "-c", "memory"], {**run_env, "INDEXQ_HOME": str(home)})
+    results["file_mb"] = round(size / 2**20, 1)
+    results["jsonl_bytes_mb"] = round(records.stat().st_size / 2**20, 1)
+    return results
 
 
 def memory(results: dict[str, Any], work: Path, env: dict[str, str], small_total: int) -> dict[str, Any]:

@@ -34,4 +34,5 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["memory"]["small_chunks"] < data["memory"]["large_chunks"]
     for key in ("bare", "producer"):
         assert data[key]["chunks_per_s"] > 0
+    assert data["producer_memory"]["max_file_one_line_mb"] > data["producer_memory"]["tiny_file_mb"] > 0
     assert "throughput ratio pipeline/bare" in result.stdout
