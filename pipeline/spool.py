@@ -18,14 +18,26 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 # Rows read back per query while the submission is written.
 _READ_BATCH = 512
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Spools of producers that were killed (their pid is gone) are worthless: remove them."""
+    for path in folder.glob("spool-*-*.db"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 class Spool:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix="spool-", suffix=".db", dir=folder)
+        _remove_orphans(folder)
+        fd, name = tempfile.mkstemp(prefix=f"spool-{os.getpid()}-", suffix=".db", dir=folder)
         os.close(fd)
         self.path = Path(name)
         # A scratch file: it is deleted on close and worthless after a crash, so no

@@ -287,7 +287,9 @@ def test_a_producer_killed_mid_submission_leaves_an_abandoned_job_that_a_rerun_c
     assert status.returncode == 0, status.stderr
     (job,) = json.loads(status.stdout)["jobs"]
     assert job["state"] == "abandoned"
+    assert len(list((home / "tmp").glob("spool-*.db"))) == 1  # the killed producer's
     rerun = _index(home, str(corpus), "-c", "docs")
+    assert list((home / "tmp").glob("spool-*.db")) == []  # removed by the next producer
     assert rerun["unchanged"] > 0 and rerun["new"] > 0
     _drain(procs, home)
     _stop(procs)
