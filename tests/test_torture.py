@@ -121,3 +121,16 @@ def test_comparison_of_equal_collections_passes_and_a_missing_one_fails(tmp_path
     missing = torture(tmp_path, "--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--collection", "other")
     assert missing.returncode == 1
     assert "no collection 'other'" in missing.stdout
+
+
+def test_every_option_is_in_the_readme() -> None:
+    import click
+
+    from ops.torture.__main__ import main
+
+    readme = (ROOT / "README.md").read_text()
+    assert "python -m ops.torture" in readme
+    assert main.help and "Example" in main.help
+    for param in main.params:
+        if isinstance(param, click.Option):
+            assert max(param.opts, key=len) in readme, f"{param.opts} of ops.torture is not in the README"

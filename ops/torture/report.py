@@ -37,13 +37,17 @@ def table(r: dict[str, Any]) -> str:
         lines.append(_row("chunks embedded more than once", f"{w['embedded_more_than_once']} ({bound})"))
         lines.append(_row("embeddings, clean / tortured", f"{w['clean_embeddings']} / {w['tortured_embeddings']}"))
         by_victim = r["kills"]["by_victim"]
-        lines.append(_row("kills", f"{r['kills']['total']} in {r['seconds']['torture']:.0f}s"))
+        lines.append(_row("kills", r["kills"]["total"]))
         for victim, n in by_victim.items():
             phases = ", ".join(f"{p} {k}" for p, k in r["kills"]["by_phase"][victim].items())
             lines.append(_row(f"  {victim}", f"{n}: {phases}"))
         lines.append(_row("submissions finished", ", ".join(f"{k} {n}" for k, n in r["finished"].items()) or "none"))
         lines.append(_row("maintenance events", ", ".join(f"{k} {n}" for k, n in sorted(r["events"].items()))))
         lines += [_row(f"damage found in the run (x{n})", what) for what, n in r["damage_repaired"].items()]
+        t = r["seconds"]
+        lines.append(
+            _row("seconds: clean run / kills / in all", f"{t['clean']:.0f} / {t['torture']:.0f} / {t['total']:.0f}")
+        )
         lines += [_row("problem", p) for p in r["problems"]]
     lines.append(_row("result", "PASS" if r["passed"] else "FAIL"))
     return "\n".join(lines)
