@@ -150,7 +150,10 @@ class Torture:
         if name == "producer":
             self.reap()
             if self.producer is None:
-                self.start_producer(self.next_submission())
+                # The whole tree is the longest submission (several ledger flushes): the best
+                # chance of a kill in the middle of one.
+                whole = Submission("tree", [self.s.corpus])
+                self.start_producer(whole if self.rng.random() < 0.4 else self.next_submission())
             return self.producer[0] if self.producer else None
         backup = self.newest_verified()
         if backup is None:
