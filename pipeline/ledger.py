@@ -91,6 +91,17 @@ def _event(row: tuple[Any, ...]) -> dict[str, Any]:
     return {"time": when, "kind": kind, "ok": bool(ok), "summary": summary, "detail": json.loads(detail or "{}")}
 
 
+def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None:
+    """Add ``n`` to a per-collection counter in ``meta`` (``committed:docs``), in the caller's
+    transaction: never decreasing, so Prometheus can read it as a counter (pipeline.metrics)."""
+    if n:
+        conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
+            (f"{kind}:{collection}", n),
+        )
+
+
 def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -480,6 +491,7 @@ class Ledger:
                 "UPDATE chunks SET embeds=embeds+1 WHERE collection=? AND id=?", [(collection, i) for i in ids]
             )
             conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + ? WHERE key='embeddings'", (len(ids),))
+            _tally(conn, "embedded", collection, len(ids))
 
     def store_embeddings(self, collection: str, items: Sequence[tuple[str, str, bytes]], model: str) -> None:
         """(id, hash, embedding): stored only if the text was not replaced meanwhile."""
@@ -498,20 +510,22 @@ class Ledger:
             (seq,) = conn.execute(
                 "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='seq' RETURNING CAST(value AS INTEGER)"
             ).fetchone()
-            conn.executemany(
+            done = conn.executemany(
                 "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?"
                 " WHERE collection=? AND id=? AND hash=? AND state='embedded'",
                 [(seq, now, now, collection, id_, hash_) for id_, hash_ in items],
-            )
+            ).rowcount
+            _tally(conn, "committed", collection, done)
         return int(seq)
 
     def fail(self, collection: str, items: Sequence[tuple[str, str]]) -> None:
         """(id, reason): rows the writer refused; kept, visible, never silently dropped."""
         with self._tx() as conn:
-            conn.executemany(
+            done = conn.executemany(
                 "UPDATE chunks SET state='failed', error=?, updated=? WHERE collection=? AND id=?",
                 [(reason, time.time(), collection, id_) for id_, reason in items],
-            )
+            ).rowcount
+            _tally(conn, "failed", collection, done)
 
     def forget(self, collection: str, ids: Sequence[str]) -> None:
         """Drop stale rows once Chroma no longer has them (unless re-submitted meanwhile)."""
