@@ -50,6 +50,12 @@ DEFAULT_REQUEUE_INTERVAL = 3 * 60.0
 DEFAULT_LOCK_TIMEOUT = 30.0
 # Back-off of a tripped guard: first wait, growth, longest wait (seconds).
 GUARD_BACKOFF = (0.5, 2.0, 30.0)
+# Prometheus metrics of the writer and the maintenance consumer: off unless a port is
+# given, and on the loopback interface unless an address comes with it (the metrics name
+# collections and jobs; a wider address is the operator's choice).
+DEFAULT_METRICS_ADDR = "127.0.0.1"
+# Seconds between refreshes of `indexq status --watch`.
+DEFAULT_WATCH_INTERVAL = 2.0
 
 # Queue engines: the SQLite file in the data home (one machine), or a Redis server
 # shared by producers and the writer on many machines.
@@ -96,6 +102,17 @@ def parse_chroma_url(setting: str, url: str | None) -> str | None:
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port is None:
         raise ConfigError(f"{setting} must be http://HOST:PORT of a Chroma server (`chroma run`), got {url!r}")
     return url
+
+
+def parse_metrics_port(setting: str, value: str | int | None) -> tuple[str, int] | None:
+    """(address, port) from ``9464``, ``0.0.0.0:9464`` or ``[::1]:9464``; None when unset."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    address, _, port = str(value).strip().rpartition(":")
+    address = address.strip("[]") or DEFAULT_METRICS_ADDR
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{setting} must be a port (1-65535) or ADDRESS:PORT, got {value!r}")
+    return address, int(port)
 
 
 def redact_url(url: str | None) -> str:
@@ -197,6 +214,9 @@ class Config:
     queue_url: str | None = None
     # None: the persistent directory chroma_path. See parse_chroma_url.
     chroma_url: str | None = None
+    # None: no metrics served. See parse_metrics_port.
+    metrics_port: int | None = None
+    metrics_addr: str = DEFAULT_METRICS_ADDR
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "queue_url", parse_queue_url("queue URL", self.queue_url))
@@ -221,6 +241,8 @@ class Config:
             raise ConfigError(f"minimum free disk must be >= 0 MB, got {self.min_free_mb!r}")
         if self.lock_timeout <= 0:
             raise ConfigError(f"lock timeout must be positive, got {self.lock_timeout!r}")
+        if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics port must be between 1 and 65535, got {self.metrics_port!r}")
 
     @property
     def queue_engine(self) -> str:
@@ -364,6 +386,8 @@ class Config:
             values["queue_url"] = parse_queue_url(*found)
         if found := pick("INDEXQ_CHROMA_URL"):
             values["chroma_url"] = parse_chroma_url(*found)
+        if found := pick("INDEXQ_METRICS_PORT"):
+            values["metrics_addr"], values["metrics_port"] = parse_metrics_port(*found) or (DEFAULT_METRICS_ADDR, None)
         if found := pick("INDEXQ_MODEL"):
             values["model"] = found[1]
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")

@@ -145,6 +145,8 @@ class SentenceTransformerEmbedder:
                 hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
             ) from None
         self.name = model
+        # Where the model runs ("cpu", "cuda:0"), as the metrics report it (indexq_writer_info).
+        self.device = str(self._model.device)
         dimension = self._model.get_embedding_dimension()
         if not dimension:
             raise ConfigError(f"model {model!r} does not report its embedding dimension")
@@ -170,6 +172,7 @@ class HashEmbedder:
         except ValueError:
             raise ConfigError(f"hash model must be named hash:DIM, got {model!r}") from None
         self.name = model
+        self.device = "cpu"
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)

@@ -25,6 +25,7 @@ from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_t
 from pipeline.intake import Intake
 from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
 from pipeline.locks import CommitLock
+from pipeline.metrics import COMMIT_SECONDS, EMBED_SECONDS, REFUSED_PAYLOADS
 from pipeline.progress import Publisher
 from pipeline.state import WriterState
 from pipeline.store import Store
@@ -134,6 +135,7 @@ class Writer:
         except ForgedPayloadError as exc:
             from ops import alerts
 
+            REFUSED_PAYLOADS.labels("intake").inc()
             aside = intake.reject(key)
             logger.error("refused intake part %s: %s; nothing was recorded, it was kept as %s", key, exc, aside)
             alerts.raise_alert(self.config, self.ledger, f"refused intake part {key}: {exc} (kept as {aside})")
@@ -207,7 +209,8 @@ class Writer:
     def _embed(self, collection: str, batch: Sequence[Row]) -> None:
         ids = [r.id for r in batch]
         self.ledger.begin_embedding(collection, ids)
-        vectors = self.embedder.embed([r.text for r in batch])
+        with EMBED_SECONDS.time():
+            vectors = self.embedder.embed([r.text for r in batch])
         stored: list[tuple[str, str, bytes]] = []
         refused: list[tuple[str, str]] = []
         for row, vector in zip(batch, vectors, strict=True):
@@ -227,7 +230,7 @@ class Writer:
         fault_point("writer-commit")
         # Chroma and the ledger change together under the commit lock, so a backup
         # that holds it sees them agree.
-        with self.commit_lock.held():
+        with COMMIT_SECONDS.time(), self.commit_lock.held():
             self._follow_restore()
             self.store.upsert_rows(collection, group)
             seq = self.ledger.checkpoint(collection, [(r.id, r.hash) for r in group])

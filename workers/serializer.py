@@ -19,6 +19,7 @@ from huey.registry import Message
 from huey.serializer import Serializer
 
 from pipeline.errors import ForgedPayloadError
+from pipeline.metrics import REFUSED_PAYLOADS
 from pipeline.signing import Signer
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class JsonSerializer(Serializer):
 
     def _refuse(self, reason: str) -> None:
         logger.error("refused a queue payload: %s; it was not executed", reason)
+        REFUSED_PAYLOADS.labels("task").inc()
         self._unreported += 1
         if self.on_refused is None or (self._alerted and time.monotonic() - self._alerted < ALERT_EVERY):
             return
