@@ -21,7 +21,7 @@ import click
 
 from pipeline import api
 from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config, private_files
-from pipeline.errors import ConfigError, IndexqError
+from pipeline.errors import ConfigError, IndexqError, storage_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_STORAGE = 0, 1, 2, 3, 4, 5, 6
 # Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
@@ -43,6 +43,14 @@ def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except IndexqError as exc:
             _fail(exc)
+        except Exception as exc:
+            # SQLite, Huey, chromadb or the OS refusing to read or write the data home
+            # (disk full, read-only, permission, I/O): exit 6 with one line, never a traceback.
+            home = kwargs.get("home") or Path(DEFAULT_HOME)
+            error = storage_error(exc, f"cannot use the data home {home}", home)
+            if error is None:
+                raise
+            _fail(error)
 
     return wrapper
 
