@@ -13,6 +13,11 @@ no Chroma files (they are the server's). The ledger holds every committed chunk 
 its embedding, so a restore rebuilds the collections on the server from it. Such a
 backup is verified by its checksums, an integrity check of the snapshot, and the
 committed rows it holds against the manifest's counts, each with its embedding.
+
+A backup starts only if the filesystem has room for it and for its verification copy,
+beyond the writer's minimum free space (``min_free_mb``): otherwise StorageError, and
+nothing is written. A disk that refuses the verification is not a failed verification:
+the unverified backup is removed and StorageError raised.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ops import alerts
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import check
 from pipeline.config import Config
-from pipeline.errors import IndexqError
+from pipeline.errors import IndexqError, StorageError, storage_error
 from pipeline.faults import fault_point
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
@@ -113,6 +118,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
             f"nothing to back up: {config.chroma_dir} has no chroma.sqlite3",
             hint="the writer creates it with its first start; if it was lost, run `indexq recover`",
         )
+    _room_for_backup(config, logical)
     now = time.time()
     name = _name(now)
     while (config.backups_path / name).exists():
@@ -159,7 +165,15 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
     logger.info("backup %s written: watermark %d, writer paused %.3fs", name, watermark, pause)
     result = {"verified": None}
     if verify:
-        result = verify_backup(config, final)
+        try:
+            result = verify_backup(config, final)
+        except Exception as exc:
+            error = storage_error(exc, f"backup {name} could not be verified, so it was removed", config.home)
+            if error is None:
+                raise
+            shutil.rmtree(final, ignore_errors=True)
+            ledger.close()
+            raise error from exc
     ok = bool(result.get("verified", True))
     summary = f"backup {name}: watermark {watermark}, paused the writer {pause:.3f}s" + (
         "" if ok else f", verification FAILED: {result.get('problems')}"
@@ -169,6 +183,24 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
         alerts.raise_alert(config, ledger, summary)
     ledger.close()
     return describe(final)
+
+
+def _room_for_backup(config: Config, logical: bool) -> None:
+    """Raise StorageError unless the backup, its verification copy and the writer's
+    minimum free space all fit: a backup must not be what fills the disk."""
+    files = [config.ledger_path, *config.ledger_path.parent.glob(config.ledger_path.name + "-wal")]
+    size = sum(f.stat().st_size for f in files if f.exists())
+    if not logical:
+        size += sum(f.stat().st_size for f in config.chroma_dir.rglob("*") if f.is_file())
+    need = 2 * size + config.min_free_mb * 2**20
+    free = shutil.disk_usage(config.backups_path).free
+    if free < need:
+        raise StorageError(
+            f"not enough free space for a backup in {config.backups_path}: it needs about"
+            f" {need / 2**20:.1f} MB (the copy, its verification and the writer's {config.min_free_mb} MB),"
+            f" {free / 2**20:.1f} MB are free; nothing was written",
+            hint="free space on that filesystem, or prune old backups",
+        )
 
 
 def verify_backup(config: Config, path: Path) -> dict[str, Any]:

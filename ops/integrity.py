@@ -15,7 +15,9 @@ A SQLite check cannot see vector damage, which is why the HNSW and probe layers 
 
 Against a Chroma server (``chroma_url``) the files are the server's: only layers 4
 and 5 run, through the API. A server that does not answer raises UnreachableError:
-unavailable is not damage, and must never start a recovery.
+unavailable is not damage, and must never start a recovery. Likewise a disk that
+refuses a read or a write (full, read-only, permission, I/O error: "database or disk
+is full" from Chroma opening its directory) raises StorageError: cannot check.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import redact_url
+from pipeline.errors import StorageError, storage_error, storage_errors
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -96,6 +99,12 @@ class _NoGlobals(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: not plain data")
 
 
+def _not_storage(exc: BaseException) -> None:
+    """Re-raise a storage problem met by a layer: it could not look, which is not damage."""
+    if storage_error(exc) is not None:
+        raise exc
+
+
 def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
     db = chroma / "chroma.sqlite3"
     if not db.exists():
@@ -108,6 +117,7 @@ def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        _not_storage(exc)
         return [Problem("sqlite", str(db), str(exc))]
     messages = [r[0] for r in rows]
     if messages != ["ok"]:
@@ -129,6 +139,7 @@ def check_fts(chroma: Path) -> list[Problem]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
+        _not_storage(exc)
         return [Problem("fts", "embedding_fulltext_search", str(exc))]
     return []
 
@@ -226,6 +237,7 @@ def check_hnsw(chroma: Path) -> list[Problem]:
     try:
         segments = vector_segments(chroma)
     except sqlite3.DatabaseError as exc:
+        _not_storage(exc)
         return [Problem("hnsw", str(chroma), f"cannot list segments: {exc}")]
     for segment, collection in segments:
         folder = chroma / segment
@@ -259,11 +271,15 @@ def run_probe(chroma: Path, ledger: Path, deep: bool, url: str | None = None) ->
         result = json.loads(proc.stdout)
     except ValueError:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        _not_storage(RuntimeError(tail))  # e.g. it could not even start on a full disk
         return {}, [Problem("chroma", str(chroma), f"the Chroma probe failed: {tail[:300]}")]
     if "unreachable" in result:
         from pipeline.errors import UnreachableError
 
         raise UnreachableError(result["unreachable"], hint="the check was not made; run it again once Chroma answers")
+    if "storage" in result:
+        where = redact_url(url) if url else str(chroma)
+        raise StorageError(f"cannot check {where} (this is not damage): {result['storage']}", hint=result.get("hint"))
     if "error" in result:
         where = redact_url(url) if url else str(chroma)
         return {}, [Problem("chroma", where, f"Chroma could not be read: {result['error']}")]
@@ -309,16 +325,21 @@ def check_home(config: Config, deep: bool = False) -> Report:
 
 
 def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None) -> Report:
-    """Every layer, cheap to deep. Structural damage skips the probe (it could only crash)."""
+    """Every layer, cheap to deep. Structural damage skips the probe (it could only crash).
+
+    Raises StorageError if the files could not be read (or Chroma could not open them)
+    for want of space, permission or a working disk: cannot check, never damage.
+    """
     started = time.monotonic()
     report = Report(deep=deep)
-    if not url:
-        report.problems.extend(check_sqlite(chroma, deep))
-        if not report.problems:
-            report.problems.extend(check_fts(chroma))
-            report.problems.extend(check_hnsw(chroma))
-    if not report.layers - {"fts"}:
-        report.collections, found = run_probe(chroma, ledger, deep, url)
-        report.problems.extend(found)
+    with storage_errors(f"cannot check {redact_url(url) if url else chroma} (this is not damage)", chroma):
+        if not url:
+            report.problems.extend(check_sqlite(chroma, deep))
+            if not report.problems:
+                report.problems.extend(check_fts(chroma))
+                report.problems.extend(check_hnsw(chroma))
+        if not report.layers - {"fts"}:
+            report.collections, found = run_probe(chroma, ledger, deep, url)
+            report.problems.extend(found)
     report.seconds = time.monotonic() - started
     return report

@@ -7,7 +7,10 @@ of waiting a whole interval.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -15,7 +18,7 @@ from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
 from ops.integrity import Report, check_home
 from pipeline.config import Config
-from pipeline.errors import BusyError, IndexqError, NotFoundError, UnreachableError
+from pipeline.errors import BusyError, IndexqError, NotFoundError, StorageError, UnreachableError, storage_error
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 
@@ -24,6 +27,11 @@ logger = logging.getLogger(__name__)
 # Wait after a failed backup before trying again (a broken directory or a full disk
 # would otherwise be hit with a full copy every minute).
 BACKUP_RETRY = 3600.0
+# The last check's outcome is also kept in HOME/check.state, a file of this size
+# rewritten in place: its blocks exist, so a disk too full to take the ledger's event
+# still takes it, and status cannot go on saying "healthy" while checks cannot run.
+CHECK_STATE = "check.state"
+CHECK_STATE_SIZE = 4096
 
 
 def require_home(config: Config) -> None:
@@ -32,29 +40,90 @@ def require_home(config: Config) -> None:
 
 
 def run_check(config: Config, deep: bool = False) -> Report:
-    """Check under the commit lock; records the result. Raises BusyError, never calls busy damage."""
+    """Check under the commit lock; records the result.
+
+    Raises BusyError and StorageError (the disk refused a read or a write: cannot
+    check), never calling either damage; a check that could not run is recorded as
+    such when the ledger can still be written, so that status does not say "healthy".
+    """
     require_home(config)
-    lock = CommitLock(config.commit_lock_path)
+    kind = "deep" if deep else "quick"
     try:
-        with lock.held(timeout=config.lock_timeout):
-            paused = time.monotonic()
-            report = check_home(config, deep=deep)
-            report.pause_seconds = time.monotonic() - paused
-    finally:
-        lock.close()
+        lock = CommitLock(config.commit_lock_path)
+        try:
+            with lock.held(timeout=config.lock_timeout):
+                paused = time.monotonic()
+                report = check_home(config, deep=deep)
+                report.pause_seconds = time.monotonic() - paused
+        finally:
+            lock.close()
+    except Exception as exc:
+        error = storage_error(exc, f"cannot check {config.home} (this is not damage)", config.home)
+        if error is None:
+            raise
+        summary = f"{kind} check could not run: {error}"
+        _keep_check_state(config, {"time": time.time(), "ok": False, "summary": summary, "cannot_check": True})
+        record_quietly(config, "check", False, summary, {"deep": deep, "cannot_check": True, "error": str(error)})
+        raise error from exc
+    if report.healthy:
+        summary = f"{kind} check healthy ({report.seconds:.1f}s)"
+    else:
+        summary = f"{kind} check found damage: " + "; ".join(str(p) for p in report.problems[:3])
+    _keep_check_state(config, {"time": time.time(), "ok": report.healthy, "summary": summary})
     ledger = Ledger(config.ledger_path)
     try:
-        kind = "deep" if deep else "quick"
-        if report.healthy:
-            summary = f"{kind} check healthy ({report.seconds:.1f}s)"
-        else:
-            summary = f"{kind} check found damage: " + "; ".join(str(p) for p in report.problems[:3])
         ledger.add_event("check", report.healthy, summary, {"deep": deep, **report.as_dict()})
         if not report.healthy:
             alerts.raise_alert(config, ledger, summary)
     finally:
         ledger.close()
     return report
+
+
+def _keep_check_state(config: Config, state: dict[str, Any]) -> None:
+    """Rewrite check.state in place (best effort: a read-only home keeps what it had)."""
+    state["summary"] = state["summary"][:1000]
+    data = json.dumps(state).encode()[: CHECK_STATE_SIZE - 1].ljust(CHECK_STATE_SIZE - 1) + b"\n"
+    try:
+        fd = os.open(config.home / CHECK_STATE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < CHECK_STATE_SIZE:
+                os.posix_fallocate(fd, 0, CHECK_STATE_SIZE)  # the first time, while there is room
+            os.pwrite(fd, data, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        logger.info("could not keep %s: %s", CHECK_STATE, exc)
+
+
+def last_check(config: Config, ledger: Ledger) -> dict[str, Any] | None:
+    """The newest of the ledger's last check event and check.state: time, ok, summary, cannot_check."""
+    found: list[dict[str, Any]] = []
+    if event := ledger.last_event("check"):
+        cannot = bool((event.get("detail") or {}).get("cannot_check"))
+        found.append({k: event[k] for k in ("time", "ok", "summary")} | {"cannot_check": cannot})
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # absent, or torn by a crash
+        state = json.loads((config.home / CHECK_STATE).read_bytes())
+        found.append({"time": float(state["time"]), "ok": bool(state["ok"]), "summary": str(state["summary"]),
+                      "cannot_check": bool(state.get("cannot_check"))})  # fmt: skip
+    return max(found, key=lambda c: c["time"]) if found else None
+
+
+def record_quietly(config: Config, kind: str, ok: bool, summary: str, detail: dict[str, Any]) -> bool:
+    """Record an event if the ledger can still be written (a full disk may refuse even that)."""
+    try:
+        ledger = Ledger(config.ledger_path)
+        try:
+            ledger.add_event(kind, ok, summary, detail)
+        finally:
+            ledger.close()
+    except Exception as exc:
+        if storage_error(exc) is None:
+            raise
+        logger.info("could not record the %s event either: %s", kind, str(exc).splitlines()[0][:200])
+        return False
+    return True
 
 
 def backup_and_prune(config: Config) -> dict[str, Any]:
@@ -103,11 +172,23 @@ def tick(config: Config, now: float | None = None) -> list[str]:
         except BusyError as exc:
             logger.warning("backup postponed: %s", exc)
         except Exception as exc:  # a failed backup must not stop the checks below
-            logger.exception("backup failed")
-            ledger = Ledger(config.ledger_path)
-            ledger.add_event("backup", False, f"backup failed: {exc}")
-            alerts.raise_alert(config, ledger, f"backup failed: {exc}")
-            ledger.close()
+            error = storage_error(exc, "backup failed", config.backups_path)
+            if error is None:
+                logger.exception("backup failed")
+            else:  # not enough space for one, or the disk refused: no traceback
+                logger.warning("%s", error)
+            summary = str(error) if error is not None else f"backup failed: {exc}"
+            try:
+                ledger = Ledger(config.ledger_path)
+                try:
+                    ledger.add_event("backup", False, summary, {"storage": error is not None})
+                    alerts.raise_alert(config, ledger, summary)
+                finally:
+                    ledger.close()
+            except Exception as again:
+                if error is None or storage_error(again) is None:
+                    raise
+                raise error from exc  # nothing can be written: the consumer backs off
             ran.append("backup failed")
     try:
         deep = now - last_deep >= config.deep_check_interval
@@ -122,6 +203,8 @@ def tick(config: Config, now: float | None = None) -> list[str]:
     except (BusyError, UnreachableError) as exc:  # neither is damage: try again next tick
         logger.warning("maintenance postponed: %s", exc)
         ran.append("busy")
+    except StorageError:  # cannot check, or cannot recover: the consumer backs off, once logged
+        raise
     except IndexqError as exc:  # recovery failed: alerted and recorded; requeue still runs
         logger.error("maintenance: %s", exc)
         ran.append("recovery failed")

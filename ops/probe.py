@@ -6,6 +6,7 @@
 Prints one JSON object: per collection, the ids Chroma has against the ledger's
 committed set, and with --deep, embeddings and documents read back against the ledger
 and self-recall on a sample. Exit 0 whatever it finds; a crash is the caller's finding.
+A disk that refuses (full, read-only, I/O) is reported as ``storage``: cannot check.
 """
 
 from __future__ import annotations
@@ -106,14 +107,18 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
 @click.option("--deep", is_flag=True)
 def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: bool) -> None:
-    from pipeline.errors import UnreachableError
+    from pipeline.errors import UnreachableError, storage_error
 
     try:
         result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep, url=chroma_url)}
     except UnreachableError as exc:  # a server that does not answer is not damage
         result = {"unreachable": str(exc)}
     except Exception as exc:  # Chroma refusing to load a segment is a finding, not a crash
-        result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+        storage = storage_error(exc, path=chroma, unexplained=True)
+        if storage is not None:  # ... unless the disk refused (full, read-only, I/O): cannot check
+            result = {"storage": storage.reason, "hint": storage.hint}
+        else:
+            result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
     json.dump(result, sys.stdout)
 
 

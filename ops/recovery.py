@@ -14,6 +14,13 @@ Every step can be killed and run again: the quarantine and the restore are renam
 and a partial replay is only more chunks missing, which the next run replays.
 The run ends with a deep check, an event in the ledger and a line in the log.
 
+Nothing moves until recovery knows it can finish (``preflight``): the data home takes
+a write, the Chroma directory is on its filesystem (quarantine and restore are
+renames), and there is room for what the step writes (a backup's copy, replayed
+chunks). Otherwise it raises StorageError (exit 6) and changes nothing. A check that
+cannot read the disk is "cannot check", never a reason to recover. A restore copies
+the backup beside the damaged directory first, and only then swaps the two.
+
 Against a Chroma server there is no directory to quarantine or copy: damage beyond
 missing or unknown chunks is repaired by dropping the damaged collections on the
 server and rebuilding them from the ledger; ``--from BACKUP`` loads the backup's
@@ -22,6 +29,7 @@ ledger snapshot first, then replays what the live ledger committed after it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -36,7 +44,7 @@ from ops.backup import list_backups, newest_verified
 from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import Report, check_home
 from pipeline.config import Config
-from pipeline.errors import IndexqError, NotFoundError
+from pipeline.errors import IndexqError, NotFoundError, StorageError, storage_error, storage_errors
 from pipeline.faults import fault_point
 from pipeline.ledger import COMMITTED, Ledger
 from pipeline.locks import CommitLock
@@ -44,6 +52,11 @@ from pipeline.locks import CommitLock
 logger = logging.getLogger(__name__)
 
 NONE, FTS, REPLAY, RESTORE, REBUILD = "none", "fts-rebuild", "replay", "restore", "rebuild"
+# Room a recovery keeps beyond its estimate: Chroma's journal, reason.json, the generation file.
+RECOVERY_MARGIN = 4 * 2**20
+# Chroma's bytes for each ledger byte replayed (SQLite log and metadata, full-text index,
+# HNSW entry), measured at 2.2 on the stdlib corpus with 384-dimension vectors.
+REPLAY_OVERHEAD = 3
 
 
 class RecoveryFailed(IndexqError):
@@ -82,17 +95,30 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     from ops.maintenance import require_home
 
     require_home(config)
-    lock = CommitLock(config.commit_lock_path)
-    ledger = Ledger(config.ledger_path)
+    with storage_errors(f"cannot recover {config.home}; nothing was changed", config.home):
+        lock = CommitLock(config.commit_lock_path)
+        ledger = Ledger(config.ledger_path)
     started = time.monotonic()
     try:
         with lock.held(timeout=config.lock_timeout):
-            _clean_leftovers(config)
-            # Deep: the damage multiple writers leave (SQLite fine, vectors unreadable)
-            # shows only when embeddings are read back.
-            report = check_home(config, deep=True)
-            result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
-            result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})
+            with storage_errors(f"cannot recover {config.home}; nothing was changed", config.home):
+                _clean_leftovers(config)
+                # Deep: the damage multiple writers leave (SQLite fine, vectors unreadable)
+                # shows only when embeddings are read back. A disk that cannot be read
+                # raises StorageError here: cannot check is no reason to move anything.
+                try:
+                    report = check_home(config, deep=True)
+                except StorageError as exc:
+                    raise StorageError(f"cannot recover {config.home}; nothing was changed: {exc}", exc.hint) from exc
+                result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
+                result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})
+                if result["action"] != NONE:
+                    try:
+                        result["preflight"] = preflight(config, ledger, result, report)
+                    except StorageError as exc:
+                        if not dry_run:
+                            _refused(config, result, exc)
+                        raise
             if dry_run or result["action"] == NONE:
                 return {**result, "dry_run": dry_run}
             logger.warning("recovery: %s (%s)", result["action"], result["reason"])
@@ -100,7 +126,12 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
                 result.update(_execute(config, ledger, result))
             except Exception as exc:
                 result["error"] = f"{type(exc).__name__}: {exc}"
-                logger.exception("recovery %s failed", result["action"])
+                if (error := storage_error(exc, f"recovery {result['action']} failed", config.home)) is None:
+                    logger.exception("recovery %s failed", result["action"])
+                else:  # the estimate fell short, or the disk failed meanwhile
+                    logger.error("%s", error)
+                    _refused(config, result, error)
+                    raise error from exc
             final = check_home(config, deep=True)
             result["pause_seconds"] = round(time.monotonic() - started, 3)
             result["healthy"] = final.healthy
@@ -120,6 +151,89 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     return result
 
 
+def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Report | None = None) -> dict[str, Any]:
+    """Before anything moves: the home takes a write, renames stay on one filesystem, and
+    there is room for what the step writes. Raises StorageError (or RecoveryFailed) if not."""
+    action = step["action"]
+    home = config.home
+    probe = home / f".recovery-probe-{os.getpid()}"
+    try:
+        with storage_errors(f"cannot recover: the data home {home} cannot be written; nothing was changed", home):
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"\0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    if config.chroma_engine == "server":
+        return {"action": action}  # the server's disk is the server's; the ledger is only read
+    chroma = config.chroma_dir
+    if action in (RESTORE, REBUILD) and chroma.exists() and chroma.stat().st_dev != home.stat().st_dev:
+        raise RecoveryFailed(
+            f"cannot recover: {chroma} is not on the filesystem of the data home {home}; nothing was changed",
+            hint="quarantine and restore rename directories: keep the Chroma directory in the data home",
+        )
+    need = RECOVERY_MARGIN
+    if action == FTS:
+        # The rebuild rewrites the full-text tables in one transaction, journal included.
+        need += (chroma / "chroma.sqlite3").stat().st_size
+    elif action == REPLAY:
+        missing = sum(int(info.get("missing", 0)) for info in (report.collections if report else {}).values())
+        need += REPLAY_OVERHEAD * _ledger_bytes(ledger, None, sample=max(missing, 1))
+    elif action == RESTORE:
+        backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
+        need += _tree_bytes(Path(backup["path"]) / "chroma")
+        need += REPLAY_OVERHEAD * _ledger_bytes(ledger, backup["watermark"])
+    else:  # REBUILD: every committed chunk, from the ledger
+        need += REPLAY_OVERHEAD * _ledger_bytes(ledger, None)
+    free = shutil.disk_usage(home).free
+    if free < need:
+        raise StorageError(
+            f"cannot recover ({action}): it needs about {_mb(need)} free on the filesystem of {home},"
+            f" {_mb(free)} are free; nothing was changed",
+            hint="free space on that filesystem, then run `indexq recover` again",
+        )
+    return {"action": action, "needs_bytes": need, "free_bytes": free}
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def _ledger_bytes(ledger: Ledger, after: int | None, sample: int | None = None) -> int:
+    """Bytes of committed chunks (text, metadata, embedding) after a watermark; or, with
+    ``sample``, of that many average chunks."""
+    sql = "SELECT count(*), coalesce(sum(length(text) + length(metadata) + length(embedding)), 0) FROM chunks"
+    sql += " WHERE state='committed'" + ("" if after is None else " AND seq > ?")
+    count, size = ledger.conn.execute(sql, () if after is None else (after,)).fetchone()
+    if sample is not None:
+        return int(size / count * sample) if count else 0
+    return int(size)
+
+
+def _refused(config: Config, result: dict[str, Any], error: StorageError) -> None:
+    """Record (if the ledger takes it) and alert that recovery could not run."""
+    summary = f"recovery could not run: {error}"
+    try:
+        ledger = Ledger(config.ledger_path)
+        try:
+            ledger.add_event("recovery", False, summary, {**result, "error": str(error), "storage": True})
+            alerts.raise_alert(config, ledger, summary)
+        finally:
+            ledger.close()
+    except Exception as exc:
+        if storage_error(exc) is None:
+            raise
+        logger.error("%s (could not record it: %s)", summary, str(exc).splitlines()[0][:200])
+
+
 def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
     action = step["action"]
     # First, before anything changes: whatever happens next (even a kill), the writer
@@ -133,13 +247,17 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
         return replay(config, ledger)
     if config.chroma_engine == "server":
         return _rebuild_on_server(config, ledger, step)
-    quarantined = _quarantine(config, step["reason"])
     watermark = None
     if action == RESTORE:
         backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
-        _restore(config, Path(backup["path"]) / "chroma", quarantined)
+        # Copied beside the damaged directory first: a copy that fails (a full disk)
+        # leaves everything where it was.
+        staging = _stage(config, Path(backup["path"]) / "chroma")
+        quarantined = _quarantine(config, step["reason"])
+        _restore(config, staging, quarantined)
         watermark = backup["watermark"]
     else:
+        quarantined = _quarantine(config, step["reason"])
         config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
     return {"quarantine": str(quarantined), **replay(config, ledger, watermark)}
 
@@ -231,19 +349,36 @@ def _quarantine(config: Config, reason: str) -> Path:
     while target.exists():
         target = target.with_name(target.name + "-1")
     target.mkdir(parents=True, mode=0o700)
+    # The reason first: the rename then is the last write, and needs no space.
+    write_json_atomic(target / "reason.json", {"time": time.time(), "reason": reason})
     if config.chroma_dir.exists():
         os.rename(config.chroma_dir, target / "chroma")
-    write_json_atomic(target / "reason.json", {"time": time.time(), "reason": reason})
     fsync_dir(config.home)
     logger.warning("quarantined the damaged Chroma directory in %s", target)
     return target
 
 
-def _restore(config: Config, source: Path, quarantined: Path) -> None:
-    """Copy under a temporary name, fsync, rename into place, fsync the parent."""
-    staging = config.home / f"chroma.restoring-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(source, staging)
-    fsync_tree(staging)
+def _stage(config: Config, source: Path) -> Path:
+    """Copy a backup's Chroma directory under a hidden name in the home, fsynced; removed if it fails.
+
+    Hidden (``.chroma.staging-*``) while nothing has moved; named ``chroma.restoring-*``
+    by ``_restore`` once the damaged directory is in quarantine.
+    """
+    staging = config.home / f".chroma.staging-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(source, staging)
+        fsync_tree(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return staging
+
+
+def _restore(config: Config, staging: Path, quarantined: Path) -> None:
+    """Rename the staged copy into place, fsync the parent."""
+    restoring = config.home / staging.name.replace(".chroma.staging-", "chroma.restoring-")
+    os.rename(staging, restoring)
+    staging = restoring
     fault_point("restore-copied")
     if config.chroma_dir.exists():
         # Something recreated the directory meanwhile: keep it beside the damaged one.
@@ -260,5 +395,6 @@ def _new_generation(config: Config) -> None:
 
 
 def _clean_leftovers(config: Config) -> None:
-    for path in config.home.glob("chroma.restoring-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    for pattern in (".chroma.staging-*", "chroma.restoring-*"):
+        for path in config.home.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)

@@ -244,18 +244,18 @@ def _queue_info(cfg: Config, queue: Any = None) -> dict[str, Any]:
 def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
     """Last backup, check and recovery, and the alerts of the last day."""
     from ops.backup import list_backups
+    from ops.maintenance import last_check
 
     backups = list_backups(config)
     newest = backups[-1] if backups else None
     verified = [b for b in backups if b["verified"]]
-    check = ledger.last_event("check")
     return {
         "last_backup": newest and {
             "name": newest["name"], "time": newest["time"], "age_seconds": round(time.time() - newest["time"]),
             "verified": newest["verified"], "pause_seconds": newest["pause_seconds"],
         },
         "newest_verified_backup": verified[-1]["name"] if verified else None,
-        "last_check": check and {k: check[k] for k in ("time", "ok", "summary")},
+        "last_check": last_check(config, ledger),
         "last_recovery": ledger.last_event("recovery"),
         "alerts": [{k: a[k] for k in ("time", "summary")} for a in ledger.events("alert", time.time() - 86400)],
     }  # fmt: skip
