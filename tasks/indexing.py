@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from huey import crontab
+
+from pipeline.errors import storage_error
 
 if TYPE_CHECKING:
     from workers.queue import WriterHuey
@@ -15,7 +20,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # A task lost with a killed consumer loses nothing (its ledger rows stay outstanding);
-# retries cover transient Chroma or disk errors without waiting for a requeue.
+# retries cover transient Chroma errors without waiting for a requeue. A data home the
+# disk cannot write (full, read-only) is not retried through the queue, which is on the
+# same disk: the task waits it out with back-off (``_persevere``).
 RETRIES = 3
 RETRY_DELAY = 5
 
@@ -28,17 +35,39 @@ class Tasks:
     requeue_lost: Any
 
 
+def _persevere(huey: WriterHuey, step: Callable[[], int]) -> int:
+    """Run a writer step; while the data home cannot be written, wait with back-off and
+    run it again (one log line when that starts, one when it ends). Every step can run
+    twice: ids are deterministic and rows say what is left. 0 if the writer stops first:
+    the chunks stay outstanding in the ledger for the next start."""
+    writer = huey.running_writer()
+
+    def settle() -> None:
+        # A COMMIT refused for lack of space can leave its transaction open.
+        if writer.ledger.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                writer.ledger.conn.execute("ROLLBACK")
+
+    config = huey.config
+    doing = f"the writer cannot write the data home {config.home}"
+    where = config.chroma_dir if config.chroma_engine == "persistent" else config.home
+    return huey.storage_watch.retry(doing, step, writer.stop, settle, where) or 0
+
+
 def register(huey: WriterHuey) -> Tasks:
     @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
     def index_chunks(collection: str, ids: list[str]) -> int:
-        return huey.running_writer().index(collection, ids)
+        return _persevere(huey, lambda: huey.running_writer().index(collection, ids))
 
     @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
     def delete_chunks(collection: str, ids: list[str]) -> int:
-        return huey.running_writer().delete(collection, ids)
+        return _persevere(huey, lambda: huey.running_writer().delete(collection, ids))
 
     @huey.task(retries=RETRIES, retry_delay=RETRY_DELAY)
     def ingest(key: str) -> int:
+        return _persevere(huey, lambda: _ingest(key))
+
+    def _ingest(key: str) -> int:
         # Record a remote producer's part in the ledger, then index it like a local
         # submission: the same micro-batched tasks, the same requeue if they are lost.
         work = huey.running_writer().ingest(huey.intake, key)
@@ -61,6 +90,13 @@ def register(huey: WriterHuey) -> Tasks:
         # while tasks wait would just queue the same chunks twice.
         if huey.pending_count():
             return 0
-        return huey.requeue()
+        try:
+            return huey.requeue()
+        except Exception as exc:  # a full disk: the next run (or the next start) requeues them
+            error = storage_error(exc, f"the writer cannot requeue into {huey.config.home}", huey.config.home)
+            if error is None:
+                raise
+            huey.storage_watch.failed(error)
+            return 0
 
     return Tasks(index_chunks, delete_chunks, ingest, requeue_lost)

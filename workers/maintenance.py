@@ -9,39 +9,49 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 from huey import SqliteHuey
 
 from pipeline.config import Config, private_files
-from pipeline.errors import IndexqError
+from pipeline.errors import IndexqError, storage_errors
 from pipeline.locks import WriterLock
 from tasks.maintenance import register
+from workers.backoff import HomeHuey, StorageWatch
 from workers.queue import WriterConsumer, exit_with, log_to_home, queue_secret
 from workers.serializer import JsonSerializer
 
 logger = logging.getLogger(__name__)
 
 
-class MaintenanceHuey(SqliteHuey):
+class MaintenanceHuey(HomeHuey, SqliteHuey):
     def __init__(self, config: Config) -> None:
-        config.ensure_home()
         self.config = config
-        self._lock = WriterLock(config.maintenance_lock_path, role="maintenance consumer")
-        super().__init__(
-            name="indexq-maintenance",
-            filename=str(config.maintenance_queue_path),
-            results=False,
-            serializer=JsonSerializer(queue_secret(config), salt="indexq-maintenance"),
-        )
-        os.chmod(config.maintenance_queue_path, 0o600)
+        self.storage_watch = StorageWatch("maintenance")
+        self.stop_flag: threading.Event | None = None
+        with storage_errors(f"cannot open the maintenance queue of the data home {config.home}", config.home):
+            config.ensure_home()
+            self._lock = WriterLock(config.maintenance_lock_path, role="maintenance consumer")
+            super().__init__(
+                name="indexq-maintenance",
+                filename=str(config.maintenance_queue_path),
+                results=False,
+                serializer=JsonSerializer(queue_secret(config), salt="indexq-maintenance"),
+            )
+            os.chmod(config.maintenance_queue_path, 0o600)
         self.maintain = register(self)
 
     def start_maintenance(self, **options: Any) -> WriterConsumer:
+        with storage_errors(f"the maintenance consumer cannot start on {self.config.home}", self.config.home):
+            return self._start_maintenance(**options)
+
+    def _start_maintenance(self, **options: Any) -> WriterConsumer:
         self._lock.acquire()
         try:
             log_to_home(self.config, "maintenance.log")
             consumer = WriterConsumer(self, **options)
+            self.stop_flag = consumer.stop_flag
             self.flush()
             self.maintain()  # catch up now rather than at the next minute
             logger.info("maintenance consumer pid %d started on %s", os.getpid(), self.config.home)

@@ -30,12 +30,19 @@ from huey.consumer import Consumer
 from huey.storage import SqliteStorage
 
 from pipeline.config import Config
-from pipeline.errors import ConfigError, IndexqError, UnreachableError, WriterLockedError
+from pipeline.errors import ConfigError, IndexqError, UnreachableError, WriterLockedError, storage_errors
 from pipeline.intake import Intake
 from pipeline.locks import WriterLock
 from pipeline.progress import Publisher
 from pipeline.writer import Writer
 from tasks.indexing import Tasks, register
+from workers.backoff import (
+    HomeHuey,
+    HomeLogHandler,
+    StorageAwareScheduler,
+    StorageAwareWorker,
+    StorageWatch,
+)
 from workers.serializer import JsonSerializer
 
 logger = logging.getLogger(__name__)
@@ -63,17 +70,19 @@ def queue_secret(config: Config) -> str:
         # Written whole under a private name, then published with link(): a process
         # racing us sees no key or a complete key, never an empty file.
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-            handle.flush()
-            os.fsync(handle.fileno())
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+                handle.flush()
+                os.fsync(handle.fileno())
             os.link(tmp, path)
         except FileExistsError:
             pass
         finally:
-            tmp.unlink()
+            # Also when the disk is full or the home read-only: no empty key file left behind.
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return path.read_text().strip()
 
 
@@ -83,9 +92,15 @@ class WriterConsumer(Consumer):
     Huey treats SIGTERM as "stop now", which with thread workers ends the process in
     the middle of a commit. The writer's tasks check the stop flag between commits,
     so a graceful stop finishes the commit in hand and then stops.
+
+    A data home the disk cannot write is a state of its own (``workers.backoff``): one
+    log line when it starts and one when it ends, back-off in between.
     """
 
-    def __init__(self, huey: WriterHuey, **options: Any) -> None:
+    worker_class = StorageAwareWorker
+    scheduler_class = StorageAwareScheduler
+
+    def __init__(self, huey: Huey, **options: Any) -> None:
         super().__init__(huey, **options)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._signal_actions[signum] = (False, True)
@@ -182,24 +197,26 @@ class QueueLease:
             logger.warning("could not release the writer's lease on the queue; it ends within %ds", self.TTL)
 
 
-class WriterHuey(Huey):
+class WriterHuey(HomeHuey):
     def __init__(self, config: Config) -> None:
-        config.ensure_home()
         self.config = config
         self.writer: Writer | None = None
-        self._lock = WriterLock(config.writer_lock_path)
+        self.storage_watch = StorageWatch("writer")
         self._lease: QueueLease | None = None
-        secret = queue_secret(config)
-        storage_class, storage_kwargs = _storage(config)
-        super().__init__(
-            name="indexq-writer",
-            results=False,
-            serializer=JsonSerializer(secret, salt="indexq-writer"),
-            storage_class=storage_class,
-            **storage_kwargs,
-        )
-        if config.queue_engine == "sqlite":
-            os.chmod(config.queue_path, 0o600)
+        with storage_errors(f"cannot open the queue of the data home {config.home}", config.home):
+            config.ensure_home()
+            self._lock = WriterLock(config.writer_lock_path)
+            secret = queue_secret(config)
+            storage_class, storage_kwargs = _storage(config)
+            super().__init__(
+                name="indexq-writer",
+                results=False,
+                serializer=JsonSerializer(secret, salt="indexq-writer"),
+                storage_class=storage_class,
+                **storage_kwargs,
+            )
+            if config.queue_engine == "sqlite":
+                os.chmod(config.queue_path, 0o600)
         self.intake = Intake(self.storage, secret)
         self.tasks: Tasks = register(self)
 
@@ -245,6 +262,10 @@ class WriterHuey(Huey):
 
     def start_writer(self, **options: Any) -> WriterConsumer:
         """Become the one writer of the data home and return its consumer (raises)."""
+        with storage_errors(f"the writer cannot start on {self.config.home}", self.config.home):
+            return self._start_writer(**options)
+
+    def _start_writer(self, **options: Any) -> WriterConsumer:
         workers = options.get("workers", 1)
         worker_type = options.get("worker_type", "thread")
         if options.get("max_tasks"):
@@ -369,7 +390,7 @@ def exit_with(exc: IndexqError) -> SystemExit:
 
 def log_to_home(config: Config, name: str) -> None:
     """A consumer logs to logs/NAME in the data home as well as to stderr."""
-    handler = logging.FileHandler(config.logs_path / name)
+    handler = HomeLogHandler(str(config.logs_path / name))
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
