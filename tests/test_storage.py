@@ -1,0 +1,382 @@
+"""A data home the disk cannot read or write: a full filesystem, a read-only one.
+
+"Cannot check" is not damage (invariant 8): a check on a full disk exits 6 and records
+no damage, recovery moves nothing it cannot finish, every command answers in one line
+with exit 6, and the writer and the maintenance consumer back off with one log line per
+state change. Each test mounts a real small tmpfs under tmp_path (root only) and
+unmounts it when done; the writer embeds with the deterministic ``hash:384`` model.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    BIN,
+    Proc,
+    copy_corpus,
+    ledger_query,
+    run_cli,
+    start_worker,
+    wait_for,
+)
+
+# The writer's guard would hold every commit back on a small filesystem (default 256 MB).
+ENV = {"INDEXQ_MODEL": "hash:384", "INDEXQ_MIN_FREE_MB": "0"}
+COLLECTION = "storage-docs"
+FS_SIZE = "48m"
+MORE = ["argparse.py", "difflib.py", "inspect.py", "tarfile.py"]
+
+
+# ---- a real small filesystem ------------------------------------------------------------
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small filesystem needs root (CI runs as root)")
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={FS_SIZE},mode=0700", "tmpfs", str(mount)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(mount)], capture_output=True, timeout=30)
+        # Lazy: a process the test leaves behind lets go when the procs fixture kills it.
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=30)
+
+
+def fill(fs: Path, leave: int = 0) -> Path:
+    """Fill the filesystem until ``leave`` bytes are free (or it refuses more)."""
+    filler = fs / f"filler-{time.monotonic_ns()}"
+    want = max(shutil.disk_usage(fs).free - leave, 0)
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        block = b"\0" * 2**20
+        while want > 0:
+            try:
+                want -= os.write(fd, block[: min(want, len(block))])
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    finally:
+        os.close(fd)
+    return filler
+
+
+def unfill(fs: Path) -> None:
+    for filler in fs.glob("filler-*"):
+        filler.unlink()
+
+
+def remount(fs: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(fs)], check=True, capture_output=True, timeout=30)
+
+
+# ---- a healthy home with a verified backup, built once ----------------------------------
+
+
+def outstanding(home: Path) -> int:
+    rows = ledger_query(home, "SELECT count(*) FROM chunks WHERE state IN ('pending', 'embedded', 'deleting')")
+    return int(rows[0][0])
+
+
+def committed(home: Path) -> int:
+    return int(ledger_query(home, "SELECT count(*) FROM chunks WHERE state='committed'")[0][0])
+
+
+def submit(home: Path, *paths: Path) -> str:
+    result = run_cli(home, "index", *map(str, paths), "-c", COLLECTION, "--include", "*.py", **ENV)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("healthy")
+    home = root / "home"
+    started: list[Proc] = []
+    try:
+        writer = start_worker(started, home, **ENV)
+        writer.wait_started()
+        submit(home, copy_corpus(root / "corpus"))
+        wait_for(lambda: outstanding(home) == 0, 120, "the job")
+        backup = run_cli(home, "backup", "--json", **ENV)
+        assert backup.returncode == 0, backup.stderr
+        assert json.loads(backup.stdout)["verified"] is True
+        assert writer.terminate() == 0
+    finally:
+        for proc in started:
+            proc.cleanup()
+    return home
+
+
+@pytest.fixture
+def home(healthy: Path, small_fs: Path) -> Path:
+    copy = small_fs / "home"
+    shutil.copytree(healthy, copy)
+    return copy
+
+
+def tree(root: Path) -> dict[str, int]:
+    return {p.relative_to(root).as_posix(): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_nothing_moved(home: Path) -> None:
+    """No quarantine, no restore copy: recovery did not start."""
+    assert not (home / "quarantine").exists()
+    assert not list(home.glob("chroma.restoring-*")) and not list(home.glob(".chroma.staging-*"))
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], start: str, *, only: bool = True) -> str:
+    """Exit 6, no traceback, one `Error:` line starting with ``start``, then its `Hint:`."""
+    assert result.returncode == 6, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    lines = result.stderr.splitlines()
+    errors = [i for i, line in enumerate(lines) if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    line = lines[errors[0]]
+    assert line.startswith(start), line
+    assert lines[errors[0] + 1].startswith("Hint: "), result.stderr
+    if only:
+        assert len(lines) == 2, result.stderr
+    return line
+
+
+# ---- the one classification -------------------------------------------------------------
+
+
+def test_storage_errors_are_told_from_damage() -> None:
+    from pipeline.errors import StorageError, from_chroma, storage_error
+
+    full = storage_error(sqlite3.OperationalError("database or disk is full"), "cannot write /h")
+    assert isinstance(full, StorageError) and full.exit_code == 6
+    assert str(full) == "cannot write /h: no space left (database or disk is full)"
+    assert full.reason == "no space left (database or disk is full)"
+    for exc, kind in [
+        (OSError(errno.ENOSPC, "No space left on device", "/h/x"), "no space left"),
+        (OSError(errno.EROFS, "Read-only file system", "/h"), "read-only"),
+        (PermissionError(errno.EACCES, "Permission denied", "/h"), "permission denied"),
+        (OSError(errno.EIO, "Input/output error"), "I/O error"),
+        (sqlite3.OperationalError("attempt to write a readonly database"), "read-only"),
+        (sqlite3.OperationalError("disk I/O error"), "I/O error"),
+        (Exception("error returned from database: (code: 13) database or disk is full"), "no space left"),
+        (Exception("Failed to write segment: Read-only file system (os error 30)"), "read-only"),
+        (RuntimeError("task failed"), None),
+    ]:
+        found = storage_error(exc)
+        assert (found.reason.split(" (")[0] if found else None) == kind, exc
+    # Wrapped: Huey and chromadb raise their own exception from the one that says why.
+    wrapped = RuntimeError("enqueue failed")
+    wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
+    assert storage_error(wrapped) is not None
+    # Damage stays damage: a malformed file, a missing one, a lock that is held.
+    for exc in [
+        sqlite3.DatabaseError("database disk image is malformed"),
+        sqlite3.DatabaseError("file is not a database"),
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "/h/chroma.sqlite3"),
+        sqlite3.OperationalError("database is locked"),
+        Exception("Error loading hnsw index"),
+    ]:
+        assert storage_error(exc) is None, exc
+    assert not from_chroma(wrapped)
+
+
+# ---- 6: a check on a full disk is "cannot check"; recovery moves nothing ---------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_full_disk_is_cannot_check_and_recovery_moves_nothing(home: Path, small_fs: Path, procs: list[Proc]) -> None:
+    # A running writer holds the ledger open, so small reads and writes of it still work
+    # on the full disk, while Chroma, opened afresh by the check, fails for want of space.
+    writer = start_worker(procs, home, **ENV)
+    writer.wait_started()
+    assert run_cli(home, "check", **ENV).returncode == 0
+    chroma = home / "chroma"
+    before = tree(chroma)
+    fill(small_fs)
+
+    found = run_cli(home, "check", "--deep", **ENV)
+    assert_one_line_error(found, f"Error: cannot check {chroma} (this is not damage): no space left (")
+    recovered = run_cli(home, "recover", **ENV)
+    assert_one_line_error(recovered, f"Error: cannot recover {home}; nothing was changed: cannot check {chroma}")
+    assert tree(chroma) == before
+    assert_nothing_moved(home)
+    alerts = home / "logs" / "alerts.log"
+    assert not alerts.exists() or "damage" not in alerts.read_text()
+
+    shown = run_cli(home, "status", **ENV)
+    assert shown.returncode == 0, shown.stderr
+    assert f"last check:  deep check could not run: cannot check {chroma} (this is not damage)" in shown.stdout
+    last = json.loads(run_cli(home, "status", "--json", **ENV).stdout)["last_check"]
+    assert last["ok"] is False and last["cannot_check"] is True
+
+    unfill(small_fs)
+    assert run_cli(home, "check", "--deep", **ENV).returncode == 0
+    assert writer.popen.poll() is None, writer.output()[-2000:]
+    assert writer.terminate() == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_recovery_without_room_for_the_restore_changes_nothing_and_says_why(home: Path, small_fs: Path) -> None:
+    (home / "chroma" / "chroma.sqlite3").unlink()  # damage that needs the backup restored
+    chroma = tree(home / "chroma")
+    fill(small_fs, leave=300 * 1024)  # the backup's copy does not fit
+
+    for argv in (["recover", "--dry-run"], ["recover"]):
+        refused = run_cli(home, *argv, **ENV)
+        line = assert_one_line_error(refused, "Error: cannot recover (restore): it needs about ", only=False)
+        assert line.endswith("are free; nothing was changed"), line
+        assert tree(home / "chroma") == chroma
+        assert_nothing_moved(home)
+    last = json.loads(run_cli(home, "status", "--json", **ENV).stdout)["last_recovery"]
+    assert last["ok"] is False and last["summary"].startswith("recovery could not run: cannot recover (restore)")
+
+    unfill(small_fs)
+    recovered = run_cli(home, "recover", "--json", **ENV)
+    assert recovered.returncode == 0, recovered.stderr
+    result = json.loads(recovered.stdout)
+    assert result["action"] == "restore" and result["healthy"] is True
+    assert result["preflight"]["needs_bytes"] <= result["preflight"]["free_bytes"]
+    assert run_cli(home, "check", "--deep", **ENV).returncode == 0
+
+
+# ---- 7: one line and exit 6, never a traceback ------------------------------------------
+
+
+def _commands(home: Path, corpus: Path) -> dict[str, list[str]]:
+    return {
+        "status": ["status"],
+        "check": ["check"],
+        "check --deep": ["check", "--deep"],
+        "backup": ["backup"],
+        "resume": ["resume"],
+        "recover": ["recover"],
+        "search": ["search", "anything", "-c", COLLECTION],
+        "index": ["index", str(corpus), "-c", COLLECTION],
+        "worker": ["worker"],
+        "maintenance": ["maintenance"],
+    }
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_every_command_on_a_full_disk_says_so_in_one_line(home: Path, small_fs: Path, tmp_path: Path) -> None:
+    corpus = copy_corpus(tmp_path / "corpus", ["shlex.py"])
+    fill(small_fs)
+    expected = {
+        "status": f"Error: cannot use the data home {home}: no space left (",
+        "check": f"Error: cannot check {home / 'chroma'} (this is not damage): no space left (",
+        "backup": f"Error: not enough free space for a backup in {home / 'backups'}: it needs about ",
+        "resume": f"Error: cannot open the queue of the data home {home}: no space left (",
+        "recover": f"Error: cannot recover {home}; nothing was changed: ",
+        "search": f"Error: cannot use the data home {home}: no space left (",
+        "worker": f"Error: cannot open the queue of the data home {home}: no space left (",
+        "maintenance": f"Error: cannot open the maintenance queue of the data home {home}: no space left (",
+    }
+    for name, argv in _commands(home, corpus).items():
+        result = run_cli(home, *argv, timeout=120, **ENV)
+        line = assert_one_line_error(result, expected.get(name, "Error: "))
+        assert "no space left" in line or "not enough free space" in line, (name, line)
+    # A new home on the full disk: refused the same way, and no half-written key file left.
+    fresh = small_fs / "fresh"
+    assert_one_line_error(run_cli(fresh, "status", **ENV), f"Error: cannot use the data home {fresh}: no space left (")
+    assert_one_line_error(
+        run_cli(fresh, "resume", **ENV), f"Error: cannot open the queue of the data home {fresh}: no space left ("
+    )
+    assert not list(fresh.glob(".queue.key.*"))
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_read_only_home_or_parent_says_so_in_one_line(home: Path, small_fs: Path, tmp_path: Path) -> None:
+    corpus = copy_corpus(tmp_path / "corpus", ["shlex.py"])
+    remount(small_fs, "ro")
+    for name, argv in _commands(home, corpus).items():
+        result = run_cli(home, *argv, timeout=120, **ENV)
+        line = assert_one_line_error(result, "Error: ")
+        assert ": read-only (" in line, (name, line)
+    orphan = small_fs / "new-home"
+    line = assert_one_line_error(run_cli(orphan, "status", **ENV), f"Error: cannot use the data home {orphan}: ")
+    assert ": read-only (" in line
+
+
+def _log_lines(output: str) -> list[str]:
+    # The fault pause that slows commits down logs each commit it delays: not the writer's own.
+    return [line for line in output.splitlines() if "fault point" not in line]
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_the_writer_backs_off_on_a_full_disk_with_one_line_per_state_change(
+    home: Path, small_fs: Path, tmp_path: Path, procs: list[Proc]
+) -> None:
+    writer = start_worker(procs, home, **ENV, INDEXQ_FAULT_PAUSE="writer-commit:0.2")
+    writer.wait_started()
+    start = committed(home)
+    submit(home, copy_corpus(tmp_path / "more", MORE))
+    total = start + outstanding(home)
+    wait_for(lambda: committed(home) >= start + 20, 120, "the writer to commit")
+    fill(small_fs)
+
+    wait_for(lambda: "writer paused: " in writer.output(), 120, "the writer to meet the full disk")
+    assert outstanding(home) > 0, "the full disk should land in the middle of the job"
+    paused = len(_log_lines(writer.output()))
+    time.sleep(10)  # Huey alone logged ~170 lines a second here, each poll with a traceback
+    lines = _log_lines(writer.output())
+    assert len(lines) - paused <= 2, "\n".join(lines[paused:])
+    for noise in ("Traceback", "Error reading from queue", "--- Logging error ---"):
+        assert noise not in writer.output()
+    assert sum("writer paused: " in line for line in lines) == 1
+    assert writer.popen.poll() is None
+
+    unfill(small_fs)
+    wait_for(lambda: outstanding(home) == 0, 180, "the job to finish once there is room")
+    assert committed(home) == total
+    output = writer.output()
+    assert "writer resumed: " in output or "writer: the disk has room again; restarting" in output
+    assert writer.terminate() == 0
+    assert run_cli(home, "check", "--deep", **ENV).returncode == 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(400)
+def test_the_maintenance_consumer_backs_off_on_a_full_disk(home: Path, small_fs: Path, procs: list[Proc]) -> None:
+    consumer = start_worker(
+        procs, home, str(BIN / "indexq"), "maintenance", **ENV,
+        INDEXQ_BACKUP_INTERVAL="24h", INDEXQ_QUICK_CHECK_INTERVAL="1",
+    )  # fmt: skip
+    wait_for(lambda: "maintenance ran: " in consumer.output(), 120, "the first tick")
+    fill(small_fs)
+    # The next tick comes within a minute: its enqueue or its check meets the full disk.
+    wait_for(lambda: "maintenance paused: " in consumer.output(), 150, "the consumer to meet the full disk")
+    paused = len(consumer.output().splitlines())
+    time.sleep(5)
+    output = consumer.output()
+    assert len(output.splitlines()) - paused <= 2, output
+    for noise in ("Traceback", "Error reading from queue", "--- Logging error ---", "found damage"):
+        assert noise not in output
+    assert output.count("maintenance paused: ") == 1
+    assert consumer.popen.poll() is None
+    unfill(small_fs)
+    assert consumer.terminate() == 0
+    events = ledger_query(home, "SELECT count(*) FROM events WHERE kind='recovery'")
+    assert events[0][0] == 0, "a full disk must never start a recovery"
