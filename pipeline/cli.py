@@ -20,7 +20,14 @@ from typing import Any
 import click
 
 from pipeline import api
-from pipeline.config import DEFAULT_HOME, DEFAULT_MODEL, Config, private_files
+from pipeline.config import (
+    DEFAULT_HOME,
+    DEFAULT_MODEL,
+    DEFAULT_WATCH_INTERVAL,
+    Config,
+    parse_metrics_port,
+    private_files,
+)
 from pipeline.errors import ConfigError, IndexqError, storage_error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_STORAGE = 0, 1, 2, 3, 4, 5, 6
@@ -83,11 +90,25 @@ def _model(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)  # fmt: skip
 
 
+def _metrics_port(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--metrics-port of the consumers (read by _config)."""
+    return click.option(
+        "--metrics-port", envvar="INDEXQ_METRICS_PORT", expose_value=False, callback=_remember,
+        metavar="[ADDR:]PORT", help="Serve Prometheus metrics on PORT, at 127.0.0.1 unless ADDR is given"
+        " (env INDEXQ_METRICS_PORT; default: not served).",
+    )(func)  # fmt: skip
+
+
 def _config(**overrides: Any) -> Config:
     ctx = click.get_current_context(silent=True)
     if ctx is not None:
         for name in ("queue_url", "chroma_url"):
             overrides.setdefault(name, ctx.meta.get(f"indexq.{name}"))
+        if (port := ctx.meta.get("indexq.metrics_port")) is not None:
+            from_env = ctx.get_parameter_source("metrics_port") == click.core.ParameterSource.ENVIRONMENT
+            found = parse_metrics_port("INDEXQ_METRICS_PORT" if from_env else "--metrics-port", port)
+            if found:
+                overrides["metrics_addr"], overrides["metrics_port"] = found
     return Config.from_env(**overrides)
 
 
@@ -187,6 +208,7 @@ def index(
 )
 @click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", help="Chunks embedded together [32].")
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
+@_metrics_port
 @_model
 @_home
 @_errors
@@ -221,15 +243,27 @@ def worker(
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
 @click.option("--jobs", default=10, show_default=True, help="How many recent jobs to list.")
+@click.option("--watch", is_flag=True, help="A live view (rate, queue, jobs, guard) refreshed until Ctrl-C.")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=DEFAULT_WATCH_INTERVAL, show_default=True,
+              metavar="S", help="Seconds between refreshes of --watch.")  # fmt: skip
 @_home
 @_errors
-def status(as_json: bool, jobs: int, home: Path) -> None:
+def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -> None:
     """Jobs, queue depth, writer, last commit, rate, memory and disk.
 
     \b
-    Example:
+    Examples:
       indexq status --json | jq .jobs
+      indexq status --watch --interval 5
     """
+    if watch:
+        from ops.watch import watch as live
+
+        if as_json:
+            raise click.UsageError("--watch shows a live view: drop --json")
+        config = _config(home=home)
+        live(lambda: api.status(config, jobs=jobs), interval)  # returns at Ctrl-C: exit 0
+        return
     info = api.status(_config(home=home), jobs=jobs)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -487,6 +521,7 @@ def recover(source: str | None, dry_run: bool, as_json: bool, home: Path) -> Non
 
 @main.command()
 @click.option("--no-auto-recover", is_flag=True, help="Report damage but do not repair it.")
+@_metrics_port
 @_home
 @_errors
 def maintenance(no_auto_recover: bool, home: Path) -> None:

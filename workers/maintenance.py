@@ -17,6 +17,8 @@ from huey import SqliteHuey
 from pipeline.config import Config, private_files
 from pipeline.errors import IndexqError, storage_errors
 from pipeline.locks import WriterLock
+from pipeline.metrics import MetricsServer
+from pipeline.metrics import serve as serve_metrics
 from tasks.maintenance import register
 from workers.backoff import HomeHuey, StorageWatch
 from workers.queue import WriterConsumer, exit_with, log_to_home, queue_secret
@@ -26,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 class MaintenanceHuey(HomeHuey, SqliteHuey):
+    metrics: MetricsServer | None = None  # served while this consumer runs (INDEXQ_METRICS_PORT)
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.storage_watch = StorageWatch("maintenance")
@@ -54,6 +58,7 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
             self.stop_flag = consumer.stop_flag
             self.flush()
             self.maintain()  # catch up now rather than at the next minute
+            self.metrics = serve_metrics(self.config, "maintenance")
             logger.info("maintenance consumer pid %d started on %s", os.getpid(), self.config.home)
         except BaseException:
             self._lock.release()
@@ -67,6 +72,9 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
             raise exit_with(exc) from None
 
     def stop_maintenance(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         self._lock.release()
 
 

@@ -33,6 +33,8 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, IndexqError, UnreachableError, WriterLockedError, storage_errors
 from pipeline.intake import Intake
 from pipeline.locks import WriterLock
+from pipeline.metrics import MetricsServer
+from pipeline.metrics import serve as serve_metrics
 from pipeline.progress import Publisher
 from pipeline.writer import Writer
 from tasks.indexing import Tasks, register
@@ -198,6 +200,8 @@ class QueueLease:
 
 
 class WriterHuey(HomeHuey):
+    metrics: MetricsServer | None = None  # served while this process is the writer (INDEXQ_METRICS_PORT)
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.writer: Writer | None = None
@@ -308,6 +312,9 @@ class WriterHuey(HomeHuey):
             self.storage.flush_schedule()
             queued = self.requeue()
             self.writer.state.publish()
+            # Last: a metrics port that cannot be had stops the start (exit 2) with nothing left open.
+            writer = self.writer
+            self.metrics = serve_metrics(self.config, "writer", writer.state, writer.embedder, self.pending_count)
             logger.info(
                 "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
             )
@@ -359,6 +366,9 @@ class WriterHuey(HomeHuey):
             raise exit_with(exc) from None
 
     def stop_writer(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
