@@ -196,10 +196,14 @@ class Ledger:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
+                # Inside the try: a COMMIT refused (disk full) must not leave the
+                # transaction open, or every later BEGIN fails for another reason.
+                self.conn.execute("COMMIT")
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                if self.conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self.conn.execute("ROLLBACK")
                 raise
-            self.conn.execute("COMMIT")
 
     def close(self) -> None:
         self.conn.close()

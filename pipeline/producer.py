@@ -39,7 +39,7 @@ from pipeline.corpus import (
     walk,
 )  # fmt: skip
 from pipeline.embedder import Tokenizer, load_tokenizer
-from pipeline.errors import ConfigError, EmptyCorpusError
+from pipeline.errors import ConfigError, EmptyCorpusError, StorageError, storage_errors
 from pipeline.faults import fault_point
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
@@ -262,12 +262,17 @@ class Producer:
         """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
         job = _LazyJob(self.ledger, sub.collection, kind, sources)
         batch = _Batch()
-        for source, _, chunks in spool.sources():
-            self._add(sub, batch, source, chunks)
-            if len(batch) >= FLUSH_EVERY:
-                self._flush(job, sub, batch)
-                batch = _Batch()
-        return self._finish(job, sub, batch, empty)
+        try:
+            with storage_errors(f"cannot submit to the data home {self.config.home}", self.config.home):
+                for source, _, chunks in spool.sources():
+                    self._add(sub, batch, source, chunks)
+                    if len(batch) >= FLUSH_EVERY:
+                        self._flush(job, sub, batch)
+                        batch = _Batch()
+                return self._finish(job, sub, batch, empty)
+        except StorageError as exc:
+            job.fail(str(exc))  # what was written is indexed; the job says why it stopped
+            raise
 
     def _add(self, sub: Submission, batch: _Batch, source: str, records: list[dict[str, Any]]) -> None:
         sub.chunks += len(records)
@@ -357,6 +362,13 @@ class _LazyJob:
         self._id: str | None = None
         self.created = time.time()
         self.parts = 0  # intake parts handed over so far
+
+    def fail(self, reason: str) -> None:
+        """Best effort: the disk that stopped the submission may refuse this too (it is
+        then shown as abandoned once this producer has exited)."""
+        if self._id is not None and self._ledger is not None:
+            with contextlib.suppress(Exception):
+                self._ledger.fail_submission(self._id, reason)
 
     def id(self) -> str:
         if self._id is None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -41,17 +39,10 @@ def _persevere(huey: WriterHuey, step: Callable[[], int]) -> int:
     twice: ids are deterministic and rows say what is left. 0 if the writer stops first:
     the chunks stay outstanding in the ledger for the next start."""
     writer = huey.running_writer()
-
-    def settle() -> None:
-        # A COMMIT refused for lack of space can leave its transaction open.
-        if writer.ledger.conn.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                writer.ledger.conn.execute("ROLLBACK")
-
     config = huey.config
     doing = f"the writer cannot write the data home {config.home}"
     where = config.chroma_dir if config.chroma_engine == "persistent" else config.home
-    return huey.storage_watch.retry(doing, step, writer.stop, settle, where) or 0
+    return huey.storage_watch.retry(doing, step, writer.stop, where) or 0
 
 
 def register(huey: WriterHuey) -> Tasks:

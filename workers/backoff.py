@@ -104,14 +104,11 @@ class StorageWatch:
         """Back off after ``error``; False if a stop was asked for meanwhile."""
         return not stop.wait(self.failed(error))
 
-    def retry(
-        self, doing: str, step: Callable[[], T], stop: threading.Event, settle: Callable[[], None], path: Path
-    ) -> T | None:
+    def retry(self, doing: str, step: Callable[[], T], stop: threading.Event, path: Path) -> T | None:
         """Run ``step`` until it gets through, waiting out storage trouble; None if stopped first.
 
-        ``settle`` runs after each storage error (e.g. to roll back a transaction the
-        failed COMMIT left open); any other error is raised as it is. ``path`` is where
-        the step writes (see ``storage_error``).
+        Any other error is raised as it is. ``path`` is where the step writes (see
+        ``storage_error``). A refused COMMIT leaves no transaction open (``Ledger._tx``).
         """
         while True:
             try:
@@ -120,7 +117,6 @@ class StorageWatch:
                 error = storage_error(exc, doing, path, unexplained=True)
                 if error is None:
                     raise
-                settle()
                 if from_chroma(exc):
                     self.restart_when_room(error, stop, path)
                     return None
