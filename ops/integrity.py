@@ -319,6 +319,25 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
+def nothing_written(chroma: Path, ledger: Path) -> bool:
+    """No Chroma database yet and no chunk committed: nothing to check or back up (a
+    missing database the ledger says was written to is damage)."""
+    if (chroma / "chroma.sqlite3").exists():
+        return False
+    if not ledger.exists():
+        return True
+    conn = sqlite3.connect(f"file:{ledger}?mode=ro", uri=True, timeout=30)
+    try:
+        row = conn.execute("SELECT 1 FROM chunks WHERE state='committed' LIMIT 1").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        row = None
+    finally:
+        conn.close()
+    return row is None
+
+
 def check_home(config: Config, deep: bool = False) -> Report:
     """Every layer on a data home's Chroma (directory or server) against its ledger."""
     return check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
@@ -333,6 +352,8 @@ def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None
     started = time.monotonic()
     report = Report(deep=deep)
     with storage_errors(f"cannot check {redact_url(url) if url else chroma} (this is not damage)", chroma):
+        if not url and nothing_written(chroma, ledger):
+            return report  # a fresh home: the writer has not created its directory yet
         if not url:
             report.problems.extend(check_sqlite(chroma, deep))
             if not report.problems:

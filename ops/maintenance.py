@@ -16,7 +16,7 @@ from typing import Any
 
 from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
-from ops.integrity import Report, check_home
+from ops.integrity import Report, check_home, nothing_written
 from pipeline.config import Config
 from pipeline.errors import BusyError, IndexqError, NotFoundError, StorageError, UnreachableError, storage_error
 from pipeline.ledger import Ledger
@@ -165,6 +165,8 @@ def tick(config: Config, now: float | None = None) -> list[str]:
     # Due when the newest verified backup is older than the interval; after a failed
     # attempt, wait BACKUP_RETRY before the next one instead of retrying every minute.
     due = newest is None or now - newest["time"] >= config.backup_interval
+    if due and not config.chroma_url and nothing_written(config.chroma_dir, config.ledger_path):
+        due = False  # a fresh home: the writer has not written anything to protect yet
     if due and now - last_failure >= min(BACKUP_RETRY, config.backup_interval):
         try:
             backup_and_prune(config)

@@ -27,6 +27,7 @@ from tests.conftest import (
     BIN,
     STDLIB,
     Proc,
+    copy_corpus,
     dump_collection,
     ledger_query,
     run_cli,
@@ -302,3 +303,27 @@ def test_maintenance_consumer_catches_up_on_a_missed_backup(home: Path, procs: l
     status = json.loads(run_cli(home, "status", "--json").stdout)
     assert status["last_backup"]["name"] == newest["name"] and status["last_backup"]["verified"] is True
     assert status["last_check"]["ok"] is True
+
+
+def test_a_fresh_home_is_not_damage_before_the_writer_wrote_anything(tmp_path: Path) -> None:
+    """Maintenance started beside a writer that has not created chroma.sqlite3 yet: no
+    false damage, no rebuild, no failed backup, no alert."""
+    from ops.maintenance import tick
+
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "corpus", ["shlex.py"])
+    assert run_cli(home, "index", str(corpus), "-c", "docs", INDEXQ_MODEL="hash:384").returncode == 0
+    assert not (home / "chroma" / "chroma.sqlite3").exists()
+    check = run_cli(home, "check", "--deep", INDEXQ_MODEL="hash:384")
+    assert check.returncode == 0, check.stdout + check.stderr
+    config = Config(home=home, model="hash:384")
+    ran = tick(config)
+    assert "backup failed" not in ran and "recovery" not in ran and "backup" not in ran
+    assert ledger_query(home, "SELECT count(*) FROM events WHERE kind IN ('alert', 'recovery') OR ok=0") == [(0,)]
+    assert not (home / "quarantine").exists() or not any((home / "quarantine").iterdir())
+    # Once a chunk is committed, a missing database is damage again.
+    conn = sqlite3.connect(home / "ledger.db")
+    conn.execute("UPDATE chunks SET state='committed' WHERE rowid = (SELECT min(rowid) FROM chunks)")
+    conn.commit()
+    conn.close()
+    assert run_cli(home, "check", INDEXQ_MODEL="hash:384").returncode == 1
