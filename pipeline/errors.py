@@ -1,7 +1,9 @@
 """The one exception tree of indexq.
 
-Library code raises these; only the CLI turns them into a one-line message, a hint
-and an exit code (``exit_code`` on each class).
+Library code raises these; only the edges (the CLI, a consumer started by
+huey_consumer) turn them into a one-line message and a hint (``describe``) and an exit
+code: ``exit_code`` on each class, the one place exit codes are defined (the README's
+"Exit codes" table lists them for users; a test holds the two together).
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ class WriterLockedError(IndexqError):
 
 class JobFailedError(IndexqError):
     """A job finished with chunks that could not be indexed."""
+
+    exit_code = 1
+
+
+class DamageFoundError(IndexqError):
+    """A check found damage (each problem was reported with its layer and where)."""
+
+    exit_code = 1
+
+
+class BackupFailedError(IndexqError):
+    """A backup failed its verification: it will never be restored."""
 
     exit_code = 1
 
@@ -146,8 +160,15 @@ def _filesystem(path: str | os.PathLike[str]) -> tuple[int, bool] | None:
         return None
 
 
-def _line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What ``exc`` says, on one line of at most ``limit`` characters (its type's name if it
+    says nothing): tracebacks of a server or of Rust code come as many lines."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def describe(exc: IndexqError) -> str:
+    """What a person is told: ``Error: message``, then ``Hint: what to do`` when there is one."""
+    return f"Error: {exc}" + (f"\nHint: {exc.hint}" if exc.hint else "")
 
 
 def storage_error(
@@ -173,13 +194,13 @@ def storage_error(
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen and kind is None:
         seen.add(id(cause))
-        kind, detail = _kind(cause), _line(cause)
+        kind, detail = _kind(cause), first_line(cause)
         cause = cause.__cause__ or cause.__context__
     fs = _filesystem(path) if path is not None else None
     if kind is None:
         if not unexplained or fs is None or fs[0] >= NEARLY_FULL:
             return None
-        kind, detail = FULL, f"{fs[0] // 1024} KB free; {_line(exc)}"
+        kind, detail = FULL, f"{fs[0] // 1024} KB free; {first_line(exc)}"
     elif fs is not None and kind in (CANNOT_OPEN, IO):
         kind = READ_ONLY if fs[1] else FULL if fs[0] < NEARLY_FULL else kind
     error = StorageError(f"{doing}: {kind} ({detail})", hint=_HINTS[kind])
@@ -190,7 +211,7 @@ def storage_error(
 
 def from_chroma(exc: BaseException) -> bool:
     """Whether chromadb raised ``exc`` or one of its causes (its client may then be unusable:
-    see ``workers.backoff``)."""
+    see ``pipeline.backoff``)."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
