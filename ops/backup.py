@@ -35,14 +35,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ops import alerts
-from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import check
+from pipeline import alerts
 from pipeline.config import Config
 from pipeline.errors import IndexqError, StorageError, storage_error
 from pipeline.faults import fault_point
+from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
+from pipeline.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -100,17 +101,13 @@ def backups_lock(config: Config) -> Iterator[None]:
 
 def create_backup(config: Config, verify: bool = True) -> dict[str, Any]:
     """Take, write and (by default) verify one backup; returns its listing entry."""
-    from ops.maintenance import require_home
-
-    require_home(config)
+    config.require_home()
     with backups_lock(config):
         return _create_backup(config, verify)
 
 
 def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
     import chromadb
-
-    import pipeline
 
     logical = config.chroma_engine == "server"
     if not logical and not (config.chroma_dir / "chroma.sqlite3").exists():
@@ -148,7 +145,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
             "collections": counts,
             "pause_seconds": round(pause, 4),
             "lock_wait_seconds": round(waited, 4),
-            "indexq": pipeline.__version__,
+            "indexq": __version__,
             "chromadb": chromadb.__version__,
             "files": _checksums(partial),
         }
@@ -178,7 +175,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
     summary = f"backup {name}: watermark {watermark}, paused the writer {pause:.3f}s" + (
         "" if ok else f", verification FAILED: {result.get('problems')}"
     )
-    ledger.add_event("backup", ok, summary, {"name": name, "pause_seconds": pause, "verified": result.get("verified")})
+    ledger.events.add("backup", ok, summary, {"name": name, "pause_seconds": pause, "verified": result.get("verified")})
     if not ok:
         alerts.raise_alert(config, ledger, summary)
     ledger.close()

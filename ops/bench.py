@@ -17,7 +17,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -34,7 +33,8 @@ import psutil
 
 from ops.backup import create_backup
 from ops.maintenance import run_check
-from ops.recovery import _new_generation, _quarantine, _restore, replay
+from ops.recovery import restore_backup
+from ops.torture.procs import Child, wait_until
 from pipeline.config import DEFAULT_MICRO_BATCH, Config
 from pipeline.ledger import Ledger
 
@@ -106,39 +106,24 @@ def bare_baseline(chunks: list[Any], work: Path, config: Config) -> dict[str, An
     return {"seconds": round(seconds, 2), "chunks_per_s": round(len(chunks) / seconds, 2)}
 
 
-class Writer:
-    """`indexq worker` as a subprocess on a data home."""
+class Writer(Child):
+    """`indexq worker` on a data home (a Child of the torture harness), started when this returns."""
 
     def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home = home
-        self.log = home.parent / f"{home.name}-writer.log"
         home.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "indexq"), "worker"],
-            env={**env, "INDEXQ_HOME": str(home)},
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        argv = [str(Path(sys.executable).parent / "indexq"), "worker"]
+        super().__init__("writer", argv, {**env, "INDEXQ_HOME": str(home)}, home.parent / f"{home.name}-writer.log")
+        wait_until(
+            lambda: "tasks requeued from the ledger" in self.output() or not self.alive(), 180, "the writer to start"
         )
-        deadline = time.monotonic() + 180
-        while "tasks requeued from the ledger" not in self.log.read_text(errors="replace"):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise click.ClickException(f"writer did not start; see {self.log}")
-            time.sleep(0.05)
+        if not self.alive():
+            raise click.ClickException(f"writer did not start; see {self.log}")
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
-        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=120)
-
-    def kill9(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=60)
+        return psutil.Process(self.pid).memory_info().rss / 2**20
 
 
 def _committed(home: Path) -> int:
@@ -200,7 +185,7 @@ def pipeline_run(corpus: Path, home: Path, env: dict[str, str], expected: int) -
         embedded_before = ledger.embeddings_total()
         started = time.perf_counter()
         job, _, _ = submit(config, corpus)
-        _wait_until(lambda: (p := ledger.progress(job)) is not None and p.state in ("done", "failed"))
+        _wait_until(lambda: (p := ledger.jobs.progress(job)) is not None and p.state in ("done", "failed"))
         result["resubmit_seconds"] = round(time.perf_counter() - started, 2)
         result["resubmit_chunks_embedded"] = ledger.embeddings_total() - embedded_before
         ledger.close()
@@ -239,15 +224,11 @@ def operations(home: Path, env: dict[str, str]) -> dict[str, Any]:
     started = time.perf_counter()
     report = run_check(config, deep=True)
     check_seconds = time.perf_counter() - started
-    # Worst case of a restore: the backup's whole content replayed (watermark 0).
-    ledger = Ledger(config.ledger_path)
+    # Worst case of a restore: the backup copied into place, then its whole content
+    # replayed (watermark 0).
     started = time.perf_counter()
-    quarantined = _quarantine(config, "benchmark")
-    _restore(config, Path(backup["path"]) / "chroma", quarantined)
-    _new_generation(config)
-    replayed = replay(config, ledger, watermark=0)["replayed"]
+    replayed = restore_backup(config, backup["name"], watermark=0)["replayed"]
     restore_seconds = time.perf_counter() - started
-    ledger.close()
     return {
         "backup_seconds": round(backup_seconds, 2),
         "backup_writer_pause_seconds": backup["pause_seconds"],

@@ -14,13 +14,14 @@ import os
 import time
 from typing import Any
 
-from ops import alerts
 from ops.backup import create_backup, newest_verified, prune
 from ops.integrity import Report, check_home, nothing_written
+from pipeline import alerts
 from pipeline.config import Config
-from pipeline.errors import BusyError, IndexqError, NotFoundError, StorageError, UnreachableError, storage_error
+from pipeline.errors import BusyError, IndexqError, StorageError, UnreachableError, first_line, storage_error
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
+from pipeline.queue import QueueClient
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,6 @@ CHECK_STATE = "check.state"
 CHECK_STATE_SIZE = 4096
 
 
-def require_home(config: Config) -> None:
-    if not config.ledger_path.exists():
-        raise NotFoundError(f"no indexq data home at {config.home}", hint="set --home or INDEXQ_HOME")
-
-
 def run_check(config: Config, deep: bool = False) -> Report:
     """Check under the commit lock; records the result.
 
@@ -46,7 +42,7 @@ def run_check(config: Config, deep: bool = False) -> Report:
     check), never calling either damage; a check that could not run is recorded as
     such when the ledger can still be written, so that status does not say "healthy".
     """
-    require_home(config)
+    config.require_home()
     kind = "deep" if deep else "quick"
     try:
         lock = CommitLock(config.commit_lock_path)
@@ -72,7 +68,7 @@ def run_check(config: Config, deep: bool = False) -> Report:
     _keep_check_state(config, {"time": time.time(), "ok": report.healthy, "summary": summary})
     ledger = Ledger(config.ledger_path)
     try:
-        ledger.add_event("check", report.healthy, summary, {"deep": deep, **report.as_dict()})
+        ledger.events.add("check", report.healthy, summary, {"deep": deep, **report.as_dict()})
         if not report.healthy:
             alerts.raise_alert(config, ledger, summary)
     finally:
@@ -100,7 +96,7 @@ def _keep_check_state(config: Config, state: dict[str, Any]) -> None:
 def last_check(config: Config, ledger: Ledger) -> dict[str, Any] | None:
     """The newest of the ledger's last check event and check.state: time, ok, summary, cannot_check."""
     found: list[dict[str, Any]] = []
-    if event := ledger.last_event("check"):
+    if event := ledger.events.last("check"):
         cannot = bool((event.get("detail") or {}).get("cannot_check"))
         found.append({k: event[k] for k in ("time", "ok", "summary")} | {"cannot_check": cannot})
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError):  # absent, or torn by a crash
@@ -115,13 +111,13 @@ def record_quietly(config: Config, kind: str, ok: bool, summary: str, detail: di
     try:
         ledger = Ledger(config.ledger_path)
         try:
-            ledger.add_event(kind, ok, summary, detail)
+            ledger.events.add(kind, ok, summary, detail)
         finally:
             ledger.close()
     except Exception as exc:
         if storage_error(exc) is None:
             raise
-        logger.info("could not record the %s event either: %s", kind, str(exc).splitlines()[0][:200])
+        logger.info("could not record the %s event either: %s", kind, first_line(exc))
         return False
     return True
 
@@ -135,9 +131,9 @@ def backup_and_prune(config: Config) -> dict[str, Any]:
 def _last(ledger: Ledger, kind: str, deep: bool | None = None, horizon: float = 0.0) -> float:
     """When the last event of a kind happened (0 if never); a deep check counts as a quick one."""
     if deep is None:
-        event = ledger.last_event(kind)
+        event = ledger.events.last(kind)
         return float(event["time"]) if event else 0.0
-    for event in ledger.events(kind, horizon):
+    for event in ledger.events.since(kind, horizon):
         if bool(event["detail"].get("deep")) == deep or (not deep and event["detail"].get("deep")):
             return float(event["time"])
     return 0.0
@@ -145,9 +141,6 @@ def _last(ledger: Ledger, kind: str, deep: bool | None = None, horizon: float = 
 
 def tick(config: Config, now: float | None = None) -> list[str]:
     """Run every maintenance job that is due; returns what ran."""
-    from pipeline.api import resume
-    from workers.queue import WriterHuey
-
     now = time.time() if now is None else now
     ran: list[str] = []
     ledger = Ledger(config.ledger_path)
@@ -158,7 +151,7 @@ def tick(config: Config, now: float | None = None) -> list[str]:
         last_deep = _last(ledger, "check", deep=True, horizon=horizon)
         last_quick = _last(ledger, "check", deep=False, horizon=horizon)
         last_requeue = _last(ledger, "requeue")
-        failed = ledger.last_event("backup", ok=False)
+        failed = ledger.events.last("backup", ok=False)
         last_failure = float(failed["time"]) if failed else 0.0
     finally:
         ledger.close()
@@ -183,7 +176,7 @@ def tick(config: Config, now: float | None = None) -> list[str]:
             try:
                 ledger = Ledger(config.ledger_path)
                 try:
-                    ledger.add_event("backup", False, summary, {"storage": error is not None})
+                    ledger.events.add("backup", False, summary, {"storage": error is not None})
                     alerts.raise_alert(config, ledger, summary)
                 finally:
                     ledger.close()
@@ -211,16 +204,16 @@ def tick(config: Config, now: float | None = None) -> list[str]:
         logger.error("maintenance: %s", exc)
         ran.append("recovery failed")
     if now - last_requeue >= config.requeue_interval:
-        queue = WriterHuey(config)
+        queue = QueueClient(config)
         try:
             queue.ping()
         except UnreachableError as exc:
             logger.warning("requeue postponed: %s", exc)
             ran.append("requeue postponed")
             return ran
-        tasks = resume(config) if not queue.pending_count() else 0
+        tasks = queue.requeue() if not queue.pending_count() else 0
         ledger = Ledger(config.ledger_path)
-        ledger.add_event("requeue", True, f"{tasks} tasks re-enqueued")
+        ledger.events.add("requeue", True, f"{tasks} tasks re-enqueued")
         ledger.close()
         ran.append("requeue")
     return ran

@@ -20,7 +20,9 @@ from typing import Any
 import click
 import numpy as np
 
-from pipeline.ledger import COMMITTED, Ledger
+from pipeline.batches import batched
+from pipeline.ledger import Ledger
+from pipeline.rows import COMMITTED
 
 # Stored vectors whose nearest neighbour must be themselves.
 RECALL_SAMPLE = 50
@@ -67,8 +69,7 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
     col = store.collection(name, create=False)
     mismatched: list[str] = []
     vectors: dict[str, np.ndarray] = {}
-    for start in range(0, len(ids), 500):
-        part = ids[start : start + 500]
+    for part in batched(ids, 500):
         got = col.get(ids=part, include=["embeddings", "documents", "metadatas"])
         stored = {r.id: r for r in ledger.rows(name, part)}
         for id_, emb, doc, meta in zip(got["ids"], got["embeddings"], got["documents"], got["metadatas"], strict=True):
@@ -107,7 +108,7 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
 @click.option("--deep", is_flag=True)
 def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: bool) -> None:
-    from pipeline.errors import UnreachableError, storage_error
+    from pipeline.errors import UnreachableError, first_line, storage_error
 
     try:
         result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep, url=chroma_url)}
@@ -118,7 +119,7 @@ def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: b
         if storage is not None:  # ... unless the disk refused (full, read-only, I/O): cannot check
             result = {"storage": storage.reason, "hint": storage.hint}
         else:
-            result = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0][:500]}
+            result = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
     json.dump(result, sys.stdout)
 
 

@@ -39,15 +39,17 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ops import alerts
 from ops.backup import list_backups, newest_verified
-from ops.fsync import fsync_dir, fsync_tree, write_json_atomic
 from ops.integrity import Report, check_home
+from pipeline import alerts
+from pipeline.batches import batched
 from pipeline.config import Config
-from pipeline.errors import IndexqError, NotFoundError, StorageError, storage_error, storage_errors
+from pipeline.errors import IndexqError, NotFoundError, StorageError, first_line, storage_error, storage_errors
 from pipeline.faults import fault_point
-from pipeline.ledger import COMMITTED, Ledger
+from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
+from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
+from pipeline.rows import COMMITTED
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +94,7 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
 
 def recover(config: Config, source: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """Check, then repair; returns what was done. Raises BusyError if the lock stays busy."""
-    from ops.maintenance import require_home
-
-    require_home(config)
+    config.require_home()
     with storage_errors(f"cannot recover {config.home}; nothing was changed", config.home):
         lock = CommitLock(config.commit_lock_path)
         ledger = Ledger(config.ledger_path)
@@ -141,7 +141,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     summary = f"recovery {result['action']}: " + (
         "healthy after" if result["healthy"] else f"still damaged: {result['remaining'][:2]}"
     )
-    ledger.add_event("recovery", result["healthy"], summary, result)
+    ledger.events.add("recovery", result["healthy"], summary, result)
     if not result["healthy"]:
         alerts.raise_alert(config, ledger, summary)
     ledger.close()
@@ -224,14 +224,14 @@ def _refused(config: Config, result: dict[str, Any], error: StorageError) -> Non
     try:
         ledger = Ledger(config.ledger_path)
         try:
-            ledger.add_event("recovery", False, summary, {**result, "error": str(error), "storage": True})
+            ledger.events.add("recovery", False, summary, {**result, "error": str(error), "storage": True})
             alerts.raise_alert(config, ledger, summary)
         finally:
             ledger.close()
     except Exception as exc:
         if storage_error(exc) is None:
             raise
-        logger.error("%s (could not record it: %s)", summary, str(exc).splitlines()[0][:200])
+        logger.error("%s (could not record it: %s)", summary, first_line(exc))
 
 
 def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
@@ -247,19 +247,46 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
         return replay(config, ledger)
     if config.chroma_engine == "server":
         return _rebuild_on_server(config, ledger, step)
-    watermark = None
     if action == RESTORE:
         backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
-        # Copied beside the damaged directory first: a copy that fails (a full disk)
-        # leaves everything where it was.
-        staging = _stage(config, Path(backup["path"]) / "chroma")
-        quarantined = _quarantine(config, step["reason"])
-        _restore(config, staging, quarantined)
-        watermark = backup["watermark"]
-    else:
-        quarantined = _quarantine(config, step["reason"])
-        config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
-    return {"quarantine": str(quarantined), **replay(config, ledger, watermark)}
+        return _swap_in(config, ledger, backup, step["reason"])
+    quarantined = _quarantine(config, step["reason"])
+    config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
+    return {"quarantine": str(quarantined), **replay(config, ledger)}
+
+
+def restore_backup(config: Config, name: str, watermark: int | None = None) -> dict[str, Any]:
+    """Restore the verified backup ``name`` and replay from the ledger every chunk committed
+    after ``watermark`` (the backup's own unless given; 0 replays them all), the writer
+    paused. No check before or after, no event: ``recover(config, source=name)`` is the
+    operator's way; this is the restore step alone (the benchmark times it)."""
+    backup = next((b for b in list_backups(config) if b["name"] == name), None)
+    if backup is None:
+        raise NotFoundError(f"no backup {name!r} in {config.backups_path}", hint="indexq backups lists them")
+    if not backup["verified"]:
+        raise RecoveryFailed(f"backup {name} is not verified; only verified backups are restored")
+    lock = CommitLock(config.commit_lock_path)
+    ledger = Ledger(config.ledger_path)
+    try:
+        with lock.held(timeout=config.lock_timeout):
+            _new_generation(config)
+            return _swap_in(config, ledger, backup, f"restore of {name} asked for", watermark)
+    finally:
+        ledger.close()
+        lock.close()
+
+
+def _swap_in(
+    config: Config, ledger: Ledger, backup: dict[str, Any], reason: str, watermark: int | None = None
+) -> dict[str, Any]:
+    """The backup's Chroma directory in place of the one there (to quarantine/), then the replay."""
+    # Copied beside the damaged directory first: a copy that fails (a full disk)
+    # leaves everything where it was.
+    staging = _stage(config, Path(backup["path"]) / "chroma")
+    quarantined = _quarantine(config, reason)
+    _restore(config, staging, quarantined)
+    after = backup["watermark"] if watermark is None else watermark
+    return {"quarantine": str(quarantined), **replay(config, ledger, after)}
 
 
 def _rebuild_on_server(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:
@@ -317,17 +344,15 @@ def _replay(config: Config, ledger: Ledger, store: Any, watermark: int | None) -
         todo = {i for i, s in states.items() if s == COMMITTED and i not in have}
         if watermark is not None:
             todo |= {r.id for r in ledger.committed_after(collection, watermark)}
-        ids = sorted(todo)
-        for start in range(0, len(ids), step):
-            rows = ledger.rows(collection, ids[start : start + step])
+        for part in batched(sorted(todo), step):
+            rows = ledger.rows(collection, part)
             if rows:
                 store.upsert_rows(collection, rows)
                 replayed += len(rows)
             fault_point("replay-batch")
-        unknown = sorted(have - set(states))
-        for start in range(0, len(unknown), step):
-            store.delete(collection, unknown[start : start + step])
-            deleted += len(unknown[start : start + step])
+        for part in batched(sorted(have - set(states)), step):
+            store.delete(collection, part)
+            deleted += len(part)
     logger.info("replayed %d chunks from the ledger, deleted %d unknown ones", replayed, deleted)
     return {"replayed": replayed, "deleted": deleted, "watermark": watermark}
 

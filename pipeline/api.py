@@ -17,11 +17,13 @@ from typing import Any
 
 import psutil
 
-from pipeline.config import Config, private_umask
-from pipeline.errors import IndexqError, NotFoundError, StoreError
-from pipeline.ledger import JobProgress, Ledger
+from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
+from pipeline.errors import IndexqError, NotFoundError, StoreError, first_line
+from pipeline.jobs import JobProgress
+from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
+from pipeline.queue import QueueClient
 from pipeline.state import live_state, read_state
 
 # How often wait() looks at the ledger.
@@ -75,16 +77,13 @@ def submit_jsonl(path: str | os.PathLike[str], collection: str, config: Config |
 
 
 def _existing_ledger(config: Config) -> Ledger:
-    if not config.ledger_path.exists():
-        raise NotFoundError(f"no indexq data home at {config.home}", hint="set --home or INDEXQ_HOME")
+    config.require_home()
     return Ledger(config.ledger_path)
 
 
 def _remote_progress(cfg: Config, job_id: str, queue: Any = None) -> JobProgress | None:
     """A job's progress as the writer published it in the shared queue (None: not received yet)."""
-    from workers.queue import WriterHuey
-
-    queue = queue or WriterHuey(cfg)
+    queue = queue or QueueClient(cfg)
     value = queue.intake.progress(job_id)
     if value is None:
         return None
@@ -105,7 +104,7 @@ def job(job_id: str, config: Config | None = None) -> JobProgress:
         return progress
     ledger = _existing_ledger(cfg)
     try:
-        progress = ledger.progress(job_id)
+        progress = ledger.jobs.progress(job_id)
     finally:
         ledger.close()
     if progress is None:
@@ -122,18 +121,16 @@ def wait(
     (a producer on another machine) the progress is what the writer publishes there;
     a job it has not received yet is waited for rather than unknown.
     """
-    from workers.queue import WriterHuey
-
     cfg = _config(config)
     remote = cfg.remote_producers
-    queue = WriterHuey(cfg) if remote else None
+    queue = QueueClient(cfg) if remote else None
     ledger = None if remote else _existing_ledger(cfg)
     bar = None
     warned = False
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
-            state = _remote_progress(cfg, job_id, queue) if ledger is None else ledger.progress(job_id)
+            state = _remote_progress(cfg, job_id, queue) if ledger is None else ledger.jobs.progress(job_id)
             if state is None and not remote:
                 raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
             if progress and state is not None:
@@ -168,16 +165,14 @@ def wait(
 
 
 @private_umask()
-def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
+def status(config: Config | None = None, jobs: int = DEFAULT_STATUS_JOBS) -> dict[str, Any]:
     """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
 
     cfg = _config(config)
     cfg.ensure_home()
     if cfg.remote_producers and not cfg.ledger_path.exists():
         # A producer's machine: no ledger here, only the queue and what its writer publishes there.
-        from workers.queue import WriterHuey
-
-        queue = WriterHuey(cfg)
+        queue = QueueClient(cfg)
         info = _queue_info(cfg, queue)
         with queue.reaching():
             lease = queue.serving_writer()
@@ -189,7 +184,7 @@ def status(config: Config | None = None, jobs: int = 20) -> dict[str, Any]:
         writer = _writer_info(holder, read_state(cfg, holder))
         # The thresholds the running writer applies, not this process's defaults.
         applied = writer.get("settings") or {}
-        progress = [p for p in (ledger.progress(j) for j in ledger.job_ids(jobs)) if p is not None]
+        progress = [p for p in (ledger.jobs.progress(j) for j in ledger.jobs.recent(jobs)) if p is not None]
         commits = ledger.commit_stats()
         memory = psutil.virtual_memory()
         disk = shutil.disk_usage(cfg.chroma_dir if cfg.chroma_engine == "persistent" else cfg.home)
@@ -225,9 +220,7 @@ def _writer_info(holder: dict[str, Any] | None, state: dict[str, Any] | None) ->
 
 def _queue_info(cfg: Config, queue: Any = None) -> dict[str, Any]:
     """Engines in use, queue depth and intake parts waiting (raises UnreachableError)."""
-    from workers.queue import WriterHuey
-
-    queue = queue or WriterHuey(cfg)
+    queue = queue or QueueClient(cfg)
     queue.ping()
     return {
         "engines": {
@@ -256,8 +249,8 @@ def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
         },
         "newest_verified_backup": verified[-1]["name"] if verified else None,
         "last_check": last_check(config, ledger),
-        "last_recovery": ledger.last_event("recovery"),
-        "alerts": [{k: a[k] for k in ("time", "summary")} for a in ledger.events("alert", time.time() - 86400)],
+        "last_recovery": ledger.events.last("recovery"),
+        "alerts": [{k: a[k] for k in ("time", "summary")} for a in ledger.events.since("alert", time.time() - 86400)],
     }  # fmt: skip
 
 
@@ -285,7 +278,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
                 raise
             except Exception as exc:  # a model of another dimension, or a damaged directory
                 raise StoreError(
-                    f"search in {collection!r} failed: {exc}".splitlines()[0],
+                    f"search in {collection!r} failed: {first_line(exc)}",
                     hint="use the model the collection was indexed with; `indexq check` tells damage",
                 ) from exc
             finally:
@@ -297,6 +290,4 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
 @private_umask()
 def resume(config: Config | None = None) -> int:
     """Enqueue every outstanding chunk again; returns the number of tasks enqueued."""
-    from workers.queue import WriterHuey
-
-    return WriterHuey(_config(config)).requeue()
+    return QueueClient(_config(config)).requeue()

@@ -5,15 +5,17 @@ embedding as soon as it is computed and marks rows committed *after* Chroma acce
 them. WAL with ``synchronous=FULL``: a row the ledger reported written survives power
 loss. Transactions are short and ``BEGIN IMMEDIATE`` so that a producer and the writer
 wait for each other instead of failing on a lock upgrade.
+
+This module holds the connection, the schema, the writer's chunk state machine and
+the reads of recovery and backups. On the same connection: ``Ledger.sources``
+(``pipeline.sources``: what a submission changes, the intake's parts),
+``Ledger.jobs`` (``pipeline.jobs``: job rows and progress) and ``Ledger.events``
+(``pipeline.events``: what maintenance did).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
-import os
-import socket
 import sqlite3
 import threading
 import time
@@ -21,74 +23,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import psutil
 import sqlite_utils
 
-from pipeline.corpus import gone
-from pipeline.ids import new_job_id
-
-PENDING = "pending"  # needs an embedding
-EMBEDDED = "embedded"  # embedding stored, not yet in Chroma
-COMMITTED = "committed"  # in Chroma
-DELETING = "deleting"  # stale: to be removed from Chroma, then from the ledger
-FAILED = "failed"  # refused by validation; the reason is in `error`
-OUTSTANDING = (PENDING, EMBEDDED, DELETING)
+from pipeline.events import Events
+from pipeline.jobs import Jobs
+from pipeline.rows import COMMITTED, DELETING, OUTSTANDING, ROW_COLUMNS, Row, id_lists
+from pipeline.sources import Sources
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
 SCHEMA_VERSION = 5
-
-# SQLite allows 32766 host parameters; stay far below for IN (...) lists.
-_IN_CHUNK = 500
-
-
-@dataclasses.dataclass
-class Row:
-    collection: str
-    id: str
-    text: str
-    metadata: dict[str, Any]
-    hash: str
-    state: str
-    embedding: bytes | None
-
-
-@dataclasses.dataclass
-class SourcePlan:
-    """What a submitted source changes: rows to write, ids to index, stale ids, and counts."""
-
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    linked: list[str] = dataclasses.field(default_factory=list)
-    to_index: list[str] = dataclasses.field(default_factory=list)
-    stale: list[str] = dataclasses.field(default_factory=list)
-    # (id, metadata JSON): text unchanged, metadata not; no new embedding needed.
-    retag: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    # (id, owning source): ids another source holds; never written over.
-    collisions: list[tuple[str, str]] = dataclasses.field(default_factory=list)
-    new: int = 0
-    changed: int = 0
-    unchanged: int = 0
-    metadata_updated: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class JobProgress:
-    id: str
-    collection: str
-    state: str
-    chunks: int
-    committed: int
-    pending: int
-    failed: int
-    created: float
-    skipped_files: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _event(row: tuple[Any, ...]) -> dict[str, Any]:
-    when, kind, ok, summary, detail = row
-    return {"time": when, "kind": kind, "ok": bool(ok), "summary": summary, "detail": json.loads(detail or "{}")}
 
 
 def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None:
@@ -100,23 +43,6 @@ def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None
             " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + excluded.value",
             (f"{kind}:{collection}", n),
         )
-
-
-def _batched(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _producer_gone(pid: int | None, host: str | None, created: float) -> bool:
-    """The producer of a submission on this host is no longer running (killed, crashed)."""
-    if not pid or host != socket.gethostname():
-        return False  # a remote producer's submission: its parts are still coming, or not
-    try:
-        started = psutil.Process(pid).create_time()
-    except psutil.Error:
-        return True
-    # A pid reused by a later process is not the producer.
-    return started > created + 1
 
 
 class Ledger:
@@ -134,6 +60,9 @@ class Ledger:
         # The writer's worker thread and status probes may share one Ledger.
         self._lock = threading.RLock()
         self._create()
+        self.sources = Sources(conn, self._tx)
+        self.jobs = Jobs(conn, self._tx)
+        self.events = Events(conn, self._tx)
 
     def _create(self) -> None:
         # Status probes and pollers open the ledger often: skip the write transaction
@@ -208,282 +137,19 @@ class Ledger:
     def close(self) -> None:
         self.conn.close()
 
-    # ---- producers -------------------------------------------------------------
-
-    def create_job(self, collection: str, kind: str, sources: list[str]) -> str:
-        job = new_job_id()
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
-                " unchanged, metadata_updated, stale, skipped_files, skipped, pid, host)"
-                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, 0, '[]', ?, ?)",
-                (job, collection, kind, json.dumps(sources), time.time(), os.getpid(), socket.gethostname()),
-            )
-        return job
-
-    def finish_submission(self, job: str, counts: dict[str, int], skipped: list[dict[str, str]]) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                "UPDATE jobs SET state='queued', total=?, new=?, changed=?, unchanged=?, metadata_updated=?,"
-                " stale=?, skipped_files=?, skipped=? WHERE id=?",
-                (counts["total"], counts["new"], counts["changed"], counts["unchanged"], counts["metadata_updated"],
-                 counts["stale"], len(skipped), json.dumps(skipped), job),
-            )  # fmt: skip
-
-    def fail_submission(self, job: str, reason: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE jobs SET state='failed', skipped=? WHERE id=?", (json.dumps([{"error": reason}]), job))
-
-    def by_source(self, collection: str, source: str) -> dict[int, tuple[str, str, str, str]]:
-        """ordinal -> (id, hash, state, metadata JSON) of the rows a source has now."""
-        rows = self.conn.execute(
-            "SELECT ordinal, id, hash, state, metadata FROM chunks WHERE collection=? AND source=?",
-            (collection, source),
-        )
-        return {ordinal: (id_, hash_, state, meta) for ordinal, id_, hash_, state, meta in rows}
-
-    def owners(self, collection: str, ids: Sequence[str]) -> dict[str, str]:
-        """id -> source for those of ``ids`` the ledger holds (stale rows on their way out aside)."""
-        found: dict[str, str] = {}
-        for part in _batched(ids, _IN_CHUNK):
-            marks = ",".join("?" * len(part))
-            found.update(
-                self.conn.execute(
-                    f"SELECT id, source FROM chunks WHERE collection=? AND id IN ({marks}) AND state != 'deleting'",
-                    (collection, *part),
-                )
-            )
-        return found
-
-    def sources_under(self, collection: str, roots: Sequence[str]) -> list[str]:
-        """Sources of a collection that are one of ``roots`` or lie under one (real paths)."""
-        found: set[str] = set()
-        for root in roots:
-            prefix = root.rstrip("/") + "/"
-            found.update(
-                r[0] for r in self.conn.execute(
-                    "SELECT DISTINCT source FROM chunks WHERE collection=? AND state != 'deleting'"
-                    " AND (source=? OR substr(source, 1, ?)=?)",
-                    (collection, root, len(prefix), prefix),
-                )
-            )  # fmt: skip
-        return sorted(found)
-
-    def by_ids(self, collection: str, ids: Sequence[str]) -> dict[str, tuple[str, str]]:
-        """id -> (hash, state) for those of ``ids`` the ledger has."""
-        found: dict[str, tuple[str, str]] = {}
-        for part in _batched(ids, _IN_CHUNK):
-            marks = ",".join("?" * len(part))
-            for id_, hash_, state in self.conn.execute(
-                f"SELECT id, hash, state FROM chunks WHERE collection=? AND id IN ({marks})", (collection, *part)
-            ):
-                found[id_] = (hash_, state)
-        return found
-
-    def reusable_embedding(self, collection: str, hash_: str, model: str) -> bytes | None:
-        """An embedding already computed for the same text with the same model."""
-        row = self.conn.execute(
-            "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL LIMIT 1",
-            (collection, hash_, model),
-        ).fetchone()
-        return row[0] if row else None
-
-    def plan_source(self, collection: str, source: str, chunks: Sequence[dict[str, Any]], model: str) -> SourcePlan:
-        """Compare a source's chunks (id, ordinal, text, metadata, hash) with what the ledger has.
-
-        Unchanged chunks are not written again (but indexed if still outstanding); a
-        chunk whose text is unchanged but whose metadata is not (lines moved above it)
-        gets its metadata updated with its stored embedding; changed ones are reset;
-        chunks past the source's end become stale. Text already embedded with the same
-        model anywhere in the collection reuses that embedding. An id another source
-        holds is never written over: it is listed in ``collisions``.
-        """
-        plan = SourcePlan()
-        existing = self.by_source(collection, source)
-        owners: dict[str, str] = {}
-        if source.startswith("id:"):  # file ids are hashes of their own source: they cannot collide
-            owners = self.owners(collection, [c["id"] for c in chunks])
-        for chunk in chunks:
-            id_ = chunk["id"]
-            owner = owners.get(id_)
-            if owner is not None and owner != source:
-                plan.collisions.append((id_, owner))
-                continue
-            plan.linked.append(id_)
-            metadata = chunk["metadata"]
-            metadata = metadata if isinstance(metadata, str) else json.dumps(metadata, sort_keys=True)
-            old = existing.get(chunk["ordinal"])
-            if old and old[0] == id_ and old[1] == chunk["hash"] and old[2] != DELETING:
-                if old[3] != metadata:
-                    plan.metadata_updated += 1
-                    plan.retag.append((id_, metadata))
-                    plan.to_index.append(id_)
-                    continue
-                plan.unchanged += 1
-                if old[2] in (PENDING, EMBEDDED):
-                    plan.to_index.append(id_)
-                continue
-            if old and old[2] != DELETING:
-                plan.changed += 1
-            else:
-                plan.new += 1
-            reused = self.reusable_embedding(collection, chunk["hash"], model)
-            plan.rows.append({
-                "id": id_, "source": source, "ordinal": chunk["ordinal"], "text": chunk["text"],
-                "metadata": metadata, "hash": chunk["hash"], "state": EMBEDDED if reused else PENDING,
-                "embedding": reused, "model": model if reused else None,
-            })  # fmt: skip
-            plan.to_index.append(id_)
-        plan.stale = [
-            old[0]
-            for ordinal, old in existing.items()
-            if ordinal >= len(chunks) and old[2] in (COMMITTED, PENDING, EMBEDDED, FAILED)
-        ]
-        return plan
-
-    def write_submission(
-        self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str],
-        retag: Sequence[tuple[str, str]] = (),
-    ) -> None:  # fmt: skip
-        """One transaction: new or changed rows, metadata updates, the job's membership, stale rows."""
-        with self._tx() as conn:
-            self._write(conn, job, collection, rows, linked, stale, retag)
-
-    def ingest(self, key: str, part: dict[str, Any], model: str) -> tuple[list[str], list[str]] | None:
-        """Record an intake part from a remote producer: (ids to index, stale ids), or None if already received.
-
-        One transaction holds the rows and the part's key, so a part ingested again
-        (its task replayed after a kill) changes nothing.
-        """
-        collection, job = part["collection"], part["job"]
-        with self._tx() as conn:
-            if conn.execute("SELECT 1 FROM received WHERE key=?", (key,)).fetchone():
-                return None
-            conn.execute(
-                "INSERT OR IGNORE INTO jobs(id, collection, kind, sources, state, created, total, new, changed,"
-                " unchanged, stale, skipped_files, skipped, received)"
-                " VALUES (?, ?, ?, ?, 'submitting', ?, 0, 0, 0, 0, 0, 0, '[]', 0)",
-                (job, collection, part["kind"], json.dumps(part.get("sources", [])), part.get("created", time.time())),
-            )
-            to_index: list[str] = []
-            stale: list[str] = []
-            counts = {"total": 0, "new": 0, "changed": 0, "unchanged": 0, "metadata_updated": 0, "stale": 0}
-            refused: list[dict[str, str]] = []
-            for entry in part["files"]:
-                plan = self.plan_source(collection, entry["source"], entry["chunks"], model)
-                self._write(conn, job, collection, plan.rows, plan.linked, plan.stale, plan.retag)
-                to_index.extend(plan.to_index)
-                stale.extend(plan.stale)
-                counts["total"] += len(plan.linked)
-                counts["stale"] += len(plan.stale)
-                for name in ("new", "changed", "unchanged", "metadata_updated"):
-                    counts[name] += getattr(plan, name)
-                # A remote producer cannot see this ledger: an id another source holds is
-                # refused here, kept visible in the job's skipped list, never written over.
-                refused.extend(
-                    {"source": entry["source"], "reason": f"id {id_!r} is already held by {owner}"}
-                    for id_, owner in plan.collisions
-                )
-            conn.execute(
-                "UPDATE jobs SET total=total+:total, new=new+:new, changed=changed+:changed,"
-                " unchanged=unchanged+:unchanged, metadata_updated=coalesce(metadata_updated, 0)+:metadata_updated,"
-                " stale=stale+:stale, received=coalesce(received, 0)+1 WHERE id=:job",
-                {**counts, "job": job},
-            )
-            if refused:
-                (old,) = conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
-                merged = json.loads(old or "[]") + refused
-                conn.execute(
-                    "UPDATE jobs SET skipped=?, skipped_files=? WHERE id=?", (json.dumps(merged), len(merged), job)
-                )
-            if part["final"]:
-                (old,) = conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
-                # Ids refused from earlier parts (and this one) are already there.
-                skipped = json.loads(old or "[]") + part.get("skipped", [])
-                conn.execute(
-                    "UPDATE jobs SET parts=?, skipped_files=?, skipped=?, prune=? WHERE id=?",
-                    (part["parts"], len(skipped), json.dumps(skipped), json.dumps(part.get("prune")), job),
-                )
-            complete = conn.execute(
-                "UPDATE jobs SET state='queued' WHERE id=? AND state='submitting' AND parts IS NOT NULL"
-                " AND received >= parts RETURNING prune, skipped",
-                (job,),
-            ).fetchone()
-            if complete and complete[0] and json.loads(complete[0]):
-                stale.extend(self._prune(conn, job, collection, json.loads(complete[0]), json.loads(complete[1])))
-            conn.execute("INSERT INTO received(key, job, time) VALUES (?, ?, ?)", (key, job, time.time()))
-        return to_index, stale
-
-    def _prune(
-        self, conn: sqlite3.Connection, job: str, collection: str, spec: dict[str, Any], skipped: list[dict[str, str]]
-    ) -> list[str]:
-        """A remote job's --prune, once all its parts are in: sources under its roots that it
-        did not send (nor skip), and that its filters would have taken, become stale."""
-        sent = {
-            r[0] for r in conn.execute(
-                "SELECT DISTINCT c.source FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
-                " WHERE j.job=?", (job,),
-            )
-        } | {s.get("source") for s in skipped}  # fmt: skip
-        sources = gone(self.sources_under(collection, spec["roots"]), sent.__contains__,
-                       map(Path, spec["roots"]), spec.get("include", ()), spec.get("exclude", ()))  # fmt: skip
-        ids = [
-            r[0] for source in sources for r in conn.execute(
-                "SELECT id FROM chunks WHERE collection=? AND source=? AND state IN (?, ?, ?, ?)",
-                (collection, source, COMMITTED, PENDING, EMBEDDED, FAILED),
-            )
-        ]  # fmt: skip
-        self._write(conn, job, collection, [], [], ids)
-        conn.execute("UPDATE jobs SET pruned=?, stale=stale+? WHERE id=?", (len(sources), len(ids), job))
-        return ids
-
-    def _write(
-        self, conn: sqlite3.Connection, job: str, collection: str,
-        rows: list[dict[str, Any]], linked: list[str], stale: list[str], retag: Sequence[tuple[str, str]] = (),
-    ) -> None:  # fmt: skip
-        now = time.time()
-        # Metadata only: a committed row goes back to 'embedded' with its stored
-        # embedding, so the writer upserts the new metadata without embedding again.
-        conn.executemany(
-            "UPDATE chunks SET metadata=?, job=?, updated=?, error=NULL, state=CASE"
-            " WHEN state IN ('committed', 'failed')"
-            " THEN (CASE WHEN embedding IS NULL THEN 'pending' ELSE 'embedded' END)"
-            " ELSE state END WHERE collection=? AND id=?",
-            [(meta, job, now, collection, id_) for id_, meta in retag],
-        )
-        conn.executemany(
-            "INSERT INTO chunks(collection, id, source, ordinal, text, metadata, hash, state, embedding,"
-            " model, embeds, updated, job) VALUES (:collection, :id, :source, :ordinal, :text, :metadata,"
-            " :hash, :state, :embedding, :model, 0, :updated, :job)"
-            " ON CONFLICT(collection, id) DO UPDATE SET source=excluded.source, ordinal=excluded.ordinal,"
-            " text=excluded.text, metadata=excluded.metadata, hash=excluded.hash, state=excluded.state,"
-            " embedding=excluded.embedding, model=excluded.model, embeds=0, error=NULL,"
-            " updated=excluded.updated, job=excluded.job",
-            [{**row, "collection": collection, "updated": now, "job": job} for row in rows],
-        )
-        conn.executemany(
-            "INSERT OR IGNORE INTO job_chunks(job, collection, id) VALUES (?, ?, ?)",
-            [(job, collection, id_) for id_ in linked],
-        )
-        conn.executemany(
-            "UPDATE chunks SET state='deleting', job=?, updated=? WHERE collection=? AND id=?",
-            [(job, now, collection, id_) for id_ in stale],
-        )
-
     # ---- the writer ------------------------------------------------------------
 
     def load(self, collection: str, ids: Sequence[str], states: Iterable[str]) -> list[Row]:
+        """The rows of ``ids`` that are in one of ``states``, in the order of ``ids``."""
         wanted = tuple(states)
         rows: list[Row] = []
-        for part in _batched(ids, _IN_CHUNK):
-            marks = ",".join("?" * len(part))
-            smarks = ",".join("?" * len(wanted))
+        smarks = ",".join("?" * len(wanted))
+        for part, marks in id_lists(ids):
             cursor = self.conn.execute(
-                f"SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
-                f" WHERE collection=? AND id IN ({marks}) AND state IN ({smarks})",
+                f"SELECT {ROW_COLUMNS} FROM chunks WHERE collection=? AND id IN ({marks}) AND state IN ({smarks})",
                 (collection, *part, *wanted),
             )
-            rows.extend(Row(c, i, t, json.loads(m or "{}"), h, s, e) for c, i, t, m, h, s, e in cursor)
+            rows.extend(map(Row.of, cursor))
         order = {id_: n for n, id_ in enumerate(ids)}
         rows.sort(key=lambda r: order.get(r.id, 0))
         return rows
@@ -556,76 +222,7 @@ class Ledger:
         if key and ids:
             yield key[0], key[1], ids
 
-    # ---- status ------------------------------------------------------------------
-
-    def outstanding_of(self, part: dict[str, Any]) -> tuple[list[str], list[str]]:
-        """(ids to index, stale ids) of an intake part already recorded that still need the writer."""
-        collection = part["collection"]
-        ids = [c["id"] for entry in part["files"] for c in entry["chunks"]]
-        to_index = [id_ for id_, (_, state) in self.by_ids(collection, ids).items() if state in (PENDING, EMBEDDED)]
-        stale: list[str] = []
-        for entry in part["files"]:
-            stale.extend(
-                r[0] for r in self.conn.execute(
-                    "SELECT id FROM chunks WHERE collection=? AND source=? AND job=? AND state=?",
-                    (collection, entry["source"], part["job"], DELETING),
-                )
-            )  # fmt: skip
-        return to_index, stale
-
-    def jobs_of(self, collection: str, ids: Sequence[str]) -> set[str]:
-        """Jobs whose progress these chunks change: the job that last wrote each row (stale
-        rows included) and every unfinished job the chunks belong to (an unchanged chunk
-        still outstanding belongs to the resubmission too)."""
-        jobs: set[str] = set()
-        for part in _batched(ids, _IN_CHUNK):
-            marks = ",".join("?" * len(part))
-            jobs.update(
-                r[0] for r in self.conn.execute(
-                    f"SELECT DISTINCT job FROM chunks WHERE collection=? AND id IN ({marks})"
-                    f" UNION SELECT DISTINCT l.job FROM job_chunks l JOIN jobs ON jobs.id = l.job"
-                    f" WHERE l.collection=? AND l.id IN ({marks}) AND jobs.finished IS NULL",
-                    (collection, *part, collection, *part),
-                ) if r[0]
-            )  # fmt: skip
-        return jobs
-
-    def unfinished_jobs(self) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM jobs WHERE finished IS NULL")]
-
-    def mark_finished(self, job: str) -> None:
-        with self._tx() as conn:
-            conn.execute("UPDATE jobs SET finished=? WHERE id=? AND finished IS NULL", (time.time(), job))
-
-    def progress(self, job: str) -> JobProgress | None:
-        row = self.conn.execute(
-            "SELECT collection, state, created, skipped_files, pid, host FROM jobs WHERE id=?", (job,)
-        ).fetchone()
-        if row is None:
-            return None
-        collection, state, created, skipped_files, pid, host = row
-        if state == "submitting" and _producer_gone(pid, host, created):
-            state = "abandoned"
-        chunks, committed, pending, failed = self.conn.execute(
-            "SELECT count(*), coalesce(sum(c.state='committed'), 0),"
-            " coalesce(sum(c.state IN ('pending', 'embedded')), 0), coalesce(sum(c.state='failed'), 0)"
-            " FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id WHERE j.job=?",
-            (job,),
-        ).fetchone()
-        (deleting,) = self.conn.execute(
-            "SELECT count(*) FROM chunks WHERE job=? AND state='deleting'", (job,)
-        ).fetchone()
-        pending += deleting
-        if state == "queued":
-            state = "running" if pending else ("failed" if failed else "done")
-        return JobProgress(job, collection, state, chunks, committed, pending, failed, created, skipped_files)
-
-    def job_ids(self, limit: int = 20) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM jobs ORDER BY created DESC LIMIT ?", (limit,))]
-
-    def skipped(self, job: str) -> list[dict[str, str]]:
-        row = self.conn.execute("SELECT skipped FROM jobs WHERE id=?", (job,)).fetchone()
-        return json.loads(row[0]) if row else []
+    # ---- status ---------------------------------------------------------------------
 
     def commit_stats(self, window: float = 60.0) -> dict[str, Any]:
         now = time.time()
@@ -646,30 +243,7 @@ class Ledger:
         (n,) = self.conn.execute("SELECT count(*) FROM chunks WHERE embeds > 1").fetchone()
         return int(n)
 
-    # ---- maintenance events ------------------------------------------------------
-
-    def add_event(self, kind: str, ok: bool, summary: str, detail: dict[str, Any] | None = None) -> None:
-        with self._tx() as conn:
-            conn.execute(
-                "INSERT INTO events(time, kind, ok, summary, detail) VALUES (?, ?, ?, ?, ?)",
-                (time.time(), kind, int(ok), summary, json.dumps(detail or {})),
-            )
-
-    def last_event(self, kind: str, ok: bool | None = None) -> dict[str, Any] | None:
-        sql = "SELECT time, kind, ok, summary, detail FROM events WHERE kind=?"
-        params: tuple[Any, ...] = (kind,)
-        if ok is not None:
-            sql += " AND ok=?"
-            params += (int(ok),)
-        row = self.conn.execute(sql + " ORDER BY time DESC, id DESC LIMIT 1", params).fetchone()
-        return _event(row) if row else None
-
-    def events(self, kind: str, since: float) -> list[dict[str, Any]]:
-        rows = self.conn.execute(
-            "SELECT time, kind, ok, summary, detail FROM events WHERE kind=? AND time>=? ORDER BY time DESC",
-            (kind, since),
-        )
-        return [_event(r) for r in rows]
+    # ---- recovery and backups --------------------------------------------------------
 
     def collections(self) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT DISTINCT collection FROM chunks ORDER BY collection")]
@@ -684,14 +258,15 @@ class Ledger:
         return int(seq)
 
     def committed_after(self, collection: str, seq: int) -> list[Row]:
+        """Rows committed after the commit sequence number ``seq`` (a backup's watermark), in commit order."""
         cursor = self.conn.execute(
-            "SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
-            " WHERE collection=? AND state='committed' AND seq>? ORDER BY seq",
+            f"SELECT {ROW_COLUMNS} FROM chunks WHERE collection=? AND state='committed' AND seq>? ORDER BY seq",
             (collection, seq),
         )
-        return [Row(c, i, t, json.loads(m or "{}"), h, s, e) for c, i, t, m, h, s, e in cursor]
+        return list(map(Row.of, cursor))
 
     def rows(self, collection: str, ids: Sequence[str]) -> list[Row]:
+        """The committed rows of ``ids``."""
         return self.load(collection, ids, (COMMITTED,))
 
     def backup_to(self, target: Path) -> None:
@@ -706,10 +281,8 @@ class Ledger:
             dest.close()
 
     def committed(self, collection: str) -> Iterator[Row]:
+        """Every committed row of a collection, by id."""
         cursor = self.conn.execute(
-            "SELECT collection, id, text, metadata, hash, state, embedding FROM chunks"
-            " WHERE collection=? AND state='committed' ORDER BY id",
-            (collection,),
+            f"SELECT {ROW_COLUMNS} FROM chunks WHERE collection=? AND state='committed' ORDER BY id", (collection,)
         )
-        for c, i, t, m, h, s, e in cursor:
-            yield Row(c, i, t, json.loads(m or "{}"), h, s, e)
+        yield from map(Row.of, cursor)

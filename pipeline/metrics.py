@@ -41,9 +41,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 
 from pipeline.config import Config
 from pipeline.embedder import Embedder
-from pipeline.errors import ConfigError
-from pipeline.ledger import COMMITTED, DELETING, EMBEDDED, FAILED, OUTSTANDING, PENDING
+from pipeline.errors import ConfigError, first_line
 from pipeline.locks import writer_alive
+from pipeline.rows import COMMITTED, DELETING, EMBEDDED, FAILED, OUTSTANDING, PENDING
 from pipeline.state import WriterState
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class Collector:
             self._close()  # reopened at the next scrape (a ledger that did not exist yet, say)
         if name not in self._failing:
             self._failing.add(name)
-            logger.warning("metrics: cannot read the %s figures: %s", name, str(exc).splitlines()[0][:200])
+            logger.warning("metrics: cannot read the %s figures: %s", name, first_line(exc))
 
     def close(self) -> None:
         with self._lock:

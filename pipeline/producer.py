@@ -44,6 +44,7 @@ from pipeline.faults import fault_point
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
 from pipeline.ledger import Ledger
+from pipeline.queue import QueueClient
 from pipeline.spool import Spool
 
 logger = logging.getLogger(__name__)
@@ -97,16 +98,14 @@ class _Batch:
 
 
 class Producer:
-    def __init__(self, config: Config, huey: Any = None) -> None:
-        from workers.queue import WriterHuey
-
+    def __init__(self, config: Config, queue: QueueClient | None = None) -> None:
         config.ensure_home()
         self.config = config
-        self.huey = huey or WriterHuey(config)
+        self.queue = queue or QueueClient(config)
         self.remote = config.remote_producers
         # A remote producer never opens a ledger: the writer's is on another machine.
         self.ledger: Ledger | None = None if self.remote else Ledger(config.ledger_path)
-        self.intake = self.huey.intake if self.remote else None
+        self.intake = self.queue.intake if self.remote else None
         if self.remote:
             self._check_writer_model()
         self.tokenizer = load_tokenizer(config.model)
@@ -115,8 +114,8 @@ class Producer:
 
     def _check_writer_model(self) -> None:
         """Chunks are sized with the producer's tokenizer: it must be the writer's model's."""
-        with self.huey.reaching():
-            writer = self.huey.serving_writer()
+        with self.queue.reaching():
+            writer = self.queue.serving_writer()
         if writer and writer.get("model") and writer["model"] != self.config.model:
             raise ConfigError(
                 f"the writer on {writer.get('host')} embeds with {writer['model']!r}, this producer would chunk"
@@ -238,7 +237,7 @@ class Producer:
         chunk id of an earlier record, ``c`` and ``c#1``) would silently replace it."""
         assert self.ledger is not None
         for batch in spool.ids():
-            owners = self.ledger.owners(collection, [id_ for id_, _, _ in batch])
+            owners = self.ledger.sources.owners(collection, [id_ for id_, _, _ in batch])
             for id_, source, place in batch:
                 owner = owners.get(id_)
                 if owner is not None and owner != source:
@@ -249,7 +248,7 @@ class Producer:
     ) -> None:
         """Files indexed from under the roots that the walk no longer found: their chunks are stale."""
         assert self.ledger is not None
-        candidates = self.ledger.sources_under(collection, spec["roots"])
+        candidates = self.ledger.sources.under(collection, spec["roots"])
 
         def seen(source: str) -> bool:
             return spool.has_source(source) is not None or kept(source)
@@ -280,7 +279,7 @@ class Producer:
         if self.ledger is None:
             batch.files.append({"source": source, "total": len(records), "chunks": records})
             return
-        plan = self.ledger.plan_source(sub.collection, source, records, self.config.model)
+        plan = self.ledger.sources.plan(sub.collection, source, records, self.config.model)
         batch.rows.extend(plan.rows)
         batch.retag.extend(plan.retag)
         batch.to_index.extend(plan.to_index)
@@ -298,13 +297,9 @@ class Producer:
         if not len(batch):
             return
         sub.job = job.id()
-        self.ledger.write_submission(sub.job, sub.collection, batch.rows, batch.linked, batch.stale, batch.retag)
+        self.ledger.sources.write(sub.job, sub.collection, batch.rows, batch.linked, batch.stale, batch.retag)
         # Enqueue only after the rows are durable in the ledger.
-        step = self.config.micro_batch
-        for start in range(0, len(batch.to_index), step):
-            self.huey.tasks.index_chunks(sub.collection, batch.to_index[start : start + step])
-        for start in range(0, len(batch.stale), step):
-            self.huey.tasks.delete_chunks(sub.collection, batch.stale[start : start + step])
+        self.queue.enqueue_work(sub.collection, batch.to_index, batch.stale)
         fault_point("submission-flushed")
 
     def _hand_over(self, job: _LazyJob, sub: Submission, batch: _Batch, final: bool) -> None:
@@ -326,9 +321,9 @@ class Producer:
                 part["prune"] = sub.prune
         key = part_key(sub.job, job.parts)
         assert self.intake is not None
-        with self.huey.reaching(f"job {sub.job} is incomplete: submit the same paths again once the queue is back"):
+        with self.queue.reaching(f"job {sub.job} is incomplete: submit the same paths again once the queue is back"):
             self.intake.put(key, part)
-            self.huey.tasks.ingest(key)
+            self.queue.tasks.ingest(key)
         job.parts += 1
 
     def _finish(self, job: _LazyJob, sub: Submission, batch: _Batch, empty: str) -> Submission:
@@ -343,7 +338,7 @@ class Producer:
             )  # fmt: skip
             return sub
         counts = {k: getattr(sub, k) for k in ("new", "changed", "unchanged", "metadata_updated", "stale")}
-        self.ledger.finish_submission(sub.job, {"total": sub.chunks, **counts}, [s.as_dict() for s in sub.skipped])
+        self.ledger.jobs.finish(sub.job, {"total": sub.chunks, **counts}, [s.as_dict() for s in sub.skipped])
         logger.info(
             "job %s: %d chunks for %s (%d new, %d changed, %d unchanged, %d metadata updated, %d stale,"
             " %d files skipped, %d pruned)", sub.job, sub.chunks, sub.collection, sub.new, sub.changed,
@@ -368,11 +363,11 @@ class _LazyJob:
         then shown as abandoned once this producer has exited)."""
         if self._id is not None and self._ledger is not None:
             with contextlib.suppress(Exception):
-                self._ledger.fail_submission(self._id, reason)
+                self._ledger.jobs.fail(self._id, reason)
 
     def id(self) -> str:
         if self._id is None:
-            self._id = self._ledger.create_job(*self._args) if self._ledger else new_job_id()
+            self._id = self._ledger.jobs.create(*self._args) if self._ledger else new_job_id()
         return self._id
 
 

@@ -16,6 +16,7 @@ import threading
 import time
 
 from pipeline.config import Config
+from pipeline.errors import first_line
 from pipeline.intake import Intake
 from pipeline.ledger import Ledger
 
@@ -37,7 +38,7 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="indexq-progress", daemon=True)
 
     def start(self) -> None:
-        self.mark(self.ledger.unfinished_jobs())
+        self.mark(self.ledger.jobs.unfinished())
         self._thread.start()
 
     def mark(self, jobs: set[str] | list[str]) -> None:
@@ -49,7 +50,7 @@ class Publisher:
         while not self._stop.wait(0.5):
             try:
                 if time.monotonic() - refreshed >= REFRESH:
-                    self.mark(self.ledger.unfinished_jobs())
+                    self.mark(self.ledger.jobs.unfinished())
                     refreshed = time.monotonic()
                 self.flush()
             except Exception as exc:  # best effort: the ledger stays the truth
@@ -61,7 +62,7 @@ class Publisher:
             due = {j for j in self._dirty if force or now - self._last.get(j, 0.0) >= INTERVAL}
             self._dirty -= due
         for job in sorted(due):
-            progress = self.ledger.progress(job)
+            progress = self.ledger.jobs.progress(job)
             if progress is None:
                 continue
             try:
@@ -73,13 +74,13 @@ class Publisher:
             self._last[job] = now
             if progress.state in ("done", "failed"):
                 # Published as finished: no longer refreshed, nor republished by its chunks.
-                self.ledger.mark_finished(job)
+                self.ledger.jobs.mark_finished(job)
 
     def _complain(self, exc: Exception) -> None:
         # One line every half minute while the queue is away, not a traceback per round.
         if time.monotonic() - self._complained >= 30:
             self._complained = time.monotonic()
-            logger.warning("could not publish job progress (will retry): %s", str(exc).splitlines()[0][:200])
+            logger.warning("could not publish job progress (will retry): %s", first_line(exc))
 
     def close(self) -> None:
         self._stop.set()

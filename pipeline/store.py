@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config, redact_url
-from pipeline.errors import UnreachableError
-from pipeline.ledger import Row
+from pipeline.errors import UnreachableError, first_line
+from pipeline.rows import Row
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Store:
                 self.client.heartbeat()
             except Exception as exc:
                 raise UnreachableError(
-                    f"cannot reach the Chroma server at {redact_url(url)}: {exc}".splitlines()[0],
+                    f"cannot reach the Chroma server at {redact_url(url)}: {first_line(exc)}",
                     hint="start it (`chroma run --path DIR --port PORT`) or check INDEXQ_CHROMA_URL",
                 ) from exc
         else:

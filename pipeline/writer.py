@@ -13,26 +13,26 @@ import contextlib
 import logging
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
 
 import numpy as np
 
+from pipeline import alerts
+from pipeline.batches import batched
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
-from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError
+from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
 from pipeline.intake import Intake
-from pipeline.ledger import DELETING, EMBEDDED, PENDING, Ledger, Row
+from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 from pipeline.metrics import COMMIT_SECONDS, EMBED_SECONDS, REFUSED_PAYLOADS
 from pipeline.progress import Publisher
+from pipeline.rows import DELETING, EMBEDDED, PENDING, Row
 from pipeline.state import WriterState
 from pipeline.store import Store
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def _refusal_types() -> tuple[type[BaseException], ...]:
@@ -53,7 +53,7 @@ def open_store(config: Config) -> Store:
         raise
     except Exception as exc:  # Chroma refusing its own directory is damage, said plainly
         raise StoreError(
-            f"cannot open Chroma at {config.chroma_shown}: {exc}".splitlines()[0],
+            f"cannot open Chroma at {config.chroma_shown}: {first_line(exc)}",
             hint="run `indexq check` and `indexq recover`",
         ) from exc
 
@@ -63,10 +63,6 @@ def read_generation(config: Config) -> str | None:
         return config.generation_path.read_text().strip() or None
     except FileNotFoundError:
         return None
-
-
-def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class Writer:
@@ -103,7 +99,7 @@ class Writer:
     def _publishing(self, collection: str, ids: Sequence[str]) -> Iterator[None]:
         """Mark the jobs of ``ids`` for the publisher once the block is done (jobs read before it:
         a delete removes the rows that name them)."""
-        jobs = self.ledger.jobs_of(collection, ids) if self.publisher is not None else set()
+        jobs = self.ledger.jobs.of_chunks(collection, ids) if self.publisher is not None else set()
         try:
             yield
         finally:
@@ -133,8 +129,6 @@ class Writer:
         try:
             part = intake.read(key)
         except ForgedPayloadError as exc:
-            from ops import alerts
-
             REFUSED_PAYLOADS.labels("intake").inc()
             aside = intake.reject(key)
             logger.error("refused intake part %s: %s; nothing was recorded, it was kept as %s", key, exc, aside)
@@ -151,14 +145,14 @@ class Writer:
         if self.publisher is not None:
             # Jobs whose rows this part takes over (a stale chunk written again) change too.
             ids = [c["id"] for entry in part["files"] for c in entry["chunks"]]
-            self.publish(self.ledger.jobs_of(part["collection"], ids) | {part["job"]})
-        work = self.ledger.ingest(key, part, self.config.model)
+            self.publish(self.ledger.jobs.of_chunks(part["collection"], ids) | {part["job"]})
+        work = self.ledger.sources.ingest(key, part, self.config.model)
         # Only now: a kill before this line leaves the part in the intake, to be ingested again.
         intake.remove(key)
         if work is None:
             # Recorded by an ingest that died before it enqueued the work (a kill, or
             # the queue away): enqueue again whatever of the part is still outstanding.
-            work = self.ledger.outstanding_of(part)
+            work = self.ledger.sources.outstanding_of(part)
             logger.info("intake part %s was already recorded; %d chunks still outstanding", key, sum(map(len, work)))
             if not any(work):
                 return None
@@ -182,7 +176,7 @@ class Writer:
         except _REFUSALS as exc:
             if len(group) == 1:
                 logger.error("chunk %s of %s refused by Chroma: %s", group[0].id, collection, exc)
-                self.ledger.fail(collection, [(group[0].id, f"refused by Chroma: {exc}".splitlines()[0][:500])])
+                self.ledger.fail(collection, [(group[0].id, f"refused by Chroma: {first_line(exc)}")])
                 return 0
         return sum(self._commit_or_refuse(collection, [row]) for row in group)
 

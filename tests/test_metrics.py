@@ -275,7 +275,7 @@ def test_scrapes_during_a_job_agree_with_the_ledger_and_survive_a_restart(
                 conn.execute("INSERT INTO task (queue, data, priority) VALUES ('indexq-writer', ?, 0)", (payload,))
     finally:
         conn.close()
-    refusals = lambda: writer.output().count("ERROR workers.serializer: refused a queue payload")  # noqa: E731
+    refusals = lambda: writer.output().count("ERROR pipeline.serializer: refused a queue payload")  # noqa: E731
     wait_for(lambda: refusals() == 2, 60, "the refusals")
     assert value(scrape(writer_port), "indexq_refused_payloads_total", kind="task") == 2
     maintained = scrape(maintenance_port)
@@ -350,13 +350,13 @@ def _home_with_work(tmp_path: Path) -> tuple[Config, Ledger]:
     config = Config(home=tmp_path / "home", model="hash:8")
     config.ensure_home()
     ledger = Ledger(config.ledger_path)
-    job = ledger.create_job("docs", "records", ["test"])
+    job = ledger.jobs.create("docs", "records", ["test"])
     rows = [
         {"id": f"c{i}", "source": "test", "ordinal": i, "text": f"text {i}", "metadata": "{}", "hash": f"h{i}",
          "state": "pending", "embedding": None, "model": None}
         for i in range(5)
     ]  # fmt: skip
-    ledger.write_submission(job, "docs", rows, [r["id"] for r in rows], [])
+    ledger.sources.write(job, "docs", rows, [r["id"] for r in rows], [])
     ledger.begin_embedding("docs", ["c0", "c1", "c2", "c3"])
     ledger.begin_embedding("docs", ["c0"])  # resumed after a kill: c0 embedded twice
     ledger.store_embeddings("docs", [(f"c{i}", f"h{i}", b"\0" * 32) for i in range(4)], "hash:8")
@@ -403,15 +403,15 @@ def test_maintenance_figures_follow_the_events_as_they_are_appended(tmp_path: Pa
     assert value(samples, "indexq_writer_up") == 0
     assert value(samples, "indexq_backup_last_success_timestamp_seconds") == 0
     assert ("indexq_backup_last_verified", frozenset()) not in samples  # no backup yet: neither 0 nor 1
-    ledger.add_event("backup", True, "backup A", {"name": "A", "verified": True})
-    ledger.add_event("check", False, "quick check found damage", {"deep": False})
-    ledger.add_event("alert", False, "quick check found damage")
-    ledger.add_event("recovery", True, "recovered", {})
-    ledger.add_event("check", False, "deep check could not run", {"deep": True, "cannot_check": True})
-    ledger.add_event("backup", False, "backup B: verification FAILED", {"name": "B", "verified": False})
-    ledger.add_event("requeue", True, "0 tasks re-enqueued")  # not a figure
+    ledger.events.add("backup", True, "backup A", {"name": "A", "verified": True})
+    ledger.events.add("check", False, "quick check found damage", {"deep": False})
+    ledger.events.add("alert", False, "quick check found damage")
+    ledger.events.add("recovery", True, "recovered", {})
+    ledger.events.add("check", False, "deep check could not run", {"deep": True, "cannot_check": True})
+    ledger.events.add("backup", False, "backup B: verification FAILED", {"name": "B", "verified": False})
+    ledger.events.add("requeue", True, "0 tasks re-enqueued")  # not a figure
     samples = _collect(collector)
-    backup_a = ledger.events("backup", 0)[-1]["time"]
+    backup_a = ledger.events.since("backup", 0)[-1]["time"]
     assert value(samples, "indexq_backups_total", result="ok") == 1
     assert value(samples, "indexq_backups_total", result="failed") == 1
     assert value(samples, "indexq_backup_last_success_timestamp_seconds") == backup_a
@@ -424,7 +424,7 @@ def test_maintenance_figures_follow_the_events_as_they_are_appended(tmp_path: Pa
     assert value(samples, "indexq_recoveries_total", result="ok") == 1
     assert value(samples, "indexq_alerts_total") == 1
     # Read again: only new events are read, and counted once.
-    ledger.add_event("check", True, "quick check healthy", {"deep": False})
+    ledger.events.add("check", True, "quick check healthy", {"deep": False})
     samples = _collect(collector)
     assert value(samples, "indexq_checks_total", depth="quick", result="damaged") == 1
     assert value(samples, "indexq_checks_total", depth="quick", result="healthy") == 1
@@ -436,7 +436,7 @@ def test_maintenance_figures_follow_the_events_as_they_are_appended(tmp_path: Pa
 def exported_names(tmp_path: Path) -> set[str]:
     """Every sample name a writer and a maintenance consumer serve (in this process)."""
     config, ledger = _home_with_work(tmp_path)
-    ledger.add_event("backup", True, "backup A", {"name": "A", "verified": True})
+    ledger.events.add("backup", True, "backup A", {"name": "A", "verified": True})
     state = WriterState(config)
     state.state["guard"] = {"guard": "memory", "value": 90.0, "limit": 80.0, "since": 1.0, "summary": "memory"}
     found = names(_collect(Collector(config, "writer", state, HashEmbedder("hash:8"), queue_depth=lambda: 0)))

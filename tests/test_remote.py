@@ -17,7 +17,7 @@ from pipeline.config import Config
 from pipeline.errors import ConfigError, ForgedPayloadError
 from pipeline.intake import Intake, part_key
 from pipeline.ledger import Ledger
-from workers.serializer import JsonSerializer
+from pipeline.serializer import JsonSerializer
 
 
 def message(**changes: Any) -> Message:
@@ -122,12 +122,12 @@ def _part(job: str, files: list[tuple[str, list[str]]], final: bool = True, part
 def test_ingesting_a_part_twice_changes_nothing(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     part = _part("20261126-000000-aaaaaa", [("a.py", ["one", "two"]), ("b.py", ["three"])])
-    work = ledger.ingest("k1", part, "m")
+    work = ledger.sources.ingest("k1", part, "m")
     assert work == (["a.py#0", "a.py#1", "b.py#0"], [])
-    assert ledger.ingest("k1", part, "m") is None  # a replayed ingest task
+    assert ledger.sources.ingest("k1", part, "m") is None  # a replayed ingest task
     # ...which still finds what the first one recorded but did not get enqueued.
-    assert ledger.outstanding_of(part) == (["a.py#0", "a.py#1", "b.py#0"], [])
-    progress = ledger.progress("20261126-000000-aaaaaa")
+    assert ledger.sources.outstanding_of(part) == (["a.py#0", "a.py#1", "b.py#0"], [])
+    progress = ledger.jobs.progress("20261126-000000-aaaaaa")
     assert progress is not None
     assert (progress.state, progress.chunks, progress.pending) == ("running", 3, 3)
     (total, new) = ledger.conn.execute("SELECT total, new FROM jobs").fetchone()
@@ -136,8 +136,8 @@ def test_ingesting_a_part_twice_changes_nothing(tmp_path: Path) -> None:
 
 def test_resubmission_through_the_intake_is_compared_with_the_ledger(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
-    ledger.ingest("k1", _part("j1", [("a.py", ["one", "two", "three"])]), "m")
-    to_index, stale = ledger.ingest("k2", _part("j2", [("a.py", ["one", "TWO"])]), "m") or ([], [])
+    ledger.sources.ingest("k1", _part("j1", [("a.py", ["one", "two", "three"])]), "m")
+    to_index, stale = ledger.sources.ingest("k2", _part("j2", [("a.py", ["one", "TWO"])]), "m") or ([], [])
     assert to_index == ["a.py#0", "a.py#1"]  # #0 unchanged but still pending; #1 changed
     assert stale == ["a.py#2"]
     (new, changed, unchanged, n_stale) = ledger.conn.execute(
@@ -149,24 +149,24 @@ def test_resubmission_through_the_intake_is_compared_with_the_ledger(tmp_path: P
 def test_a_job_is_queued_only_once_all_its_parts_are_in(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     # The final part may be ingested first (a requeue after a kill): the job waits.
-    ledger.ingest("k2", _part("j", [("b.py", ["b"])], final=True, parts=2), "m")
+    ledger.sources.ingest("k2", _part("j", [("b.py", ["b"])], final=True, parts=2), "m")
     assert ledger.conn.execute("SELECT state FROM jobs").fetchone()[0] == "submitting"
-    ledger.ingest("k1", _part("j", [("a.py", ["a"])], final=False), "m")
+    ledger.sources.ingest("k1", _part("j", [("a.py", ["a"])], final=False), "m")
     assert ledger.conn.execute("SELECT state FROM jobs").fetchone()[0] == "queued"
 
 
 def test_prune_through_the_intake_waits_for_every_part_and_keeps_excluded_files(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
     files = [(f"/t/{name}", [f"text of {name}"]) for name in ("a.py", "b.py", "gone.py", "notes.md", "x/unread.py")]
-    ledger.ingest("k0", _part("j1", [*files, ("/elsewhere/gone.py", ["other"])]), "m")
+    ledger.sources.ingest("k0", _part("j1", [*files, ("/elsewhere/gone.py", ["other"])]), "m")
     # The resubmission: gone.py was deleted, notes.md is excluded by a glob now, unread.py
     # could not be read; the final part (with --prune) arrives first.
     final = _part("j2", [("/t/b.py", ["text of b.py"])], final=True, parts=2)
     final["prune"] = {"roots": ["/t"], "include": [], "exclude": ["*.md"]}
     final["skipped"] = [{"source": "/t/x/unread.py", "reason": "unreadable: Permission denied"}]
-    work = ledger.ingest("k2", final, "m")
+    work = ledger.sources.ingest("k2", final, "m")
     assert work is not None and work[1] == []  # nothing is pruned before every part is in
-    _, stale = ledger.ingest("k1", _part("j2", [("/t/a.py", ["text of a.py"])], final=False), "m") or ([], [])
+    _, stale = ledger.sources.ingest("k1", _part("j2", [("/t/a.py", ["text of a.py"])], final=False), "m") or ([], [])
     assert stale == ["/t/gone.py#0"]
     assert ledger.conn.execute("SELECT pruned, stale, state FROM jobs WHERE id='j2'").fetchone() == (1, 1, "queued")
     states = dict(ledger.conn.execute("SELECT source, state FROM chunks"))
@@ -176,10 +176,10 @@ def test_prune_through_the_intake_waits_for_every_part_and_keeps_excluded_files(
 
 def test_a_record_id_another_source_holds_is_refused_at_ingest_and_listed(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
-    ledger.ingest("k1", _part("j1", [("id:c", ["c zero", "c one"])]), "m")  # ids id:c#0, id:c#1
+    ledger.sources.ingest("k1", _part("j1", [("id:c", ["c zero", "c one"])]), "m")  # ids id:c#0, id:c#1
     intruder = _part("j2", [("id:other", ["replacement"])])
     intruder["files"][0]["chunks"][0]["id"] = "id:c#1"
-    to_index, _ = ledger.ingest("k2", intruder, "m") or ([], [])
+    to_index, _ = ledger.sources.ingest("k2", intruder, "m") or ([], [])
     assert to_index == []
     assert ledger.conn.execute("SELECT source, text FROM chunks WHERE id='id:c#1'").fetchone() == ("id:c", "c one")
     (skipped,) = ledger.conn.execute("SELECT skipped FROM jobs WHERE id='j2'").fetchone()
@@ -188,12 +188,12 @@ def test_a_record_id_another_source_holds_is_refused_at_ingest_and_listed(tmp_pa
 
 def test_metadata_only_change_through_the_intake_keeps_the_embedding(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "ledger.db")
-    ledger.ingest("k1", _part("j1", [("a.py", ["one"])]), "m")
+    ledger.sources.ingest("k1", _part("j1", [("a.py", ["one"])]), "m")
     ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\x01" * 8)], "m")
     ledger.checkpoint("docs", [("a.py#0", "h-one")])
     moved = _part("j2", [("a.py", ["one"])])
     moved["files"][0]["chunks"][0]["metadata"] = {"source": "a.py", "start_line": 3}
-    to_index, _ = ledger.ingest("k2", moved, "m") or ([], [])
+    to_index, _ = ledger.sources.ingest("k2", moved, "m") or ([], [])
     assert to_index == ["a.py#0"]
     row = ledger.conn.execute("SELECT state, embedding, metadata FROM chunks").fetchone()
     assert row == ("embedded", b"\x01" * 8, '{"source": "a.py", "start_line": 3}')
@@ -229,7 +229,7 @@ def test_progress_lost_to_a_kill_is_published_again_at_start(tmp_path: Path) -> 
 
     config = Config(home=tmp_path)
     ledger = Ledger(config.ledger_path)
-    ledger.ingest("k1", _part("j1", [("a.py", ["one", "two"])]), "m")
+    ledger.sources.ingest("k1", _part("j1", [("a.py", ["one", "two"])]), "m")
     ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\0" * 16), ("a.py#1", "h-two", b"\0" * 16)], "m")
     # Committed, then the writer died before publishing: nothing in the queue says so.
     ledger.checkpoint("docs", [("a.py#0", "h-one"), ("a.py#1", "h-two")])
@@ -241,7 +241,7 @@ def test_progress_lost_to_a_kill_is_published_again_at_start(tmp_path: Path) -> 
     published = intake.progress("j1")
     assert published is not None
     assert (published["state"], published["committed"], published["pending"]) == ("done", 2, 0)
-    assert ledger.unfinished_jobs() == []  # published as finished: not refreshed again
+    assert ledger.jobs.unfinished() == []  # published as finished: not refreshed again
     # Old finished entries go with the retention.
     assert intake.prune_progress(time.time() + 1) == 1
     assert intake.progress("j1") is None

@@ -42,9 +42,9 @@ def rows(ledger: Ledger, n: int, **extra: object) -> list[dict[str, object]]:
 
 
 def seed(ledger: Ledger, items: list[dict[str, object]]) -> list[str]:
-    job = ledger.create_job(COLLECTION, "records", ["test"])
+    job = ledger.jobs.create(COLLECTION, "records", ["test"])
     ids = [str(r["id"]) for r in items]
-    ledger.write_submission(job, COLLECTION, items, ids, [])
+    ledger.sources.write(job, COLLECTION, items, ids, [])
     return ids
 
 
