@@ -10,7 +10,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,35 +45,51 @@ def run_cli(home: Path, *args: str, timeout: float = 120, **extra: str) -> subpr
 
 
 class Proc:
-    """A writer subprocess whose output goes to a file; killed if a test forgets."""
+    """A subprocess (a writer, a consumer, a server) in its own process group, its output
+    appended to a log file; killed if a test forgets."""
 
-    def __init__(self, argv: list[str], home: Path, log: Path, **extra: str) -> None:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
         self.log = log
         self.handle = log.open("ab")
         self.popen = subprocess.Popen(
-            argv, env=env_for(home, **extra), stdout=self.handle, stderr=subprocess.STDOUT, cwd=str(home.parent),
-            start_new_session=True,
-        )  # fmt: skip
+            argv, env=env, stdout=self.handle, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
+        )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_started(self, timeout: float = 120) -> None:
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
-        while "tasks requeued from the ledger" not in self.output():
+        while not ready():
             if self.popen.poll() is not None:
-                raise AssertionError(f"writer exited {self.popen.returncode}:\n{self.output()[-3000:]}")
+                raise AssertionError(f"{what} exited {self.popen.returncode}:\n{self.output()[-3000:]}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"writer did not start:\n{self.output()[-3000:]}")
+                raise AssertionError(f"{what} did not start:\n{self.output()[-3000:]}")
             time.sleep(0.1)
+
+    def wait_started(self, timeout: float = 120) -> None:
+        """Until the writer has taken its lock and requeued what the ledger owes."""
+        self.wait_until(lambda: "tasks requeued from the ledger" in self.output(), "writer", timeout)
 
     def kill9(self) -> None:
         os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(timeout=30)
+        self.handle.close()
 
     def terminate(self, timeout: float = 60) -> int:
+        """SIGTERM to the process itself; its exit code (a graceful stop is 0)."""
         self.popen.send_signal(signal.SIGTERM)
         return self.popen.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 20) -> None:
+        """SIGTERM to the whole group, SIGKILL if it lingers."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self.handle.close()
 
     def cleanup(self) -> None:
         if self.popen.poll() is None:
@@ -92,7 +108,8 @@ def procs() -> Iterator[list[Proc]]:
 def start_worker(procs: list[Proc], home: Path, *argv: str, **extra: str) -> Proc:
     home.mkdir(parents=True, exist_ok=True)
     command = list(argv) or [str(BIN / "indexq"), "worker"]
-    proc = Proc(command, home, home.parent / f"{home.name}-writer-{len(procs)}.log", **extra)
+    log = home.parent / f"{home.name}-writer-{len(procs)}.log"
+    proc = Proc(command, log, env_for(home, **extra), cwd=home.parent)
     procs.append(proc)
     return proc
 

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN
+from tests.conftest import BIN, Proc
 
 
 def free_port() -> int:
@@ -27,47 +24,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class Server:
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        self.handle = log.open("ab")
-        self.popen = subprocess.Popen(
-            argv, stdout=self.handle, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-
-    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"{what} exited {self.popen.returncode}:\n{self.log.read_text()[-2000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{what} did not start:\n{self.log.read_text()[-2000:]}")
-            time.sleep(0.1)
-
-    def kill9(self) -> None:
-        os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait(timeout=20)
-        self.handle.close()
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(timeout=20)
-        self.handle.close()
-
-
-def start_redis(work: Path, port: int) -> Server:
+def start_redis(work: Path, port: int) -> Proc:
     """redis-server on a loopback port, its append-only file in ``work``."""
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server is not installed: `bash ops/test` installs it (Debian package redis-server)")
     # appendfsync always: an acknowledged enqueue survives a crash of Redis itself,
     # the setting the README asks of a production queue.
-    server = Server(
+    server = Proc(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work), "--save", "",
          "--appendonly", "yes", "--appendfsync", "always"],
         work / "redis.log",
@@ -82,7 +46,7 @@ def start_redis(work: Path, port: int) -> Server:
             return False
 
     try:
-        server.wait_until(ready, "redis-server")
+        server.wait_until(ready, "redis-server", timeout=60)
     except BaseException:
         server.stop()
         raise
@@ -104,7 +68,7 @@ def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     work = tmp_path_factory.mktemp("chroma-server")
     port = free_port()
     env = {**os.environ, "ANONYMIZED_TELEMETRY": "False"}
-    server = Server(
+    server = Proc(
         [str(BIN / "chroma"), "run", "--path", str(work / "data"), "--host", "127.0.0.1", "--port", str(port)],
         work / "chroma.log",
         env,
@@ -119,7 +83,7 @@ def chroma_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             return False
 
     try:
-        server.wait_until(ready, "chroma run")
+        server.wait_until(ready, "chroma run", timeout=60)
         yield url
     finally:
         server.stop()
