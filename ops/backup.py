@@ -38,7 +38,7 @@ from typing import Any
 from ops.integrity import check
 from pipeline import alerts
 from pipeline.config import Config
-from pipeline.errors import IndexqError, StorageError, storage_error
+from pipeline.errors import NothingToBackUpError, StorageError, storage_error
 from pipeline.faults import fault_point
 from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
 from pipeline.ledger import Ledger
@@ -48,10 +48,6 @@ from pipeline.version import __version__
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
-class NothingToBackUp(IndexqError):
-    exit_code = 1
 
 
 VERIFICATION = "verification.json"
@@ -111,7 +107,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
 
     logical = config.chroma_engine == "server"
     if not logical and not (config.chroma_dir / "chroma.sqlite3").exists():
-        raise NothingToBackUp(
+        raise NothingToBackUpError(
             f"nothing to back up: {config.chroma_dir} has no chroma.sqlite3",
             hint="the writer creates it with its first start; if it was lost, run `indexq recover`",
         )

@@ -44,7 +44,7 @@ from ops.integrity import Report, check_home
 from pipeline import alerts
 from pipeline.batches import batched
 from pipeline.config import Config
-from pipeline.errors import IndexqError, NotFoundError, StorageError, first_line, storage_error, storage_errors
+from pipeline.errors import NotFoundError, RecoveryFailedError, StorageError, first_line, storage_error, storage_errors
 from pipeline.faults import fault_point
 from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
 from pipeline.ledger import Ledger
@@ -61,10 +61,6 @@ RECOVERY_MARGIN = 4 * 2**20
 REPLAY_OVERHEAD = 3
 
 
-class RecoveryFailed(IndexqError):
-    exit_code = 1
-
-
 def plan(report: Report, config: Config, source: str | None = None) -> dict[str, Any]:
     """What recovery would do about a check report."""
     if source:
@@ -72,7 +68,7 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
         if backup is None:
             raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
         if not backup["verified"]:
-            raise RecoveryFailed(f"backup {backup['name']} is not verified; only verified backups are restored")
+            raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
         return {"action": RESTORE, "backup": backup["name"], "reason": "restore asked for"}
     if report.healthy:
         return {"action": NONE, "reason": "healthy"}
@@ -147,13 +143,13 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     ledger.close()
     logger.warning("%s (writer paused %.2fs)", summary, result["pause_seconds"])
     if not result["healthy"]:
-        raise RecoveryFailed(summary, hint="the damaged directory is in quarantine/; see logs/alerts.log")
+        raise RecoveryFailedError(summary, hint="the damaged directory is in quarantine/; see logs/alerts.log")
     return result
 
 
 def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Report | None = None) -> dict[str, Any]:
     """Before anything moves: the home takes a write, renames stay on one filesystem, and
-    there is room for what the step writes. Raises StorageError (or RecoveryFailed) if not."""
+    there is room for what the step writes. Raises StorageError (or RecoveryFailedError) if not."""
     action = step["action"]
     home = config.home
     probe = home / f".recovery-probe-{os.getpid()}"
@@ -172,7 +168,7 @@ def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Repo
         return {"action": action}  # the server's disk is the server's; the ledger is only read
     chroma = config.chroma_dir
     if action in (RESTORE, REBUILD) and chroma.exists() and chroma.stat().st_dev != home.stat().st_dev:
-        raise RecoveryFailed(
+        raise RecoveryFailedError(
             f"cannot recover: {chroma} is not on the filesystem of the data home {home}; nothing was changed",
             hint="quarantine and restore rename directories: keep the Chroma directory in the data home",
         )
@@ -264,7 +260,7 @@ def restore_backup(config: Config, name: str, watermark: int | None = None) -> d
     if backup is None:
         raise NotFoundError(f"no backup {name!r} in {config.backups_path}", hint="indexq backups lists them")
     if not backup["verified"]:
-        raise RecoveryFailed(f"backup {name} is not verified; only verified backups are restored")
+        raise RecoveryFailedError(f"backup {name} is not verified; only verified backups are restored")
     lock = CommitLock(config.commit_lock_path)
     ledger = Ledger(config.ledger_path)
     try:

@@ -66,6 +66,19 @@ class BackupFailedError(IndexqError):
     exit_code = 1
 
 
+class NothingToBackUpError(IndexqError):
+    """The data home holds no Chroma database to back up."""
+
+    exit_code = 1
+
+
+class RecoveryFailedError(IndexqError):
+    """Recovery could not run (an unverified backup, a Chroma directory on another
+    filesystem) or did not end healthy."""
+
+    exit_code = 1
+
+
 class BusyError(IndexqError):
     """A lock could not be taken in time: busy, not damaged."""
 
