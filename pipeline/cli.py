@@ -1,9 +1,7 @@
 """The ``indexq`` command. The only place errors become messages and exit codes.
 
-Exit codes: 0 success, 1 a job or check failed, 2 bad usage or bad input, 3 another
-writer holds the lock, 4 busy (a lock timed out), 5 a server (Redis, Chroma) did not
-answer, 6 the data home cannot be read or written (disk full, read-only, permission,
-I/O error: never judged as damage).
+Every exit but success and click's usage errors (2) goes through ``_fail``: the exit
+code is the ``exit_code`` of the error's class in ``pipeline.errors``.
 """
 
 from __future__ import annotations
@@ -21,25 +19,40 @@ import click
 
 from pipeline import api
 from pipeline.config import (
+    DEFAULT_BACKUP_INTERVAL,
+    DEFAULT_CHUNK_OVERLAP,
+    DEFAULT_COMMIT_BATCH,
+    DEFAULT_DEEP_CHECK_INTERVAL,
     DEFAULT_HOME,
+    DEFAULT_MEMORY_THRESHOLD,
+    DEFAULT_MICRO_BATCH,
     DEFAULT_MODEL,
+    DEFAULT_QUICK_CHECK_INTERVAL,
+    DEFAULT_REQUEUE_INTERVAL,
+    DEFAULT_RETENTION,
+    DEFAULT_STATUS_JOBS,
     DEFAULT_WATCH_INTERVAL,
     Config,
     parse_metrics_port,
     private_files,
 )
-from pipeline.errors import ConfigError, IndexqError, storage_error
+from pipeline.errors import (
+    BackupFailedError,
+    ConfigError,
+    DamageFoundError,
+    IndexqError,
+    JobFailedError,
+    describe,
+    storage_error,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_BUSY, EXIT_UNREACHABLE, EXIT_STORAGE = 0, 1, 2, 3, 4, 5, 6
 # Longest wait of the idle writer between looks at its queue (Huey's default is 10 s,
 # which would leave a fresh job waiting; a look at an SQLite queue costs microseconds).
 WRITER_MAX_POLL = 0.25
 
 
 def _fail(exc: IndexqError) -> None:
-    click.echo(f"Error: {exc}", err=True)
-    if exc.hint:
-        click.echo(f"Hint: {exc.hint}", err=True)
+    click.echo(describe(exc), err=True)
     sys.exit(exc.exit_code)
 
 
@@ -143,14 +156,15 @@ def main() -> None:
 @click.option(
     "--chunk-tokens", type=int, envvar="INDEXQ_CHUNK_TOKENS", help="Tokens per chunk (default: the model's limit)."
 )
-@click.option("--chunk-overlap", type=int, envvar="INDEXQ_CHUNK_OVERLAP", help="Tokens of overlap between chunks [32].")
+@click.option("--chunk-overlap", type=int, envvar="INDEXQ_CHUNK_OVERLAP", default=DEFAULT_CHUNK_OVERLAP,
+              show_default=True, help="Tokens of overlap between chunks.")  # fmt: skip
 @_model
 @_home
 @_errors
 def index(
     paths: tuple[Path, ...], collection: str, include: tuple[str, ...], exclude: tuple[str, ...],
     jsonl: Path | None, prune: bool, follow_symlinks: bool, wait_: bool, as_json: bool, chunk_tokens: int | None,
-    chunk_overlap: int | None, model: str | None, home: Path,
+    chunk_overlap: int, model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Enqueue a bulk-index job; prints the job id.
 
@@ -195,25 +209,27 @@ def index(
         )
     if wait_:
         result = api.wait(sub.job, config, progress=True)
-        click.echo(f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed", err=True)
+        summary = f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed"
         if result.state == "failed":
-            sys.exit(EXIT_FAILED)
+            raise JobFailedError(summary, hint="each failed chunk keeps its reason in the ledger (chunks.error)")
+        click.echo(summary, err=True)
 
 
 @main.command()
-@click.option("--memory-threshold", type=float, envvar="INDEXQ_MEMORY_THRESHOLD",
-              help="Hold commits while system memory use is at or above this percentage [80].")  # fmt: skip
-@click.option(
-    "--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", help="Records per Chroma upsert, at most 10 [10]."
-)
-@click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", help="Chunks embedded together [32].")
+@click.option("--memory-threshold", type=float, envvar=["INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD"],
+              default=DEFAULT_MEMORY_THRESHOLD, show_default=True,
+              help="Hold commits while system memory use is at or above this percentage.")  # fmt: skip
+@click.option("--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", default=DEFAULT_COMMIT_BATCH,
+              show_default=True, help="Records per Chroma upsert, at most 10.")  # fmt: skip
+@click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", default=DEFAULT_MICRO_BATCH,
+              show_default=True, help="Chunks embedded together.")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
 @_metrics_port
 @_model
 @_home
 @_errors
 def worker(
-    memory_threshold: float | None, commit_batch: int | None, micro_batch: int | None, verbose: bool,
+    memory_threshold: float, commit_batch: int, micro_batch: int, verbose: bool,
     model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Run the one writer in the foreground (SIGTERM or Ctrl-C: finish the commit, stop).
@@ -223,7 +239,8 @@ def worker(
       indexq worker --home ./indexq-data
     Exits 3 if another writer already holds the data home.
     """
-    from workers.queue import LOG_FORMAT, WriterHuey
+    from workers.consumer import LOG_FORMAT
+    from workers.writer import WriterHuey
 
     config = _config(
         home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch, micro_batch=micro_batch
@@ -242,7 +259,7 @@ def worker(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
-@click.option("--jobs", default=10, show_default=True, help="How many recent jobs to list.")
+@click.option("--jobs", default=DEFAULT_STATUS_JOBS, show_default=True, help="How many recent jobs to list.")
 @click.option("--watch", is_flag=True, help="A live view (rate, queue, jobs, guard) refreshed until Ctrl-C.")
 @click.option("--interval", type=click.FloatRange(min=0.1), default=DEFAULT_WATCH_INTERVAL, show_default=True,
               metavar="S", help="Seconds between refreshes of --watch.")  # fmt: skip
@@ -393,7 +410,11 @@ def backup(as_json: bool, home: Path) -> None:
             f"{result['name']} {state}: watermark {result['watermark']}, writer paused {result['pause_seconds']:.3f}s"
         )
     if not result["verified"]:
-        sys.exit(EXIT_FAILED)
+        raise BackupFailedError(
+            f"backup {result['name']} failed verification" + "".join(f"; {p}" for p in result["problems"][:3]),
+            hint="a backup that fails verification is never restored; `indexq check` tells whether the data home"
+            " itself is damaged",
+        )
 
 
 @main.command()
@@ -480,7 +501,11 @@ def check(deep: bool, as_json: bool, home: Path) -> None:
         for problem in report.problems:
             click.echo(f"damaged {problem}")
     if not report.healthy:
-        sys.exit(EXIT_FAILED)
+        found = len(report.problems)
+        raise DamageFoundError(
+            f"damage found in {home}: {found} problem{'s' if found > 1 else ''}",
+            hint="`indexq recover --dry-run` says how it would be repaired, `indexq recover` repairs it",
+        )
 
 
 @main.command()
@@ -519,7 +544,26 @@ def recover(source: str | None, dry_run: bool, as_json: bool, home: Path) -> Non
         )
 
 
+def _span(seconds: float) -> str:
+    """A duration as INDEXQ_*_INTERVAL takes it: 24h, 7d, 5m."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0 and (unit != "d" or seconds > 86400):
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _intervals(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Fill the default intervals into a command's help from pipeline.config."""
+    func.__doc__ = (func.__doc__ or "").format(
+        backup=_span(DEFAULT_BACKUP_INTERVAL), quick=_span(DEFAULT_QUICK_CHECK_INTERVAL),
+        deep=_span(DEFAULT_DEEP_CHECK_INTERVAL), requeue=_span(DEFAULT_REQUEUE_INTERVAL),
+        retention=_span(DEFAULT_RETENTION),
+    )  # fmt: skip
+    return func
+
+
 @main.command()
+@_intervals
 @click.option("--no-auto-recover", is_flag=True, help="Report damage but do not repair it.")
 @_metrics_port
 @_home
@@ -530,8 +574,8 @@ def maintenance(no_auto_recover: bool, home: Path) -> None:
     \b
     Example:
       indexq maintenance --home ./indexq-data
-    Intervals: INDEXQ_BACKUP_INTERVAL (24h), INDEXQ_QUICK_CHECK_INTERVAL (5m),
-    INDEXQ_DEEP_CHECK_INTERVAL (1h), INDEXQ_REQUEUE_INTERVAL (3m), INDEXQ_RETENTION (7d).
+    Intervals: INDEXQ_BACKUP_INTERVAL ({backup}), INDEXQ_QUICK_CHECK_INTERVAL ({quick}),
+    INDEXQ_DEEP_CHECK_INTERVAL ({deep}), INDEXQ_REQUEUE_INTERVAL ({requeue}), INDEXQ_RETENTION ({retention}).
     """
     from workers.maintenance import MaintenanceHuey
 

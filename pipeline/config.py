@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,8 @@ GUARD_BACKOFF = (0.5, 2.0, 30.0)
 DEFAULT_METRICS_ADDR = "127.0.0.1"
 # Seconds between refreshes of `indexq status --watch`.
 DEFAULT_WATCH_INTERVAL = 2.0
+# Recent jobs `indexq status` (and ``pipeline.status``) lists.
+DEFAULT_STATUS_JOBS = 10
 
 # Queue engines: the SQLite file in the data home (one machine), or a Redis server
 # shared by producers and the writer on many machines.
@@ -335,6 +337,11 @@ class Config:
     def writer_state_path(self) -> Path:
         """The running writer's effective settings and guard state (``indexq status`` reads it)."""
         return self.home / "writer.state"
+
+    def require_home(self) -> None:
+        """Raise NotFoundError unless this data home exists (has a ledger)."""
+        if not self.ledger_path.exists():
+            raise NotFoundError(f"no indexq data home at {self.home}", hint="set --home or INDEXQ_HOME")
 
     def ensure_home(self) -> None:
         """Create the data home readable by its owner only, and make an older one so.
