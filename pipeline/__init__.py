@@ -20,11 +20,25 @@ from pipeline.errors import (
     NotFoundError,
     WriterLockedError,
 )
-
-__version__ = "0.1.0"
+from pipeline.version import __version__
 
 __all__ = [
-    "BadInputError", "BusyError", "Config", "ConfigError", "EmptyCorpusError", "IndexqError",
-    "JobFailedError", "NotFoundError", "WriterLockedError", "job", "resume", "search", "status",
-    "submit_jsonl", "submit_paths", "submit_records", "wait",
+    "BadInputError",
+    "BusyError",
+    "Config",
+    "ConfigError",
+    "EmptyCorpusError",
+    "IndexqError",
+    "JobFailedError",
+    "NotFoundError",
+    "WriterLockedError",
+    "__version__",
+    "job",
+    "resume",
+    "search",
+    "status",
+    "submit_jsonl",
+    "submit_paths",
+    "submit_records",
+    "wait",
 ]  # fmt: skip

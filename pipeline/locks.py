@@ -39,8 +39,8 @@ def describe_holder(holder: dict[str, Any] | None) -> str:
     return f"pid {holder.get('pid')} on {holder.get('host')} since {since}"
 
 
-class WriterLock:
-    """Exclusive lock that makes a process the one writer of a data home."""
+class ProcessLock:
+    """Exclusive lock that makes a process the one of its role (writer, maintenance) in a data home."""
 
     def __init__(self, path: Path, role: str = "writer") -> None:
         self.path = path

@@ -18,10 +18,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.errors import first_line
+from pipeline.fsync import write_json_atomic
 from pipeline.guards import Hold
 
 logger = logging.getLogger(__name__)
@@ -38,27 +39,6 @@ def settings(config: Config) -> dict[str, Any]:
         "queue": config.queue_shown,
         "chroma": config.chroma_shown,
     }
-
-
-def write_private_json(path: Path, data: Any) -> None:
-    """Temporary name (owner only), fsync, rename, fsync the folder: a reader sees the old
-    file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, sort_keys=True)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
 
 
 class WriterState:
@@ -80,14 +60,14 @@ class WriterState:
         with self._lock:
             state = {**self.state, "published": time.time()}
             try:
-                write_private_json(self.path, state)
+                write_json_atomic(self.path, state, indent=None)
             except OSError as exc:  # a full or read-only home must not stop the writer for this
                 logger.warning("could not write %s: %s", self.path, exc)
             for sink in self.sinks:
                 try:
                     sink(state)
                 except Exception as exc:  # a queue away: the file is still right
-                    logger.warning("could not publish the writer's state: %s", str(exc).splitlines()[0][:200])
+                    logger.warning("could not publish the writer's state: %s", first_line(exc))
 
     def guard_changed(self, hold: Hold | None) -> None:
         """ResourceGuard's ``on_change``: which guard holds commits back, or None once released."""

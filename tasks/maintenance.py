@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+import threading
+from collections.abc import Callable
+from typing import Any
 
-from huey import crontab
+from huey import Huey, crontab
 
+from ops.maintenance import tick
+from pipeline.backoff import StorageWatch
+from pipeline.config import Config
 from pipeline.errors import from_chroma, storage_error
-
-if TYPE_CHECKING:
-    from workers.maintenance import MaintenanceHuey
 
 logger = logging.getLogger(__name__)
 
 
-def register(huey: MaintenanceHuey) -> Any:
+def register(huey: Huey, config: Config, watch: StorageWatch, stop_flag: Callable[[], threading.Event | None]) -> Any:
+    """The tick, every minute; ``stop_flag()`` is the running consumer's stop event."""
+
     @huey.periodic_task(crontab(minute="*"))
     def maintain() -> list[str]:
-        from ops.maintenance import tick
-
-        config = huey.config
         try:
             ran = tick(config)
         except Exception as exc:
@@ -30,14 +31,15 @@ def register(huey: MaintenanceHuey) -> Any:
             error = storage_error(exc, f"maintenance cannot use the data home {config.home}", where, unexplained=True)
             if error is None:
                 raise
-            if from_chroma(exc) and huey.stop_flag is not None:
+            stop = stop_flag()
+            if from_chroma(exc) and stop is not None:
                 # A recovery's replay met the full disk in this process's Chroma.
-                huey.storage_watch.restart_when_room(error, huey.stop_flag, where)
+                watch.restart_when_room(error, stop, where)
             else:
-                huey.storage_watch.failed(error)
+                watch.failed(error)
             return ["cannot use the data home"]
         if ran:
-            huey.storage_watch.ok()  # something ran and was recorded: the home takes writes
+            watch.ok()  # something ran and was recorded: the home takes writes
             logger.info("maintenance ran: %s", ", ".join(ran))
         return ran
 

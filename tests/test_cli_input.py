@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.config import Config
-from workers.queue import WriterHuey
+from pipeline.queue import QueueClient
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def jobs(home: Path) -> list[tuple[str, str]]:
 
 
 def queued(home: Path) -> int:
-    return WriterHuey(Config(home=home)).pending_count()
+    return QueueClient(Config(home=home)).pending_count()
 
 
 def chunk_count(home: Path) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import BIN, Proc, copy_corpus, env_for, ledger_query, run_cli, start_worker, wait_for
+from tests.jsondoc import fields
 from tests.servers import chroma_url, redis_url  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.e2e
@@ -96,6 +97,7 @@ def test_producers_on_many_machines_writer_killed_server_equals_ledger(
         assert popen.returncode == 0, err
         sub = json.loads(out)
         assert sub["remote"] is True
+        fields("index", sub)  # as docs/json.md says
         acknowledged[sub["job"]] = sub["chunks"]
         # A remote producer never opens a ledger: the writer's is the only one.
         assert not (home / "ledger.db").exists()
@@ -131,6 +133,10 @@ def test_producers_on_many_machines_writer_killed_server_equals_ledger(
     assert status["engines"]["chroma"] == "server"
     assert status["engines"]["chroma_at"] == chroma_url
     assert status["intake_parts"] == 0
+    # On a producer's machine: only the queue and what the writer publishes there (docs/json.md).
+    shown = json.loads(run_cli(producers[0][0], "status", "--json", **extra).stdout)
+    assert shown["producer_only"] is True
+    assert "producer_only" in fields("status", shown)
     text = run_cli(writer_home, "status", **extra).stdout
     assert f"chroma:      server {chroma_url}" in text
     # On a producer's machine, status shows the shared queue and creates no ledger.
@@ -175,7 +181,7 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     # 2. Our own format, a well-formed task message, signed with the wrong key.
     from huey.registry import Message
 
-    from workers.serializer import JsonSerializer
+    from pipeline.serializer import JsonSerializer
 
     forged = JsonSerializer("not-the-key", salt="indexq-writer").serialize(
         Message("f1", "tasks.indexing.index_chunks", None, 0, 0, None, ("scaleout", ["x"]), {}, None, None, None)
@@ -332,6 +338,7 @@ def test_logical_backup_check_and_rebuild_on_a_chroma_server(
     fixed = run_cli(home, "recover", "--json", **extra)
     assert fixed.returncode == 0, fixed.stderr
     assert json.loads(fixed.stdout)["action"] == "rebuild"
+    assert "dropped" in fields("recover", json.loads(fixed.stdout))  # as docs/json.md says
     assert assert_server_equals_ledger(chroma_url, home, collection) == total
     assert run_cli(home, "check", "--deep", **extra).returncode == 0
 

@@ -193,7 +193,7 @@ def test_status_text_shows_embeddings_computed_and_embedded_more_than_once(tmp_p
 def _forged_payloads() -> list[bytes]:
     from huey.registry import Message
 
-    from workers.serializer import JsonSerializer
+    from pipeline.serializer import JsonSerializer
 
     message = Message("f1", "tasks.indexing.index_chunks", None, 0, 0, None, ("docs", ["x"]), {}, None, None, None)
     return [
@@ -214,7 +214,7 @@ def test_a_refused_forged_payload_raises_an_alert_in_status(tmp_path: Path, proc
                 conn.execute("INSERT INTO task (queue, data, priority) VALUES ('indexq-writer', ?, 0)", (payload,))
     finally:
         conn.close()
-    wait_for(lambda: writer.output().count("ERROR workers.serializer: refused a queue payload") == 2, 60, "refusals")
+    wait_for(lambda: writer.output().count("ERROR pipeline.serializer: refused a queue payload") == 2, 60, "refusals")
     text = status(home)
     alerts = [line for line in text.splitlines() if line.startswith("ALERT")]
     # Two refusals within a minute: one alert (each refusal is in the log).

@@ -14,15 +14,16 @@ from typing import Any
 
 from huey import SqliteHuey
 
+from pipeline.backoff import StorageWatch
 from pipeline.config import Config, private_files
 from pipeline.errors import IndexqError, storage_errors
-from pipeline.locks import WriterLock
+from pipeline.locks import ProcessLock
 from pipeline.metrics import MetricsServer
 from pipeline.metrics import serve as serve_metrics
+from pipeline.queue import HomeHuey, queue_secret
+from pipeline.serializer import JsonSerializer
 from tasks.maintenance import register
-from workers.backoff import HomeHuey, StorageWatch
-from workers.queue import WriterConsumer, exit_with, log_to_home, queue_secret
-from workers.serializer import JsonSerializer
+from workers.consumer import GracefulConsumer, exit_with, log_to_home
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
         self.stop_flag: threading.Event | None = None
         with storage_errors(f"cannot open the maintenance queue of the data home {config.home}", config.home):
             config.ensure_home()
-            self._lock = WriterLock(config.maintenance_lock_path, role="maintenance consumer")
+            self._lock = ProcessLock(config.maintenance_lock_path, role="maintenance consumer")
             super().__init__(
                 name="indexq-maintenance",
                 filename=str(config.maintenance_queue_path),
@@ -44,17 +45,17 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
                 serializer=JsonSerializer(queue_secret(config), salt="indexq-maintenance"),
             )
             os.chmod(config.maintenance_queue_path, 0o600)
-        self.maintain = register(self)
+        self.maintain = register(self, config, self.storage_watch, lambda: self.stop_flag)
 
-    def start_maintenance(self, **options: Any) -> WriterConsumer:
+    def start_maintenance(self, **options: Any) -> GracefulConsumer:
         with storage_errors(f"the maintenance consumer cannot start on {self.config.home}", self.config.home):
             return self._start_maintenance(**options)
 
-    def _start_maintenance(self, **options: Any) -> WriterConsumer:
+    def _start_maintenance(self, **options: Any) -> GracefulConsumer:
         self._lock.acquire()
         try:
             log_to_home(self.config, "maintenance.log")
-            consumer = WriterConsumer(self, **options)
+            consumer = GracefulConsumer(self, **options)
             self.stop_flag = consumer.stop_flag
             self.flush()
             self.maintain()  # catch up now rather than at the next minute
@@ -65,7 +66,7 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
             raise
         return consumer
 
-    def create_consumer(self, **options: Any) -> WriterConsumer:
+    def create_consumer(self, **options: Any) -> GracefulConsumer:
         try:
             return self.start_maintenance(**options)
         except IndexqError as exc:

@@ -22,4 +22,4 @@ def raise_alert(config: Config, ledger: Ledger, message: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    ledger.add_event("alert", False, message)
+    ledger.events.add("alert", False, message)
