@@ -144,7 +144,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     logger.warning("%s (writer paused %.2fs)", summary, result["pause_seconds"])
     if not result["healthy"]:
         raise RecoveryFailedError(summary, hint="the damaged directory is in quarantine/; see logs/alerts.log")
-    return result
+    return {**result, "dry_run": False}
 
 
 def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Report | None = None) -> dict[str, Any]:
