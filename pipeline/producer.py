@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -277,7 +278,10 @@ class Producer:
         sub.chunks += len(records)
         batch.linked.extend(r["id"] for r in records)
         if self.ledger is None:
-            batch.files.append({"source": source, "total": len(records), "chunks": records})
+            # The part is JSON itself: metadata travels as an object (the intake refuses a
+            # part whose metadata is not one), not as the spool's JSON text.
+            chunks = [{**r, "metadata": json.loads(r["metadata"])} for r in records]
+            batch.files.append({"source": source, "total": len(chunks), "chunks": chunks})
             return
         plan = self.ledger.sources.plan(sub.collection, source, records, self.config.model)
         batch.rows.extend(plan.rows)
