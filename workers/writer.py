@@ -188,6 +188,10 @@ class WriterHuey(QueueClient):
             raise
         return consumer
 
+    def _publish_state(self, state: dict[str, Any]) -> None:
+        # Unsigned, like the lease: only shown, and trusted only while its pid holds the lease.
+        self.storage.conn.set(self.state_key, json.dumps(state))
+
     def _alert(self, message: str) -> None:
         """A refused queue payload: an alert in logs/alerts.log and `indexq status`."""
         if self.writer is not None:
