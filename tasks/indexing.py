@@ -7,11 +7,10 @@ them without a writer); the writer process hands ``WriterTasks`` to its queue.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from collections.abc import Callable
-
-from huey import crontab
 
 from pipeline.backoff import StorageWatch
 from pipeline.errors import storage_error
@@ -60,12 +59,19 @@ class WriterTasks:
         return self.watch.retry(doing, step, self.writer.stop, where) or 0
 
 
+def every(seconds: float) -> Callable[[datetime.datetime], bool]:
+    """Huey's periodic test (made once a minute) for a period of ``seconds`` rounded to
+    whole minutes. A crontab ``*/N`` would restart each hour: 7 minutes would give a gap of
+    4 at the hour, and anything over 60 once an hour."""
+    minutes = max(1, round(seconds / 60))
+    return lambda moment: int(moment.timestamp() // 60) % minutes == 0
+
+
 def register(queue: QueueClient, watch: StorageWatch) -> object:
     """The writer's periodic requeue, every ``requeue_interval`` (rounded to minutes)."""
     config = queue.config
-    minutes = max(1, round(config.requeue_interval / 60))
 
-    @queue.periodic_task(crontab(minute=f"*/{minutes}"))
+    @queue.periodic_task(every(config.requeue_interval))
     def requeue_lost() -> int:
         if config.remote_producers:
             # Progress published for remote producers: kept as long as backups are.
