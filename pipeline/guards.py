@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 
 from pipeline.config import GUARD_BACKOFF
+from pipeline.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -152,4 +153,4 @@ class ResourceGuard:
         try:
             self.on_change(hold)
         except Exception as exc:  # telling status is best effort: it must never stop the writer
-            logger.warning("could not publish the guard state: %s", str(exc).splitlines()[0][:200])
+            logger.warning("could not publish the guard state: %s", first_line(exc))
