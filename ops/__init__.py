@@ -1,1 +1,3 @@
-"""Operations and operator tools: set-up scripts, benchmarks (later: backup, integrity, recovery)."""
+"""Operations on a data home: backup, integrity checks, recovery, the maintenance tick and
+the live status view. The benchmark and the torture test (``ops.tools``) are tools for
+developers and operators, not modules the product imports."""

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 def test_bench_smoke(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "ops.bench", "--chunks", "40", "--output", str(output)],
+        [sys.executable, "-m", "ops.tools.bench", "--chunks", "40", "--output", str(output)],
         env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,

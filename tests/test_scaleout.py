@@ -376,7 +376,9 @@ def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: 
         assert committed(writer_home, collection) < acknowledged, "the job finished before the kill"
         # kill -9 Redis itself mid-job; it comes back from its append-only file.
         redis_server.kill9()
-        time.sleep(2)
+        # Longer than a task takes on a busy machine (2-4 s measured), so that the worker
+        # asks the queue for its next task while Redis is away (within the lease's 30 s).
+        time.sleep(8)
         redis_server = start_redis(work, port)
         wait_for(lambda: committed(writer_home, collection) == acknowledged, 600, "every acknowledged chunk")
         assert writer.popen.poll() is None, "the writer must ride out the outage"

@@ -1,4 +1,4 @@
-"""The torture test (`ops/torture`): a small run must find nothing, and its comparison must find
+"""The torture test (`ops/tools/torture`): a small run must find nothing, and its comparison must find
 every difference planted with plain chromadb."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ COLLECTION = "torture"
 
 def torture(tmp_path: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ops.torture", *args],
+        [sys.executable, "-m", "ops.tools.torture", *args],
         env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
     )  # fmt: skip
@@ -126,11 +126,11 @@ def test_comparison_of_equal_collections_passes_and_a_missing_one_fails(tmp_path
 def test_every_option_is_in_the_readme() -> None:
     import click
 
-    from ops.torture.__main__ import main
+    from ops.tools.torture.__main__ import main
 
     readme = (ROOT / "README.md").read_text()
-    assert "python -m ops.torture" in readme
+    assert "python -m ops.tools.torture" in readme
     assert main.help and "Example" in main.help
     for param in main.params:
         if isinstance(param, click.Option):
-            assert max(param.opts, key=len) in readme, f"{param.opts} of ops.torture is not in the README"
+            assert max(param.opts, key=len) in readme, f"{param.opts} of ops.tools.torture is not in the README"

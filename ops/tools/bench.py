@@ -1,7 +1,7 @@
 """Benchmark harness: indexq's pipeline against a bare embed-and-add loop, same corpus, same machine.
 
-    python -m ops.bench --quick          # about two minutes here
-    python -m ops.bench --chunks 40000   # the full size
+    python -m ops.tools.bench --quick          # about two minutes here
+    python -m ops.tools.bench --chunks 40000   # the full size
 
 Measures, in one run: the bare baseline, the pipeline (real producer, real writer
 subprocess), their throughput ratio, the producer rate, re-submission, resume waste
@@ -34,7 +34,7 @@ import psutil
 from ops.backup import create_backup
 from ops.maintenance import run_check
 from ops.recovery import restore_backup
-from ops.torture.procs import Child, wait_until
+from ops.tools.torture.procs import Child, wait_until
 from pipeline.config import DEFAULT_MICRO_BATCH, Config
 from pipeline.ledger import Ledger
 
@@ -367,14 +367,14 @@ def main(quick: bool, chunks: int | None, output: Path | None, seed: int, keep: 
 
     \b
     Example:
-      python -m ops.bench --quick
+      python -m ops.tools.bench --quick
     """
     size = chunks or (QUICK_CHUNKS if quick else FULL_CHUNKS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEXQ_", "CHROMADB_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
     work = Path(tempfile.mkdtemp(prefix="indexq-bench-"))
-    results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.bench", *sys.argv[1:]])}
+    results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.tools.bench", *sys.argv[1:]])}
     output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
 

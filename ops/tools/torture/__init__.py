@@ -1,7 +1,7 @@
 """Torture test: one job run clean and run under kill -9, compared by an independent reader.
 
-    python -m ops.torture --kills 200 --embedder hash:384
-    python -m ops.torture --help
+    python -m ops.tools.torture --kills 200 --embedder hash:384
+    python -m ops.tools.torture --help
 
 The clean run indexes a corpus with one writer and nothing else. The tortured run
 indexes the same tree, at the same path, into another data home, with the writer, the

@@ -1,4 +1,4 @@
-"""``python -m ops.torture``: the command line."""
+"""``python -m ops.tools.torture``: the command line."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from ops.torture import COLLECTION, DEFAULT_EMBEDDER, DEFAULT_FILES, DEFAULT_KILLS, DEFAULT_SEED, DEFAULT_TIMEOUT
-from ops.torture.compare import compare_homes, differs
-from ops.torture.corpus import copy_stdlib
-from ops.torture.procs import HarnessError, Settings
-from ops.torture.report import table
-from ops.torture.run import torture
+from ops.tools.torture import COLLECTION, DEFAULT_EMBEDDER, DEFAULT_FILES, DEFAULT_KILLS, DEFAULT_SEED, DEFAULT_TIMEOUT
+from ops.tools.torture.compare import compare_homes, differs
+from ops.tools.torture.corpus import copy_stdlib
+from ops.tools.torture.procs import HarnessError, Settings
+from ops.tools.torture.report import table
+from ops.tools.torture.run import torture
 from pipeline.config import DEFAULT_MICRO_BATCH
 
 
@@ -74,14 +74,14 @@ def main(
 
     \b
     Examples:
-      python -m ops.torture --kills 200 --embedder hash:384
-      python -m ops.torture --kills 20 --files 20 --json
-      python -m ops.torture --compare ./home-a ./home-b --collection docs
+      python -m ops.tools.torture --kills 200 --embedder hash:384
+      python -m ops.tools.torture --kills 20 --files 20 --json
+      python -m ops.tools.torture --compare ./home-a ./home-b --collection docs
     Exit 0: the collections are equal and the deep check is healthy; 1: anything lost,
     extra or different, a failed check, or more re-embedding than one micro-batch per
     writer kill; 2: the harness failed (a stage timed out); its work folder is kept.
     """
-    command = " ".join(["python -m ops.torture", *sys.argv[1:]])
+    command = " ".join(["python -m ops.tools.torture", *sys.argv[1:]])
     if homes:
         with tempfile.TemporaryDirectory(prefix="indexq-compare-") as scratch:
             comparison = compare_homes(homes[0], homes[1], collection, Path(scratch))

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ops.torture import ATOL, STAGE_TIMEOUT
-from ops.torture.procs import HarnessError
+from ops.tools.torture import ATOL, STAGE_TIMEOUT
+from ops.tools.torture.procs import HarnessError
 
 # The independent reader: chromadb only, in a fresh interpreter (-I: no PYTHONPATH, no
 # indexq). Writes ids, documents, metadata and count as JSON, embeddings as .npy.

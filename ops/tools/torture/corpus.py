@@ -8,7 +8,7 @@ import shutil
 import sysconfig
 from pathlib import Path
 
-from ops.torture import MAX_FILE_BYTES, MUTATED_FILES
+from ops.tools.torture import MAX_FILE_BYTES, MUTATED_FILES
 
 
 def copy_stdlib(target: Path, files: int) -> None:

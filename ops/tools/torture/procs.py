@@ -21,8 +21,8 @@ from typing import Any
 import click
 import psutil
 
-from ops.torture import COLLECTION, OUTSTANDING, STAGE_TIMEOUT
-from ops.torture.corpus import Submission
+from ops.tools.torture import COLLECTION, OUTSTANDING, STAGE_TIMEOUT
+from ops.tools.torture.corpus import Submission
 
 
 class HarnessError(click.ClickException):

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from ops.torture import (
+from ops.tools.torture import (
     ACTIVITY_WINDOW,
     AFTER_SIGN,
     COLLECTION,
@@ -27,10 +27,10 @@ from ops.torture import (
     VICTIMS,
     WRITER_READY,
 )
-from ops.torture.compare import compare_homes, differs
-from ops.torture.corpus import Corpus, Submission
-from ops.torture.procs import Child, HarnessError, Home, LedgerView, Settings, ready, wait_until
-from ops.torture.report import machine
+from ops.tools.torture.compare import compare_homes, differs
+from ops.tools.torture.corpus import Corpus, Submission
+from ops.tools.torture.procs import Child, HarnessError, Home, LedgerView, Settings, ready, wait_until
+from ops.tools.torture.report import machine
 
 
 def clean_run(s: Settings) -> tuple[Home, dict[str, Any]]:
