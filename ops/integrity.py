@@ -110,7 +110,12 @@ def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
     if not db.exists():
         return [Problem("sqlite", str(db), "missing")]
     try:
-        conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+        # Read-write (never created here): a hot journal left by a writer killed in the
+        # middle of a transaction is rolled back, as the writer's next open would do.
+        # Read-only, SQLite refuses to read past it ("attempt to write a readonly
+        # database") and the check would blame the disk. The check holds the commit
+        # lock; on a read-only mount SQLite opens the file read-only all the same.
+        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
         try:
             rows = conn.execute("PRAGMA integrity_check" if deep else "PRAGMA quick_check").fetchall()
             conn.execute("SELECT count(*) FROM segments").fetchone()

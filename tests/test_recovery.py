@@ -14,6 +14,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -327,3 +328,26 @@ def test_a_fresh_home_is_not_damage_before_the_writer_wrote_anything(tmp_path: P
     conn.commit()
     conn.close()
     assert run_cli(home, "check", INDEXQ_MODEL="hash:384").returncode == 1
+
+
+def test_a_hot_journal_left_by_a_killed_writer_is_neither_damage_nor_cannot_check(home: Path) -> None:
+    """A process SIGKILLed inside a write transaction of chroma.sqlite3 leaves a hot
+    journal; the check rolls it back (as the next writer would) and finds the home healthy."""
+    db = home / "chroma" / "chroma.sqlite3"
+    script = (
+        "import os, signal, sqlite3, sys\n"
+        "conn = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "conn.execute('PRAGMA journal_mode=DELETE')\n"
+        "conn.execute('PRAGMA cache_size=4')  # spill: the journal reaches the disk\n"
+        "conn.execute('BEGIN IMMEDIATE')\n"
+        "conn.execute('CREATE TABLE indexq_probe AS SELECT * FROM embeddings')\n"
+        "conn.execute('DELETE FROM embeddings_queue')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script, str(db)], capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    assert (home / "chroma" / "chroma.sqlite3-journal").exists(), "no hot journal: the test proves nothing"
+    check = run_cli(home, "check", **MODEL)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not (home / "chroma" / "chroma.sqlite3-journal").exists()
+    assert_equals_ledger(home)
