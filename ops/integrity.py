@@ -343,9 +343,17 @@ def nothing_written(chroma: Path, ledger: Path) -> bool:
     return row is None
 
 
+INTERRUPTED_RESTORE = "a restore was interrupted before its replay finished"
+
+
 def check_home(config: Config, deep: bool = False) -> Report:
     """Every layer on a data home's Chroma (directory or server) against its ledger."""
-    return check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
+    report = check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
+    if config.pending_replay_path.exists():
+        # Chunks committed after the backup's watermark may still hold the backup's older
+        # text, which only a deep read-back would see: say so at every depth.
+        report.problems.append(Problem("ledger", str(config.pending_replay_path), INTERRUPTED_RESTORE))
+    return report
 
 
 def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None) -> Report:

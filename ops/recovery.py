@@ -10,8 +10,11 @@ With the writer paused (the commit lock held throughout):
   replayed from the ledger; with no usable backup the collection is rebuilt from the
   ledger. Nothing is embedded again.
 
-Every step can be killed and run again: the quarantine and the restore are renames,
-and a partial replay is only more chunks missing, which the next run replays.
+Every step can be killed and run again: the quarantine and the restore are renames.
+A restore's partial replay is not only chunks missing: chunks changed since the backup
+keep its older text, with ids that all match. So ``replay.pending`` is written before
+the swap and removed when the replay ends; while it exists every check reports the
+interrupted restore, and the next recovery finishes the replay from its watermark.
 The run ends with a deep check, an event in the ledger and a line in the log.
 
 Nothing moves until recovery knows it can finish (``preflight``): the data home takes
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import shutil
@@ -40,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.backup import list_backups, newest_verified
-from ops.integrity import Report, check_home
+from ops.integrity import INTERRUPTED_RESTORE, Report, check_home
 from pipeline import alerts
 from pipeline.batches import batched
 from pipeline.config import Config
@@ -75,6 +79,9 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
     layers = report.layers
     if layers == {"fts"}:
         return {"action": FTS, "reason": "full-text index damaged"}
+    pending = _pending_replay(config)
+    if pending is not None and layers <= {"ledger", "deep"} and all(_replayable(p.what) for p in report.problems):
+        return {"action": REPLAY, "watermark": pending, "reason": f"{INTERRUPTED_RESTORE}; replaying after {pending}"}
     if layers == {"ledger"} and all("missing" in p.what or "does not know" in p.what for p in report.problems):
         return {"action": REPLAY, "reason": "chunks missing or unknown; the directory is sound"}
     reason = "; ".join(str(p) for p in report.problems[:3])
@@ -240,7 +247,9 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
         _rebuild_fts(config.chroma_dir)
         return {}
     if action == REPLAY:
-        return replay(config, ledger)
+        result = replay(config, ledger, step.get("watermark"))
+        _replayed(config)
+        return result
     if config.chroma_engine == "server":
         return _rebuild_on_server(config, ledger, step)
     if action == RESTORE:
@@ -279,10 +288,36 @@ def _swap_in(
     # Copied beside the damaged directory first: a copy that fails (a full disk)
     # leaves everything where it was.
     staging = _stage(config, Path(backup["path"]) / "chroma")
+    after = backup["watermark"] if watermark is None else watermark
+    # Before the swap: a kill from here until the replay ends leaves the backup's older
+    # text on chunks committed since, which checks then report and recovery replays.
+    write_json_atomic(config.pending_replay_path, {"watermark": after, "backup": backup["name"], "time": time.time()})
     quarantined = _quarantine(config, reason)
     _restore(config, staging, quarantined)
-    after = backup["watermark"] if watermark is None else watermark
-    return {"quarantine": str(quarantined), **replay(config, ledger, after)}
+    result = {"quarantine": str(quarantined), **replay(config, ledger, after)}
+    _replayed(config)
+    return result
+
+
+def _pending_replay(config: Config) -> int | None:
+    """The watermark of a restore whose replay did not finish, if any."""
+    try:
+        return int(json.loads(config.pending_replay_path.read_text())["watermark"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0  # unreadable: replay every committed chunk, which is always right
+
+
+def _replayable(what: str) -> bool:
+    """Problems a replay from the ledger repairs: the interrupted restore itself, chunks
+    missing or unknown, chunks whose stored text or vector differs from the ledger's."""
+    return what == INTERRUPTED_RESTORE or any(w in what for w in ("missing", "does not know", "differ"))
+
+
+def _replayed(config: Config) -> None:
+    config.pending_replay_path.unlink(missing_ok=True)
+    fsync_dir(config.home)
 
 
 def _rebuild_on_server(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, Any]:

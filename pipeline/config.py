@@ -325,6 +325,12 @@ class Config:
         return self.home / "chroma.generation"
 
     @property
+    def pending_replay_path(self) -> Path:
+        """Written before a restore swaps a backup in, removed once the ledger is replayed:
+        a restore killed in between is finished by the next recovery (checks report it)."""
+        return self.home / "replay.pending"
+
+    @property
     def alerts_path(self) -> Path:
         return self.logs_path / "alerts.log"
 

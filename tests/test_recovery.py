@@ -351,3 +351,40 @@ def test_a_hot_journal_left_by_a_killed_writer_is_neither_damage_nor_cannot_chec
     assert check.returncode == 0, check.stdout + check.stderr
     assert not (home / "chroma" / "chroma.sqlite3-journal").exists()
     assert_equals_ledger(home)
+
+
+def test_a_restore_killed_in_its_replay_is_reported_and_finished(tmp_path: Path, procs: list[Proc]) -> None:
+    """Chunks changed after the backup keep the backup's older text until the replay
+    reaches them; ids all match, so only a deep read-back would see it. A restore killed
+    there leaves replay.pending: every check reports it, and recovery finishes the replay."""
+    home = tmp_path / "home"
+    records = tmp_path / "records.jsonl"
+
+    def write(version: str) -> None:
+        lines = (json.dumps({"id": f"r{n:03}", "text": f"record {n}, {version}"}) for n in range(60))
+        records.write_text("\n".join(lines) + "\n")
+        result = run_cli(home, "index", "--jsonl", str(records), "-c", COLLECTION, **MODEL)
+        assert result.returncode == 0, result.stderr
+
+    writer = start_worker(procs, home, **MODEL)
+    writer.wait_started()
+    write("first text")
+    wait_for(lambda: outstanding(home) == 0, 120, "the first job")
+    backup = json.loads(run_cli(home, "backup", "--json", **MODEL).stdout)
+    write("second text")  # every chunk changes after the backup's watermark
+    wait_for(lambda: outstanding(home) == 0, 120, "the second job")
+    assert writer.terminate() == 0
+    _kill_at_fault(
+        home, ["recover", "--from", backup["name"]], "replay-batch", lambda: (home / "replay.pending").exists()
+        and (home / "chroma" / "chroma.sqlite3").exists() and any((home / "quarantine").iterdir())
+    )  # fmt: skip
+    assert (home / "replay.pending").exists()
+    check = run_cli(home, "check", "--json", **MODEL)
+    assert check.returncode == 1
+    assert "a restore was interrupted before its replay finished" in check.stdout
+    fixed = run_cli(home, "recover", "--json", **MODEL)
+    assert fixed.returncode == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["action"] == "replay"
+    assert not (home / "replay.pending").exists()
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
