@@ -8,6 +8,7 @@ of waiting a whole interval.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from ops.backup import create_backup, newest_verified, prune
 from ops.integrity import Report, check_home, nothing_written
+from ops.recovery import recover
 from pipeline import alerts
 from pipeline.config import Config
 from pipeline.errors import BusyError, IndexqError, StorageError, UnreachableError, first_line, storage_error
@@ -139,10 +141,17 @@ def _last(ledger: Ledger, kind: str, deep: bool | None = None, horizon: float = 
     return 0.0
 
 
-def tick(config: Config, now: float | None = None) -> list[str]:
-    """Run every maintenance job that is due; returns what ran."""
-    now = time.time() if now is None else now
-    ran: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """What the ledger's events say is due now."""
+
+    backup: bool
+    deep_check: bool
+    quick_check: bool
+    requeue: bool
+
+
+def _due(config: Config, now: float) -> _Due:
     ledger = Ledger(config.ledger_path)
     try:
         newest = newest_verified(config)
@@ -157,44 +166,66 @@ def tick(config: Config, now: float | None = None) -> list[str]:
         ledger.close()
     # Due when the newest verified backup is older than the interval; after a failed
     # attempt, wait BACKUP_RETRY before the next one instead of retrying every minute.
-    due = newest is None or now - newest["time"] >= config.backup_interval
-    if due and not config.chroma_url and nothing_written(config.chroma_dir, config.ledger_path):
-        due = False  # a fresh home: the writer has not written anything to protect yet
-    if due and now - last_failure >= min(BACKUP_RETRY, config.backup_interval):
-        try:
-            backup_and_prune(config)
-            ran.append("backup")
-        except BusyError as exc:
-            logger.warning("backup postponed: %s", exc)
-        except Exception as exc:  # a failed backup must not stop the checks below
-            error = storage_error(exc, "backup failed", config.backups_path)
-            if error is None:
-                logger.exception("backup failed")
-            else:  # not enough space for one, or the disk refused: no traceback
-                logger.warning("%s", error)
-            summary = str(error) if error is not None else f"backup failed: {exc}"
-            try:
-                ledger = Ledger(config.ledger_path)
-                try:
-                    ledger.events.add("backup", False, summary, {"storage": error is not None})
-                    alerts.raise_alert(config, ledger, summary)
-                finally:
-                    ledger.close()
-            except Exception as again:
-                if error is None or storage_error(again) is None:
-                    raise
-                raise error from exc  # nothing can be written: the consumer backs off
-            ran.append("backup failed")
-    try:
-        deep = now - last_deep >= config.deep_check_interval
-        if deep or now - last_quick >= config.quick_check_interval:
-            report = run_check(config, deep=deep)
-            ran.append("deep check" if deep else "quick check")
-            if not report.healthy and config.auto_recover:
-                from ops.recovery import recover
+    backup = newest is None or now - newest["time"] >= config.backup_interval
+    if backup and not config.chroma_url and nothing_written(config.chroma_dir, config.ledger_path):
+        backup = False  # a fresh home: the writer has not written anything to protect yet
+    backup = backup and now - last_failure >= min(BACKUP_RETRY, config.backup_interval)
+    deep = now - last_deep >= config.deep_check_interval
+    quick = not deep and now - last_quick >= config.quick_check_interval
+    return _Due(backup, deep, quick, now - last_requeue >= config.requeue_interval)
 
-                recover(config)
-                ran.append("recovery")
+
+def tick(config: Config, now: float | None = None) -> list[str]:
+    """Run every maintenance job that is due; returns what ran."""
+    due = _due(config, time.time() if now is None else now)
+    ran: list[str] = []
+    if due.backup:
+        ran += _backup(config)
+    if due.deep_check or due.quick_check:
+        ran += _check(config, deep=due.deep_check)
+    if due.requeue:
+        ran += _requeue(config)
+    return ran
+
+
+def _backup(config: Config) -> list[str]:
+    """A backup and retention; a failure is recorded and alerted, and the checks still run."""
+    try:
+        backup_and_prune(config)
+        return ["backup"]
+    except BusyError as exc:
+        logger.warning("backup postponed: %s", exc)
+        return []
+    except Exception as exc:  # a failed backup must not stop the checks
+        error = storage_error(exc, "backup failed", config.backups_path)
+        if error is None:
+            logger.exception("backup failed")
+        else:  # not enough space for one, or the disk refused: no traceback
+            logger.warning("%s", error)
+        summary = str(error) if error is not None else f"backup failed: {exc}"
+        try:
+            ledger = Ledger(config.ledger_path)
+            try:
+                ledger.events.add("backup", False, summary, {"storage": error is not None})
+                alerts.raise_alert(config, ledger, summary)
+            finally:
+                ledger.close()
+        except Exception as again:
+            if error is None or storage_error(again) is None:
+                raise
+            raise error from exc  # nothing can be written: the consumer backs off
+        return ["backup failed"]
+
+
+def _check(config: Config, deep: bool) -> list[str]:
+    """A check, and recovery if it found damage (with auto_recover)."""
+    ran: list[str] = []
+    try:
+        report = run_check(config, deep=deep)
+        ran.append("deep check" if deep else "quick check")
+        if not report.healthy and config.auto_recover:
+            recover(config)
+            ran.append("recovery")
     except (BusyError, UnreachableError) as exc:  # neither is damage: try again next tick
         logger.warning("maintenance postponed: %s", exc)
         ran.append("busy")
@@ -203,17 +234,21 @@ def tick(config: Config, now: float | None = None) -> list[str]:
     except IndexqError as exc:  # recovery failed: alerted and recorded; requeue still runs
         logger.error("maintenance: %s", exc)
         ran.append("recovery failed")
-    if now - last_requeue >= config.requeue_interval:
-        queue = QueueClient(config)
-        try:
-            queue.ping()
-        except UnreachableError as exc:
-            logger.warning("requeue postponed: %s", exc)
-            ran.append("requeue postponed")
-            return ran
-        tasks = queue.requeue() if not queue.pending_count() else 0
-        ledger = Ledger(config.ledger_path)
-        ledger.events.add("requeue", True, f"{tasks} tasks re-enqueued")
-        ledger.close()
-        ran.append("requeue")
     return ran
+
+
+def _requeue(config: Config) -> list[str]:
+    """Re-enqueue what the writer's queue lost (only when the queue is empty)."""
+    queue = QueueClient(config)
+    try:
+        queue.ping()
+    except UnreachableError as exc:
+        logger.warning("requeue postponed: %s", exc)
+        return ["requeue postponed"]
+    tasks = queue.requeue() if not queue.pending_count() else 0
+    ledger = Ledger(config.ledger_path)
+    try:
+        ledger.events.add("requeue", True, f"{tasks} tasks re-enqueued")
+    finally:
+        ledger.close()
+    return ["requeue"]
