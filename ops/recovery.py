@@ -32,7 +32,6 @@ ledger snapshot first, then replays what the live ledger committed after it.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -50,7 +49,7 @@ from pipeline.batches import batched
 from pipeline.config import Config
 from pipeline.errors import NotFoundError, RecoveryFailedError, StorageError, first_line, storage_error, storage_errors
 from pipeline.faults import fault_point
-from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
+from pipeline.fsync import fsync_dir, fsync_tree, probe_write, write_json_atomic
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
 from pipeline.rows import COMMITTED
@@ -159,18 +158,8 @@ def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Repo
     there is room for what the step writes. Raises StorageError (or RecoveryFailedError) if not."""
     action = step["action"]
     home = config.home
-    probe = home / f".recovery-probe-{os.getpid()}"
-    try:
-        with storage_errors(f"cannot recover: the data home {home} cannot be written; nothing was changed", home):
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                os.write(fd, b"\0" * 4096)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+    with storage_errors(f"cannot recover: the data home {home} cannot be written; nothing was changed", home):
+        probe_write(home, "recovery")
     if config.chroma_engine == "server":
         return {"action": action}  # the server's disk is the server's; the ledger is only read
     chroma = config.chroma_dir

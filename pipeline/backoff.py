@@ -18,7 +18,6 @@ in a fresh process, which opens Chroma anew).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from typing import TypeVar
 
 from pipeline.config import GUARD_BACKOFF
 from pipeline.errors import StorageError, from_chroma, storage_error
+from pipeline.fsync import probe_write
 
 logger = logging.getLogger(__name__)
 
@@ -42,22 +42,13 @@ RESTART_ROOM = 4 * 2**20
 
 def has_room(path: Path) -> bool:
     """RESTART_ROOM free under ``path``, and a small write there goes through."""
-    probe = path / f".room-probe-{os.getpid()}"
     try:
         if shutil.disk_usage(path).free < RESTART_ROOM:
             return False
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, b"\0" * 4096)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return True
+        probe_write(path, "room")
     except OSError:
         return False
-    finally:
-        with contextlib.suppress(OSError):
-            probe.unlink()
+    return True
 
 
 class StorageWatch:

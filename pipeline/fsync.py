@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -48,3 +49,19 @@ def write_json_atomic(path: Path, data: Any, indent: int | None = 2) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def probe_write(folder: Path, name: str) -> None:
+    """Write and fsync 4 KB in ``folder`` under a private name, then remove it: raises
+    OSError where the folder does not take a write (full, read-only, permission)."""
+    probe = folder / f".{name}-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()

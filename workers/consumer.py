@@ -10,16 +10,19 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from huey import Huey
 from huey.consumer import Consumer, Scheduler, Worker, WorkerRecycle
 
 from pipeline.backoff import StorageWatch
-from pipeline.config import Config
+from pipeline.config import Config, private_files
 from pipeline.errors import IndexqError, StorageError, describe, storage_error
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -170,3 +173,25 @@ def log_to_home(config: Config, name: str) -> None:
         for package in ("pipeline", "workers", "tasks", "ops"):
             logging.getLogger(package).addHandler(console)
     os.chmod(config.logs_path / name, 0o600)
+
+
+def lazy_huey(build: Callable[[Config], T]) -> Callable[[str], T]:
+    """A module ``__getattr__`` that builds ``huey`` for huey_consumer on first use, from
+    ``INDEXQ_*`` variables: importing the module (as ``indexq worker --home`` does) then
+    creates nothing in another data home, and bad configuration is one line, not a traceback."""
+    instance: list[T] = []
+
+    def __getattr__(name: str) -> T:
+        if name != "huey":
+            raise AttributeError(name)
+        if not instance:
+            # huey_consumer is where this process starts: everything it creates in the
+            # data home (Chroma's files included) is the owner's only.
+            private_files()
+            try:
+                instance.append(build(Config.from_env()))
+            except IndexqError as exc:
+                raise exit_with(exc) from None
+        return instance[0]
+
+    return __getattr__

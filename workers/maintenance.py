@@ -15,7 +15,7 @@ from typing import Any
 from huey import SqliteHuey
 
 from pipeline.backoff import StorageWatch
-from pipeline.config import Config, private_files
+from pipeline.config import Config
 from pipeline.errors import IndexqError, storage_errors
 from pipeline.locks import ProcessLock
 from pipeline.metrics import MetricsServer
@@ -23,7 +23,7 @@ from pipeline.metrics import serve as serve_metrics
 from pipeline.queue import HomeHuey, queue_secret
 from pipeline.serializer import JsonSerializer
 from tasks.maintenance import register
-from workers.consumer import GracefulConsumer, exit_with, log_to_home
+from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home
 
 logger = logging.getLogger(__name__)
 
@@ -79,20 +79,4 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
         self._lock.release()
 
 
-_instance: MaintenanceHuey | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # `huey` is built on first use, from INDEXQ_* variables, so that importing the class
-    # (as `indexq maintenance --home` does) creates nothing in another data home.
-    global _instance
-    if name != "huey":
-        raise AttributeError(name)
-    if _instance is None:
-        # huey_consumer is where this process starts: what it creates is the owner's only.
-        private_files()
-        try:
-            _instance = MaintenanceHuey(Config.from_env())
-        except IndexqError as exc:  # bad configuration: one line, not a traceback
-            raise exit_with(exc) from None
-    return _instance
+__getattr__ = lazy_huey(MaintenanceHuey)

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import alerts
 from pipeline.backoff import StorageWatch
-from pipeline.config import Config, private_files
+from pipeline.config import Config
 from pipeline.errors import ConfigError, IndexqError, WriterLockedError, first_line, storage_errors
 from pipeline.locks import ProcessLock
 from pipeline.metrics import MetricsServer
@@ -32,7 +32,7 @@ from pipeline.progress import Publisher
 from pipeline.queue import QueueClient
 from pipeline.writer import Writer
 from tasks.indexing import WriterTasks, register
-from workers.consumer import GracefulConsumer, exit_with, log_to_home
+from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home
 
 logger = logging.getLogger(__name__)
 
@@ -230,21 +230,4 @@ class WriterHuey(QueueClient):
         self._release()
 
 
-_instance: WriterHuey | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # Built on first use, so that importing this module (as `indexq worker --home`
-    # does) creates nothing in another data home.
-    global _instance
-    if name != "huey":
-        raise AttributeError(name)
-    if _instance is None:
-        # huey_consumer is where this process starts: everything it creates in the data
-        # home (Chroma's files included) is the owner's only.
-        private_files()
-        try:
-            _instance = WriterHuey(Config.from_env())
-        except IndexqError as exc:  # bad configuration: one line, not a traceback
-            raise exit_with(exc) from None
-    return _instance
+__getattr__ = lazy_huey(WriterHuey)
