@@ -263,7 +263,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
 
     cfg = _config(config)
     _existing_ledger(cfg).close()
-    vector = load_embedder(cfg.model).embed([text])[0]
+    vector = load_embedder(cfg.model, cfg.device).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between
     # commits: hold the commit lock for the open and the query (milliseconds).
     lock = CommitLock(cfg.commit_lock_path)

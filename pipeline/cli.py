@@ -23,6 +23,7 @@ from pipeline.config import (
     DEFAULT_CHUNK_OVERLAP,
     DEFAULT_COMMIT_BATCH,
     DEFAULT_DEEP_CHECK_INTERVAL,
+    DEFAULT_DEVICE,
     DEFAULT_HOME,
     DEFAULT_MEMORY_THRESHOLD,
     DEFAULT_MICRO_BATCH,
@@ -93,6 +94,13 @@ def _home(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--home", type=click.Path(file_okay=False, path_type=Path), envvar="INDEXQ_HOME",
         default=DEFAULT_HOME, show_default=True, help="Data home (env INDEXQ_HOME).",
+    )(func)  # fmt: skip
+
+
+def _device(func: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--device", envvar="INDEXQ_DEVICE", default=DEFAULT_DEVICE, show_default=True, metavar="auto|cpu|cuda|mps",
+        help="Where the model runs: auto takes CUDA, then MPS, then the CPU; cuda:N names one GPU (env INDEXQ_DEVICE).",
     )(func)  # fmt: skip
 
 
@@ -225,12 +233,13 @@ def index(
               show_default=True, help="Chunks embedded together.")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
 @_metrics_port
+@_device
 @_model
 @_home
 @_errors
 def worker(
     memory_threshold: float, commit_batch: int, micro_batch: int, verbose: bool,
-    model: str | None, home: Path,
+    device: str, model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Run the one writer in the foreground (SIGTERM or Ctrl-C: finish the commit, stop).
 
@@ -243,8 +252,9 @@ def worker(
     from workers.writer import WriterHuey
 
     config = _config(
-        home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch, micro_batch=micro_batch
-    )
+        home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch,
+        micro_batch=micro_batch, device=device,
+    )  # fmt: skip
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in root.handlers:
@@ -347,17 +357,18 @@ def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -
 @click.option("--collection", "-c", required=True, help="Collection to search.")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Number of results.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_device
 @_model
 @_home
 @_errors
-def search(text: str, collection: str, k: int, as_json: bool, model: str | None, home: Path) -> None:
+def search(text: str, collection: str, k: int, as_json: bool, device: str, model: str | None, home: Path) -> None:
     """Nearest chunks to TEXT.
 
     \b
     Example:
       indexq search "parse a JSON document" --collection stdlib -k 3
     """
-    hits = api.search(text, collection, k, _config(home=home, model=model))
+    hits = api.search(text, collection, k, _config(home=home, model=model, device=device))
     if as_json:
         click.echo(json.dumps(hits, indent=2))
         return
@@ -458,7 +469,8 @@ def _echo_writer(writer: dict[str, Any]) -> None:
         click.echo("settings:    not published yet (the writer is starting)")
         return
     click.echo(
-        f"settings:    model {settings['model']}, memory threshold {settings['memory_threshold']:g} %,"
+        f"settings:    model {settings['model']} on {settings.get('device', 'cpu')},"
+        f" memory threshold {settings['memory_threshold']:g} %,"
         f" min free disk {settings['min_free_mb']} MB, micro-batch {settings['micro_batch']},"
         f" commit batch {settings['commit_batch']}"
     )

@@ -34,6 +34,10 @@ DEFAULT_COMMIT_BATCH = 10
 # Chunks embedded together. 32 keeps the model near its best rate on 2 cores
 # (batch 16: ~28/s, 32: ~31/s, 64: ~30/s) and bounds re-embedding after a kill.
 DEFAULT_MICRO_BATCH = 32
+# Where the model runs: "auto" takes CUDA, then Apple's MPS, then the CPU; "cuda:N"
+# names one GPU. Asking for a device torch does not see is an error, never a fallback.
+DEFAULT_DEVICE = "auto"
+DEVICES = ("auto", "cpu", "cuda", "mps")
 # None: the model's own maximum sequence length less its two special tokens.
 DEFAULT_CHUNK_TOKENS: int | None = None
 DEFAULT_CHUNK_OVERLAP = 32
@@ -202,6 +206,7 @@ class Config:
     memory_threshold: float = DEFAULT_MEMORY_THRESHOLD
     commit_batch: int = DEFAULT_COMMIT_BATCH
     micro_batch: int = DEFAULT_MICRO_BATCH
+    device: str = DEFAULT_DEVICE
     chunk_tokens: int | None = DEFAULT_CHUNK_TOKENS
     chunk_overlap: int = DEFAULT_CHUNK_OVERLAP
     min_free_mb: int = DEFAULT_MIN_FREE_MB
@@ -235,6 +240,8 @@ class Config:
             raise ConfigError(f"commit batch size must be between 1 and {MAX_COMMIT_BATCH}, got {self.commit_batch!r}")
         if self.micro_batch < 1:
             raise ConfigError(f"micro-batch size must be at least 1, got {self.micro_batch!r}")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         if self.chunk_tokens is not None and self.chunk_tokens < 16:
             raise ConfigError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens!r}")
         if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
@@ -403,6 +410,8 @@ class Config:
             values["metrics_addr"], values["metrics_port"] = parse_metrics_port(*found) or (DEFAULT_METRICS_ADDR, None)
         if found := pick("INDEXQ_MODEL"):
             values["model"] = found[1]
+        if found := pick("INDEXQ_DEVICE"):
+            values["device"] = found[1].strip()
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")
         number(int, "commit_batch", "INDEXQ_COMMIT_BATCH")
         number(int, "micro_batch", "INDEXQ_MICRO_BATCH")

@@ -42,6 +42,7 @@ def _offline() -> None:
 class Embedder(Protocol):
     name: str
     dimension: int
+    device: str  # where it runs: "cpu", "cuda", "cuda:1", "mps"
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -137,10 +138,28 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer(model)
 
 
-class SentenceTransformerEmbedder:
-    """A sentence-transformers model on the CPU, normalised embeddings as float32."""
+def pick_device(requested: str = "auto") -> str:
+    """The torch device to embed on: ``auto`` takes CUDA, then MPS, then the CPU; a device
+    asked for by name must exist (a writer told to use a GPU never falls back silently)."""
+    import torch
 
-    def __init__(self, model: str) -> None:
+    cuda = torch.cuda.is_available()
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if requested.startswith("cuda") and not cuda:
+        raise ConfigError(f"device {requested!r} was asked for (--device, INDEXQ_DEVICE), but torch sees no CUDA GPU")
+    if requested.startswith("cuda:") and int(requested.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {requested!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    if requested == "mps" and not mps:
+        raise ConfigError("device 'mps' was asked for (--device, INDEXQ_DEVICE), but torch sees no MPS device")
+    return requested
+
+
+class SentenceTransformerEmbedder:
+    """A sentence-transformers model on the device picked (``pick_device``), normalised float32 embeddings."""
+
+    def __init__(self, model: str, device: str = "auto") -> None:
         _offline()
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
@@ -148,7 +167,7 @@ class SentenceTransformerEmbedder:
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every start
         location = resolve_model(model)
         try:
-            self._model = SentenceTransformer(location, device="cpu")
+            self._model = SentenceTransformer(location, device=pick_device(device))
         except OSError as exc:
             raise ConfigError(
                 f"model {model!r} could not be loaded offline: {first_line(exc)}",
@@ -193,8 +212,9 @@ class HashEmbedder:
         return out
 
 
-def load_embedder(model: str) -> Embedder:
+def load_embedder(model: str, device: str = "auto") -> Embedder:
     if is_hash_model(model):
         return HashEmbedder(model)
-    logger.info("loading embedding model %s", model)
-    return SentenceTransformerEmbedder(model)
+    embedder = SentenceTransformerEmbedder(model, device)
+    logger.info("embedding model %s loaded on %s", model, embedder.device)
+    return embedder

@@ -32,6 +32,7 @@ def settings(config: Config) -> dict[str, Any]:
     """The settings that change what the writer does, as it runs with them."""
     return {
         "model": config.model,
+        "device": config.device,
         "memory_threshold": config.memory_threshold,
         "min_free_mb": config.min_free_mb,
         "micro_batch": config.micro_batch,

@@ -69,7 +69,7 @@ class Writer:
     def __init__(self, config: Config, embedder: Embedder | None = None, stop: threading.Event | None = None) -> None:
         self.config = config
         self.ledger = Ledger(config.ledger_path)
-        self.embedder = embedder or load_embedder(config.model)
+        self.embedder = embedder or load_embedder(config.model, config.device)
         self.commit_lock = CommitLock(config.commit_lock_path)
         # Opened under the commit lock: a recovery that is swapping the directory
         # finishes first.
@@ -78,6 +78,7 @@ class Writer:
             self._generation = read_generation(config)
         # Published when the writer starts serving (WriterHuey) and on each change of guard state.
         self.state = WriterState(config)
+        self.state.state["settings"]["device"] = self.embedder.device  # the one in use, not the one asked for
         self.guard = ResourceGuard(
             config.chroma_dir, config.memory_threshold, config.min_free_mb, on_change=self.state.guard_changed
         )

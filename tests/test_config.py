@@ -156,3 +156,26 @@ def test_ensure_home_makes_an_open_home_private_once(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.stat().st_mode) == mode, path
     # A link is not followed: what it points at is not the home's.
     assert stat.S_IMODE(outside.stat().st_mode) == 0o755
+
+
+def test_the_device_setting_is_checked_and_read_from_the_environment() -> None:
+    assert Config().device == "auto"
+    assert Config(device="cuda:1").device == "cuda:1"
+    assert Config.from_env({"INDEXQ_DEVICE": "cpu"}).device == "cpu"
+    with pytest.raises(ConfigError, match=r"device must be one of auto, cpu, cuda, mps or cuda:N, got 'gpu'"):
+        Config(device="gpu")
+
+
+def test_auto_picks_the_cpu_without_a_gpu_and_a_missing_gpu_is_an_error() -> None:
+    import torch
+
+    from pipeline.embedder import pick_device
+
+    assert pick_device("cpu") == "cpu"
+    if torch.cuda.is_available():
+        assert pick_device("auto") == "cuda"
+        return
+    mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    assert pick_device("auto") == ("mps" if mps else "cpu")
+    with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
+        pick_device("cuda")

@@ -329,3 +329,29 @@ def test_recover_from_an_empty_name_is_an_error(tmp_path: Path) -> None:
     result = run_cli(home, "recover", "--from", "", **MODEL)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "Error: --from must name a backup, got ''\nHint: `indexq backups` lists them\n"
+
+
+def test_the_writer_runs_on_the_device_picked_and_refuses_one_torch_does_not_see(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """The real model: `auto` picks CUDA, then MPS, then the CPU, and status names it; a
+    GPU asked for by name that is not there is exit 2 in one line, never a silent CPU."""
+    import torch
+
+    home = tmp_path / "home"
+    writer = start_worker(procs, home)
+    writer.wait_started()
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert f"embedding model all-MiniLM-L6-v2 loaded on {expected}" in writer.output()
+    status = run_cli(home, "status")
+    assert f"model all-MiniLM-L6-v2 on {expected}," in status.stdout
+    assert json.loads(run_cli(home, "status", "--json").stdout)["writer"]["settings"]["device"] == expected
+    assert writer.terminate() == 0
+    if torch.cuda.is_available():
+        return
+    refused = run_cli(home, "worker", "--device", "cuda")
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines()[0] == (
+        "Error: device 'cuda' was asked for (--device, INDEXQ_DEVICE), but torch sees no CUDA GPU"
+    )
+    assert "Traceback" not in refused.stderr
