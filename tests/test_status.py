@@ -96,8 +96,8 @@ def test_status_shows_the_running_writers_settings_and_the_guard_holding_commits
     assert f"writer:      running (pid {writer.popen.pid} on " in text
     # The writer's settings, not the defaults of the process that runs `indexq status`.
     assert (
-        "settings:    model hash:384, memory threshold 1.01 %, min free disk 256 MB, micro-batch 8, commit batch 5\n"
-        in text
+        "settings:    model hash:384 on cpu, memory threshold 1.01 %, min free disk 256 MB, micro-batch 8,"
+        " commit batch 5\n" in text
     )
     match = re.search(rf"^guard:       commits held back since ({CLOCK}): memory (\d+) % >= 1\.01 %$", text, re.M)
     assert match, text
