@@ -1,0 +1,45 @@
+"""The text the model embeds for a chunk: a short header that says where the chunk comes
+from, then the chunk itself.
+
+A chunk of ``email/_header_value_parser.py`` rarely names its own file; a question
+about header folding does. Embedding the path with the text lets the file's name vote
+(measured by ``python -m ops.tools.retrieval``). Only the embedded text changes: the
+document stored in Chroma is the chunk, unchanged. The header takes tokens from the
+model's window, so chunks are cut ``HEADER_TOKENS`` shorter while it is on; a query's
+vector is not affected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any
+
+# Tokens kept free in every chunk for the header. A header is cut to this many
+# characters (keeping its end, the most specific part): a WordPiece token spans at least
+# one character, so it can never take more tokens than that.
+HEADER_TOKENS = 32
+# Trailing path parts named in the header: "email/message.py".
+PATH_PARTS = 2
+
+
+def header(metadata: Mapping[str, Any]) -> str:
+    """Where a chunk comes from, in at most ``HEADER_TOKENS`` characters; '' when unknown."""
+    parts = []
+    source = metadata.get("source")
+    if isinstance(source, str) and source:
+        parts.append("/".join(PurePath(source).parts[-PATH_PARTS:]))
+    heading = metadata.get("heading")
+    if isinstance(heading, str) and heading.strip():
+        parts.append(heading.strip())
+    page = metadata.get("page")
+    if isinstance(page, int) and not isinstance(page, bool):
+        parts.append(f"page {page}")
+    text = " > ".join(parts)
+    return text[-HEADER_TOKENS:]
+
+
+def embed_text(text: str, metadata: Mapping[str, Any]) -> str:
+    """The header, a blank line, then the chunk's text (just the text when there is no header)."""
+    head = header(metadata)
+    return f"{head}\n\n{text}" if head else text
