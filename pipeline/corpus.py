@@ -229,9 +229,40 @@ def read_groups(
         yield group
 
 
+def _framework_fields(raw: Any, where: str) -> dict[str, Any] | None:
+    """A LangChain ``Document`` (page_content, metadata, id) or a LlamaIndex ``Document`` /
+    ``TextNode`` (text, metadata, id_, ref_doc_id) as a record's fields; None for anything
+    else. Duck-typed: neither package is needed."""
+    name = type(raw).__name__
+    try:
+        if hasattr(raw, "page_content"):
+            metadata = getattr(raw, "metadata", {})
+            fields = {"id": getattr(raw, "id", None), "text": raw.page_content, "metadata": metadata}
+        elif hasattr(raw, "id_") or hasattr(raw, "node_id"):
+            text = getattr(raw, "text", None)
+            if not isinstance(text, str) and callable(getattr(raw, "get_content", None)):
+                text = raw.get_content()
+            id_ = getattr(raw, "id_", None) or getattr(raw, "node_id", None)
+            fields = {"id": id_, "text": text, "metadata": getattr(raw, "metadata", {})}
+            # A node split from a document belongs to it: LlamaIndex deletes by ref_doc_id.
+            ref = getattr(raw, "ref_doc_id", None)
+            if isinstance(fields["metadata"], dict) and ref:
+                fields["metadata"] = {"document_id": ref, **fields["metadata"]}
+        else:
+            return None
+    except Exception as exc:  # a property of a foreign object that raises
+        raise ValueError(f"{where}: cannot read the {name}: {exc}") from None
+    if fields["id"] == "":
+        fields["id"] = None  # LangChain's "no id"
+    return fields
+
+
 def _record(raw: Any, position: int, where: str) -> Record:
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        fields = _framework_fields(raw, where)
+        if fields is None:
+            raise ValueError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+        raw = fields
     unknown = set(raw) - {"id", "text", "metadata"}
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
@@ -250,6 +281,9 @@ def _record(raw: Any, position: int, where: str) -> Record:
         metadata = clean_metadata(metadata)
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    # Frameworks look a document up by this string (LlamaIndex: delete(ref_doc_id)).
+    if "document_id" in metadata and (not isinstance(metadata["document_id"], str) or not metadata["document_id"]):
+        raise ValueError(f'{where}: metadata "document_id" must be a non-empty string')
     for key, value in metadata.items():
         _check_unicode(key, f"{where}: metadata key")
         _check_unicode(value, f"{where}: metadata {key!r}")

@@ -176,8 +176,9 @@ class Producer:
         (resolved,) = check_paths([path])
         return self._submit_records(jsonl_values(resolved), collection, str(resolved), "jsonl")
 
-    def submit_records(self, records: Iterable[dict[str, Any]], collection: str, source: str = "records") -> Submission:
-        """Records ``{"id"?, "text", "metadata"?}``; without an id, source and position make one."""
+    def submit_records(self, records: Iterable[Any], collection: str, source: str = "records") -> Submission:
+        """Records ``{"id"?, "text", "metadata"?}`` or LangChain/LlamaIndex documents (``check_record``);
+        without an id, source and text make one."""
         validate_collection(collection)
         values = ((n, raw, f"record {n}") for n, raw in enumerate(records))
         return self._submit_records(values, collection, source, "records")
@@ -378,19 +379,50 @@ class _LazyJob:
 def _file_record(source: str, chunk: Chunk) -> dict[str, Any]:
     metadata = {
         "source": source, "ordinal": chunk.ordinal, "start_line": chunk.start_line,
-        "end_line": chunk.end_line, "content_hash": chunk.hash,
+        "end_line": chunk.end_line, "content_hash": chunk.hash, "document_id": document_id(source),
     }  # fmt: skip
-    return {"id": chunk_id(source, chunk.ordinal), "ordinal": chunk.ordinal, "text": chunk.text,
-            "metadata": metadata, "hash": chunk.hash}  # fmt: skip
+    id_ = chunk_id(source, chunk.ordinal)
+    # _node_keys last: LlamaIndex reads its copy of every key above.
+    return {"id": id_, "ordinal": chunk.ordinal, "text": chunk.text,
+            "metadata": {**metadata, **_node_keys(id_, metadata)}, "hash": chunk.hash}  # fmt: skip
 
 
 def _record_chunk(record: Record, base: str, chunk: Chunk, total: int) -> dict[str, Any]:
-    meta = dict(record.metadata)
+    meta = {k: v for k, v in record.metadata.items() if k not in NODE_KEYS}  # stale if copied from elsewhere
     meta.setdefault("content_hash", chunk.hash)
     if total > 1:
         meta.setdefault("ordinal", chunk.ordinal)
+    # Its own document_id groups records into one document (LlamaIndex nodes of one source).
+    meta.setdefault("document_id", base)
     id_ = base if chunk.ordinal == 0 else f"{base}#{chunk.ordinal}"
+    meta.update(_node_keys(id_, meta))
     return {"id": id_, "ordinal": chunk.ordinal, "text": chunk.text, "metadata": meta, "hash": chunk.hash}
+
+
+def document_id(source: str) -> str:
+    """A file's ``document_id``: from its resolved path, so every chunk of it and every
+    re-submission agree, and not equal to a record id by accident (records use their id)."""
+    return chunk_id(source, "document")
+
+
+# What LlamaIndex's vector stores read a node from. Without them, its Chroma reader falls
+# back to its deprecated legacy path, whose nodes have no ref_doc_id.
+NODE_KEYS = ("_node_content", "_node_type")
+
+
+def _node_keys(id_: str, metadata: dict[str, Any]) -> dict[str, str]:
+    """The chunk as LlamaIndex writes a TextNode into Chroma (``node_to_metadata_dict``):
+    its id, a copy of its metadata, and its document as source ("1"; "4": a document).
+
+    The text is left out (Chroma's document holds it), as LlamaIndex itself does; keys
+    sorted, so that a re-submission gives the same string and nothing is re-embedded.
+    """
+    node = {
+        "id_": id_,
+        "metadata": {k: v for k, v in metadata.items() if k not in NODE_KEYS},
+        "relationships": {"1": {"node_id": metadata["document_id"], "node_type": "4"}},
+    }
+    return {"_node_content": json.dumps(node, sort_keys=True, ensure_ascii=False), "_node_type": "TextNode"}
 
 
 def _spelled(source: str) -> str:

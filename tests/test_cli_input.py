@@ -128,7 +128,10 @@ def test_jsonl_records_are_indexed_with_their_ids(home: Path, tmp_path: Path) ->
     assert sub["skipped"] == [{"source": f"{records}:4", "reason": "empty text"}]
     with sqlite3.connect(home / "ledger.db") as conn:
         rows = dict(conn.execute("SELECT id, metadata FROM chunks"))
-    assert json.loads(rows["a"]) == {"lang": "en", "n": 1, "content_hash": json.loads(rows["a"])["content_hash"]}
+    meta = json.loads(rows["a"])
+    assert {k: v for k, v in meta.items() if not k.startswith("_node_")} == {
+        "lang": "en", "n": 1, "content_hash": meta["content_hash"], "document_id": "a",
+    }  # fmt: skip
     assert len(rows) == 2
 
 
