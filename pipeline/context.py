@@ -7,6 +7,14 @@ about header folding does. Embedding the path with the text lets the file's name
 document stored in Chroma is the chunk, unchanged. The header takes tokens from the
 model's window, so chunks are cut ``HEADER_TOKENS`` shorter while it is on; a query's
 vector is not affected.
+
+Whether a chunk carries the header is decided once, by the producer that chunks it, and
+travels in the chunk's hash: a chunk to be embedded with its header gets the hash of
+that text (``chunk_hash``), and the writer embeds the header only for such a row
+(``to_embed``). So the hash always covers what is embedded (an unchanged re-submission
+re-embeds nothing; turning the header on or off re-embeds each chunk once; a heading
+that changes re-embeds its chunks), and a writer never has to agree with the producers
+on a setting.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
+
+from pipeline.ids import content_hash
 
 # Tokens kept free in every chunk for the header. A header is cut to this many
 # characters (keeping its end, the most specific part): a WordPiece token spans at least
@@ -43,3 +53,21 @@ def embed_text(text: str, metadata: Mapping[str, Any]) -> str:
     """The header, a blank line, then the chunk's text (just the text when there is no header)."""
     head = header(metadata)
     return f"{head}\n\n{text}" if head else text
+
+
+def text_budget(chunk_tokens: int | None, limit: int) -> int:
+    """Tokens of text per chunk when the header is on: what was asked (or the model's
+    limit), but never so many that the header would push the chunk past the limit."""
+    return min(chunk_tokens or limit, limit - HEADER_TOKENS)
+
+
+def chunk_hash(text: str, metadata: Mapping[str, Any], with_header: bool) -> str:
+    """The ledger hash of a chunk: that of the text the writer will embed."""
+    return content_hash(embed_text(text, metadata) if with_header else text)
+
+
+def to_embed(text: str, metadata: Mapping[str, Any], hash_: str) -> str:
+    """What the writer embeds for a row: the text with its header if the row's hash is that
+    of the text with its header (the producer asked for it), else the text alone."""
+    full = embed_text(text, metadata)
+    return full if full != text and content_hash(full) == hash_ else text

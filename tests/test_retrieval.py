@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from ops.tools.retrieval import QUESTIONS, evaluate, rank
-from pipeline.context import HEADER_TOKENS, embed_text, header
+from pipeline.context import HEADER_TOKENS, chunk_hash, embed_text, header, text_budget, to_embed
 from pipeline.embedder import load_tokenizer
+from pipeline.ids import content_hash
 from tests.conftest import env_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,3 +120,25 @@ def test_smoke_run_with_the_real_model(tmp_path: Path) -> None:
     assert "hit@3" in result.stdout and "context" in result.stdout
     # The scratch data homes are gone.
     assert not list(tmp_path.glob("indexq-retrieval-*"))
+
+
+def test_the_hash_decides_what_the_writer_embeds() -> None:
+    meta = {"source": "/src/pkg/mod.py", "heading": "Usage"}
+    text = "def f(): pass\n"
+    with_header = chunk_hash(text, meta, with_header=True)
+    without = chunk_hash(text, meta, with_header=False)
+    assert without == content_hash(text) != with_header
+    assert to_embed(text, meta, with_header) == "pkg/mod.py > Usage\n\ndef f(): pass\n"
+    assert to_embed(text, meta, without) == text
+    # A heading that changes changes the hash: the chunk is embedded again, with its new header.
+    assert chunk_hash(text, {**meta, "heading": "Install"}, with_header=True) != with_header
+    # Metadata outside the header (line numbers) leaves it alone: no re-embedding.
+    assert chunk_hash(text, {**meta, "start_line": 9}, with_header=True) == with_header
+    # A chunk with nothing to say in a header hashes as its text either way.
+    assert chunk_hash(text, {"title": "x"}, with_header=True) == without
+
+
+def test_text_budget_leaves_room_for_the_header() -> None:
+    assert text_budget(None, 254) == 254 - HEADER_TOKENS
+    assert text_budget(100, 254) == 100
+    assert text_budget(250, 254) == 254 - HEADER_TOKENS

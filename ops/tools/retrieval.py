@@ -35,6 +35,7 @@ import numpy as np
 from pipeline.config import DEFAULT_MODEL, Config
 from pipeline.context import HEADER_TOKENS, embed_text
 from pipeline.embedder import load_embedder, load_tokenizer
+from pipeline.ids import content_hash
 from pipeline.ledger import Ledger
 from pipeline.producer import Producer
 from pipeline.rows import PENDING
@@ -218,11 +219,12 @@ VARIANTS = {
         Variant("path2", _path(2), True, "last 2 path parts (email/message.py), blank line, text"),
         Variant("path3", _path(3), True, "last 3 path parts, blank line, text"),
         Variant("file-path2", _path(2, "file: "), True, "'file: ' and the last 2 path parts, blank line, text"),
-        Variant("full", _full, True, "LlamaIndex style: 'file_path: ' and the absolute path"),
+        Variant("abs-path", _full, True, "LlamaIndex style: 'file_path: ' and the absolute path"),
+        Variant("path2-long", _path(2), False, "path2 on full-size chunks: the model cuts their ends"),
         Variant("context", _product, True, "pipeline.context.embed_text, what the writer embeds"),
     )
 }
-DEFAULT_VARIANTS = ("none", "none-short", "name", "path2", "path3", "full", "context")
+DEFAULT_VARIANTS = ("none", "path2", "none-short", "name", "abs-path", "path2-long", "context")
 
 
 # ---- figures --------------------------------------------------------------------------------
@@ -325,6 +327,7 @@ def run(
     variants: Sequence[str],
     model: str,
     log: Callable[[str], None] = lambda _: None,
+    on_variant: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Chunk, embed each variant, rank, and score: the results as JSON-ready data."""
     tokenizer = load_tokenizer(model)
@@ -346,15 +349,19 @@ def run(
         "header_reserve_tokens": reserve,
         "variants": {},
     }
+    # Two variants that embed the same texts (the product's header and path2 on code) are embedded once.
+    done: dict[str, tuple[np.ndarray, float]] = {}
     for name in variants:
         variant = VARIANTS[name]
         chunks = chunkings[variant.reserve]
         texts = [variant.build(t, m) for t, m in zip(chunks.texts, chunks.metadata, strict=True)]
         counts = tokenizer.counts(texts)
-        log(f"embedding {len(texts)} chunks: {name}")
-        started = time.perf_counter()
-        vectors = embed(embedder, texts)
-        seconds = time.perf_counter() - started
+        key = content_hash("\x00".join(texts))
+        if key not in done:
+            log(f"embedding {len(texts)} chunks: {name}")
+            started = time.perf_counter()
+            done[key] = embed(embedder, texts), time.perf_counter() - started
+        vectors, seconds = done[key]
         figures = evaluate(rank(queries, vectors, chunks.files), answers)
         results["variants"][name] = {
             "about": variant.about,
@@ -366,6 +373,9 @@ def run(
             "embed_seconds": round(seconds, 1),
             **figures,
         }
+        log(f"  {name}: hit@{K} {figures[f'hit@{K}']}, MRR {figures['mrr']}")
+        if on_variant is not None:
+            on_variant(results)
     results["misses"] = _misses(results, questions)
     return results
 
@@ -436,16 +446,21 @@ def main(variants: str, model: str, corpus: Path | None, questions_path: Path | 
     questions = load_questions(questions_path) if questions_path else QUESTIONS
     output = output or Path("bench-results") / time.strftime("retrieval-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join(["python -m ops.tools.retrieval", *sys.argv[1:]])
+
+    def save(results: dict[str, Any]) -> None:
+        """Written after each variant: a long run that is stopped keeps what it measured."""
+        output.write_text(json.dumps({**results, "command": command}, indent=2) + "\n")
+
     work = Path(tempfile.mkdtemp(prefix="indexq-retrieval-"))
     try:
         if corpus is None:
             corpus = work / "corpus"
             build_corpus(corpus)
-        results = run(corpus, work, questions, names, model, log=lambda m: click.echo(m, err=True))
+        results = run(corpus, work, questions, names, model, log=lambda m: click.echo(m, err=True), on_variant=save)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["command"] = " ".join(["python -m ops.tools.retrieval", *sys.argv[1:]])
-    output.write_text(json.dumps(results, indent=2) + "\n")
+    save(results)
     click.echo(report(results))
     click.echo(f"results: {output}", err=True)
 
