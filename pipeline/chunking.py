@@ -7,6 +7,11 @@ chunk holds at least half its budget, so an edit changes the chunks around it an
 the boundaries resynchronise after it, instead of shifting every later chunk. Each
 chunk begins with an overlap of up to ``overlap`` tokens of whole lines from the end of
 the chunk before it.
+
+A document's heading lines (``headings``: Markdown, HTML, DOCX) start sections: a chunk
+holding text ends before the next heading, and the chunk that opens with it carries
+no overlap from the section before (a heading alone does not end a chunk, so
+``# Install`` stays with ``## From source`` under it).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from pipeline.embedder import Tokenizer
 from pipeline.errors import ConfigError
@@ -97,13 +102,14 @@ def chunk_text(
     max_tokens: int | None = None,
     overlap: int = 32,
     starts: Sequence[int] | None = None,
+    headings: Collection[int] = (),
 ) -> list[Chunk]:
     """Chunks of ``text``, each at most ``max_tokens`` (default: the model's limit).
 
     Settings the model cannot take raise ConfigError (see ``chunk_budget``).
 
     ``starts`` (from ``tokenizer.token_starts``) saves tokenizing again a text that
-    was tokenized in a batch.
+    was tokenized in a batch. ``headings`` are the line numbers of heading lines.
     """
     budget = chunk_budget(tokenizer, max_tokens, overlap)
     if starts is None:
@@ -113,19 +119,30 @@ def chunk_text(
     current: list[_Line] = []
     tail_tokens = 0  # overlap carried into the current chunk
     used = 0
+    has_text = False  # the current chunk holds text beyond its overlap that is not a heading
+    previous = 0  # line number of the last piece: an over-long line is cut into pieces
 
     def close() -> None:
-        nonlocal current, used, tail_tokens
+        nonlocal current, used, tail_tokens, has_text
         groups.append(current)
         current = _tail(current, overlap)
         used = tail_tokens = sum(t.tokens for t in current)
+        has_text = False
 
     for line in lines:
+        heading = line.number in headings
+        if heading and line.number != previous and (has_text or (current and used == tail_tokens)):
+            # A new section: close a chunk that holds text; drop an overlap from the section before.
+            if has_text:
+                groups.append(current)
+            current, used, tail_tokens, has_text = [], 0, 0, False
         if used + line.tokens > budget and used > tail_tokens:
             close()
         current.append(line)
         used += line.tokens
-        if used - tail_tokens >= budget // 2 and _boundary(line.text):
+        previous = line.number
+        has_text = has_text or (not heading and bool(line.text.strip()))
+        if not heading and used - tail_tokens >= budget // 2 and _boundary(line.text):
             close()
     if used > tail_tokens or (current and not groups):
         groups.append(current)

@@ -1,9 +1,10 @@
 """What producers read: files under paths (filtered by globs) and JSON records.
 
-Files stream one at a time, so memory stays flat however large the corpus. A file
-that cannot be indexed (unreadable, binary, not UTF-8, too large, empty, not a regular
-file, a symlink leading outside the paths given) is skipped and counted with its
-reason; it never fails the job. A file is known by its resolved real path, so every
+Files stream one at a time, so memory stays flat however large the corpus. PDF, DOCX,
+HTML and Markdown files are parsed (``pipeline.formats``). A file that cannot be
+indexed (unreadable, binary, not UTF-8, too large, empty, not a regular file, a
+symlink leading outside the paths given, a document its parser cannot read) is
+skipped and counted with its reason; it never fails the job. A file is known by its resolved real path, so every
 spelling of it (``..``, a symlinked parent, a symlink inside the tree) is one source.
 Records are validated in full before anything is written: a bad record fails the
 submission with its line number.
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BadInputError
+from pipeline.formats import BINARY_FORMATS, Document, Unparsable, format_of, parse
+from pipeline.formats import GONE_REASONS as FORMAT_GONE_REASONS
 from pipeline.guards import clean_metadata, clean_text
 
 # Folders no one means to index; --include cannot bring them back, --exclude adds more.
@@ -58,7 +61,11 @@ class Record:
 # Skip reasons that mean the file's content can no longer be indexed: chunks it had
 # are stale. Other reasons (unreadable: a permission or I/O error) may pass; its
 # chunks stay until it can be read again or is gone (--prune).
-GONE_REASONS = ("empty", "binary", "not UTF-8", "larger than", "not a regular file", "symlink to", "broken symlink")
+# A document that can no longer be parsed (encrypted, broken, no text) is one of them.
+GONE_REASONS = (
+    "empty", "binary", "not UTF-8", "larger than", "not a regular file", "symlink to", "broken symlink",
+    *FORMAT_GONE_REASONS,
+)  # fmt: skip
 
 
 def content_gone(reason: str) -> bool:
@@ -185,8 +192,8 @@ def gone(
     return [s for s in candidates if not seen(s) and selected(s, roots, include, exclude)]
 
 
-def read_text(path: Path) -> str | Skipped:
-    """The file's text, or why it is skipped."""
+def _read_bytes(path: Path) -> bytes | Skipped:
+    """The file's bytes (at most MAX_FILE_BYTES), or why it is skipped."""
     try:
         with path.open("rb") as handle:
             if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
@@ -197,6 +204,10 @@ def read_text(path: Path) -> str | Skipped:
             return Skipped(str(path), f"larger than {MAX_FILE_BYTES // 2**20} MB")
     except OSError as exc:
         return Skipped(str(path), f"unreadable: {exc.strerror or exc}")
+    return data
+
+
+def _decode(path: Path, data: bytes) -> str | Skipped:
     if b"\x00" in data[:_SNIFF]:
         return Skipped(str(path), "binary")
     try:
@@ -209,19 +220,45 @@ def read_text(path: Path) -> str | Skipped:
     return text
 
 
+def read_text(path: Path) -> str | Skipped:
+    """The file's text, or why it is skipped."""
+    data = _read_bytes(path)
+    return data if isinstance(data, Skipped) else _decode(path, data)
+
+
+def read_document(path: Path) -> Document | Skipped:
+    """The file as a document to chunk (PDF, DOCX, HTML and Markdown parsed; anything else
+    UTF-8 text), or why it is skipped."""
+    data = _read_bytes(path)
+    if isinstance(data, Skipped):
+        return data
+    kind = format_of(path.suffix)
+    if kind is None or kind == "markdown":
+        text = _decode(path, data)
+        if isinstance(text, Skipped) or kind is None:
+            return text if isinstance(text, Skipped) else Document(text)
+        return parse(kind, text)
+    if kind not in BINARY_FORMATS and b"\x00" in data[:_SNIFF]:
+        return Skipped(str(path), "binary")
+    try:
+        return parse(kind, data)
+    except Unparsable as exc:
+        return Skipped(str(path), exc.reason)
+
+
 def read_groups(
     files: Iterable[Path | Skipped], max_bytes: int = GROUP_BYTES
-) -> Iterator[list[tuple[Path, str | Skipped]]]:
+) -> Iterator[list[tuple[Path, Document | Skipped]]]:
     """Files read a few at a time, so that they can be tokenized in one parallel batch."""
-    group: list[tuple[Path, str | Skipped]] = []
+    group: list[tuple[Path, Document | Skipped]] = []
     size = 0
     for path in files:
         if isinstance(path, Skipped):
             group.append((Path(path.source), path))
             continue
-        text = read_text(path)
-        group.append((path, text))
-        size += len(text) if isinstance(text, str) else 0
+        doc = read_document(path)
+        group.append((path, doc))
+        size += len(doc.text) if isinstance(doc, Document) else 0
         if size >= max_bytes:
             yield group
             group, size = [], 0

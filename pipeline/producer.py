@@ -145,23 +145,25 @@ class Producer:
         with self._spool() as spool:
             files = walk(roots, tuple(include), tuple(exclude), follow_symlinks)
             for group in read_groups(files):
-                readable = [(path, text) for path, text in group if isinstance(text, str)]
-                starts = iter(token_starts(self.tokenizer, [text for _, text in readable]))
-                for path, text in group:
+                readable = [doc.text for _, doc in group if not isinstance(doc, Skipped)]
+                starts = iter(token_starts(self.tokenizer, readable))
+                for path, doc in group:
                     source = str(path)
-                    if isinstance(text, Skipped):
-                        logger.info("skipped %s: %s", text.source, text.reason)
-                        sub.skipped.append(text)
-                        if content_gone(text.reason):
+                    if isinstance(doc, Skipped):
+                        logger.info("skipped %s: %s", doc.source, doc.reason)
+                        sub.skipped.append(doc)
+                        if content_gone(doc.reason):
                             if not spool.has_source(source):
                                 spool.add(source, source, [])  # what it had is stale
                         else:
                             unreadable.add(source)
                         continue
                     chunks = chunk_text(
-                        text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap, starts=next(starts)
-                    )
-                    spool.add(source, source, [_file_record(source, c) for c in chunks])
+                        doc.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap,
+                        starts=next(starts), headings=doc.headings,
+                    )  # fmt: skip
+                    records = [_file_record(source, c, doc.place(c.start_line, c.end_line)) for c in chunks]
+                    spool.add(source, source, records)
             if prune:
                 spec = {"roots": [str(r) for r in roots], "include": list(include), "exclude": list(exclude)}
                 if self.ledger is None:
@@ -376,11 +378,16 @@ class _LazyJob:
         return self._id
 
 
-def _file_record(source: str, chunk: Chunk) -> dict[str, Any]:
+def _file_record(source: str, chunk: Chunk, place: dict[str, Any] | None = None) -> dict[str, Any]:
     metadata = {
         "source": source, "ordinal": chunk.ordinal, "start_line": chunk.start_line,
         "end_line": chunk.end_line, "content_hash": chunk.hash, "document_id": document_id(source),
     }  # fmt: skip
+    if place is not None:
+        # Where a document puts the chunk (pipeline.formats): the file's lines, or for text
+        # extracted from a PDF, DOCX or HTML file its page and heading path instead.
+        del metadata["start_line"], metadata["end_line"]
+        metadata.update(place)
     id_ = chunk_id(source, chunk.ordinal)
     # _node_keys last: LlamaIndex reads its copy of every key above.
     return {"id": id_, "ordinal": chunk.ordinal, "text": chunk.text,

@@ -1,0 +1,291 @@
+"""Document formats: real PDF, DOCX, HTML and Markdown files built here, indexed by the real
+CLI and writer (``hash:384`` embedder), read back from Chroma with their page and heading."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import formats
+from pipeline.chunking import chunk_text
+from pipeline.embedder import load_tokenizer
+from tests.conftest import Proc, dump_collection, ledger_query, run_cli, start_worker, wait_for
+
+MODEL = {"INDEXQ_MODEL": "hash:384"}
+COLLECTION = "docs"
+# Small chunks, so that a page or a section holds several.
+CHUNKING = ("--chunk-tokens", "48", "--chunk-overlap", "8")
+
+
+def make_pdf(pages: list[list[str]], password: str | None = None) -> bytes:
+    """A PDF whose pages show these lines (Helvetica, one text object a page)."""
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    font = writer._add_object(
+        DictionaryObject({
+            NameObject("/Type"): NameObject("/Font"), NameObject("/Subtype"): NameObject("/Type1"),
+            NameObject("/BaseFont"): NameObject("/Helvetica"),
+        })
+    )  # fmt: skip
+    for lines in pages:
+        page = writer.add_blank_page(612, 792)
+        ops = ["BT /F1 11 Tf 14 TL 72 720 Td", *(f"({line}) Tj T*" for line in lines), "ET"]
+        stream = DecodedStreamObject()
+        stream.set_data("\n".join(ops).encode("latin-1"))
+        page[NameObject("/Contents")] = writer._add_object(stream)
+        page[NameObject("/Resources")] = DictionaryObject(
+            {NameObject("/Font"): DictionaryObject({NameObject("/F1"): font})}
+        )
+    if password:
+        writer.encrypt(password, algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def make_docx() -> bytes:
+    import docx
+
+    document = docx.Document()
+    document.add_heading("User guide", 0)
+    document.add_heading("Install", 1)
+    document.add_paragraph("Install the wheel with pip and a virtual environment.")
+    document.add_heading("From source", 2)
+    document.add_paragraph("Clone the repository and run the build script.")
+    document.add_heading("Use", 1)
+    table = document.add_table(rows=1, cols=2)
+    table.rows[0].cells[0].text = "indexq index"
+    table.rows[0].cells[1].text = "enqueue a job"
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+HTML = b"""<!doctype html><html><head><title>Head title noise</title>
+<style>body { color: red }</style><script>trackVisitor()</script></head>
+<body><nav><h1>Handbook</h1></nav><!-- a comment -->
+<p>The handbook says <b>hello</b> to every reader.</p><div hidden>invisible words</div>
+<h2>Backups</h2><p>Backups are verified in a fresh process.</p><script>alert(1)</script>
+<pre>indexq backup
+  --json</pre></body></html>
+"""
+
+MARKDOWN = """Intro paragraph before any heading.
+
+# Install
+
+## From source
+
+Run make in the source tree.
+
+```sh
+# not a heading: a comment in code
+make install
+```
+
+# Use
+
+Index a tree and wait.
+"""
+
+
+def page_lines(page: int, words: int = 3, tag: str = "") -> list[str]:
+    """Lines whose every word names its page: a chunk's text says which page it began on."""
+    return [" ".join(f"p{page}{tag}w{line}x{n}" for n in range(words)) for line in range(10)]
+
+
+def pdf_pages(third: str = "") -> list[list[str]]:
+    return [page_lines(1), page_lines(2), page_lines(3, tag=third)]
+
+
+def build_corpus(root: Path) -> Path:
+    root.mkdir()
+    (root / "manual.pdf").write_bytes(make_pdf(pdf_pages()))
+    (root / "guide.docx").write_bytes(make_docx())
+    (root / "page.html").write_bytes(HTML)
+    (root / "readme.md").write_text(MARKDOWN)
+    (root / "locked.pdf").write_bytes(make_pdf([["a secret line"]], password="secret"))
+    (root / "broken.docx").write_bytes(make_docx()[:400])
+    (root / "scan.pdf").write_bytes(make_pdf([[], []]))
+    (root / "fake.pdf").write_text("just text named like a PDF\n")
+    return root
+
+
+def index(home: Path, corpus: Path) -> dict[str, Any]:
+    result = run_cli(home, "index", str(corpus), "-c", COLLECTION, *CHUNKING, "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def wait_done(home: Path, job: str) -> None:
+    """Until the writer owes the job nothing (its state as `indexq status` computes it)."""
+
+    def done() -> bool:
+        sql = "SELECT count(*) FROM chunks WHERE job=? AND state IN ('pending', 'embedded', 'deleting')"
+        return ledger_query(home, sql, job) == [(0,)]
+
+    wait_for(done, 120, f"job {job}")
+    assert ledger_query(home, "SELECT count(*) FROM chunks WHERE job=? AND state='failed'", job) == [(0,)]
+
+
+def embeddings(home: Path) -> int:
+    return int(ledger_query(home, "SELECT value FROM meta WHERE key='embeddings'")[0][0])
+
+
+def by_source(records: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for record in records.values():
+        out.setdefault(Path(record["metadata"]["source"]).name, []).append(record)
+    for chunks in out.values():
+        chunks.sort(key=lambda r: r["metadata"]["ordinal"])
+    return out
+
+
+def first_page(text: str) -> int:
+    """The page named by the first word of a PDF chunk (``p2w3x0`` is on page 2)."""
+    return int(text.split()[0][1])
+
+
+def test_documents_are_indexed_with_pages_and_headings_and_reindexed_by_change(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    corpus = build_corpus(tmp_path / "corpus")
+    home = tmp_path / "home"
+    writer = start_worker(procs, home, **MODEL)
+    sub = index(home, corpus)
+    reasons = {Path(s["source"]).name: s["reason"] for s in sub["skipped"]}
+    assert reasons == {
+        "locked.pdf": "encrypted PDF (a password is needed to read it)",
+        "broken.docx": "cannot parse DOCX: File is not a zip file",
+        "scan.pdf": "no text layer (a scanned PDF?)",
+        "fake.pdf": "not a PDF (no %PDF- header)",
+    }
+    wait_done(home, sub["job"])
+    first = embeddings(home)
+    assert first == sub["chunks"] == sub["new"]
+
+    # Unchanged files: nothing is embedded again, no chunk changes.
+    again = index(home, corpus)
+    assert (again["new"], again["changed"], again["unchanged"], again["stale"]) == (0, 0, sub["chunks"], 0)
+    wait_done(home, again["job"])
+    assert embeddings(home) == first
+
+    # Page 3 of the PDF changes and the DOCX breaks: only page 3's chunks are embedded
+    # again, and the DOCX's chunks go (a file that no longer parses, like an emptied one).
+    (corpus / "manual.pdf").write_bytes(make_pdf(pdf_pages(third="edited")))
+    (corpus / "guide.docx").write_bytes(make_docx()[:300])
+    before = dump_collection_live(home)
+    third = index(home, corpus)
+    assert {Path(s["source"]).name: s["reason"] for s in third["skipped"]}["guide.docx"] == (
+        "cannot parse DOCX: File is not a zip file"
+    )
+    wait_done(home, third["job"])
+    assert writer.terminate() == 0
+    records = dump_collection(home / "chroma", COLLECTION)
+    docs = by_source(records)
+    assert "guide.docx" not in docs
+    assert third["stale"] >= len(before["guide.docx"]) >= 2
+    changed = {i for i, r in records.items() if i not in _ids(before) or _text(before, i) != r["document"]}
+    assert changed and all(records[i]["metadata"]["page"] >= 2 for i in changed)
+    assert all("edited" in records[i]["document"] for i in changed)
+    assert third["changed"] + third["new"] == len(changed)
+    assert embeddings(home) == first + len(changed)
+
+    # PDF: the text of its pages, in order; `page` is where each chunk begins; no line numbers.
+    pdf = docs["manual.pdf"]
+    assert len(pdf) >= 4
+    assert {c["metadata"]["page"] for c in pdf} == {1, 2, 3}
+    for chunk in pdf:
+        assert chunk["metadata"]["page"] == first_page(chunk["document"])
+        assert "start_line" not in chunk["metadata"] and "heading" not in chunk["metadata"]
+        assert "Tj" not in chunk["document"] and "BT" not in chunk["document"]
+    words = " ".join(c["document"] for c in pdf).split()
+    assert words[0] == "p1w0x0" and words[-1] == "p3editedw9x2"
+
+    # HTML: visible text only, with its heading path.
+    html = docs["page.html"]
+    text = "\n".join(c["document"] for c in html)
+    for noise in ("Head title noise", "color: red", "trackVisitor", "alert(1)", "a comment", "invisible words"):
+        assert noise not in text
+    assert "The handbook says hello to every reader." in text
+    assert "indexq backup\n  --json" in text
+    heading = {line: c["metadata"].get("heading") for c in html for line in c["document"].splitlines()}
+    assert heading["The handbook says hello to every reader."] == "Handbook"
+    assert heading["Backups are verified in a fresh process."] == "Handbook > Backups"
+    assert all("start_line" not in c["metadata"] for c in html)
+
+    # Markdown: the file's own text and lines, a chunk per section, its heading path.
+    md = docs["readme.md"]
+    sections = [(c["metadata"].get("heading"), c["document"].split("\n", 1)[0]) for c in md]
+    assert sections == [
+        (None, "Intro paragraph before any heading."),
+        ("Install > From source", "# Install"),
+        ("Use", "# Use"),
+    ]
+    lines = MARKDOWN.splitlines(keepends=True)
+    assert (md[1]["metadata"]["start_line"], md[1]["metadata"]["end_line"]) == (3, 13)
+    assert md[1]["document"] == "".join(lines[2:13])
+    assert "# not a heading: a comment in code" in md[1]["document"]
+
+
+def dump_collection_live(home: Path) -> dict[str, list[dict[str, Any]]]:
+    """Chunks as the ledger holds them (the writer is running: Chroma is its alone)."""
+    rows = ledger_query(
+        home, "SELECT id, source, text FROM chunks WHERE collection=? AND state='committed'", COLLECTION
+    )
+    out: dict[str, list[dict[str, Any]]] = {}
+    for id_, source, text in rows:
+        out.setdefault(Path(source).name, []).append({"id": id_, "document": text})
+    return out
+
+
+def _ids(grouped: dict[str, list[dict[str, Any]]]) -> set[str]:
+    return {c["id"] for chunks in grouped.values() for c in chunks}
+
+
+def _text(grouped: dict[str, list[dict[str, Any]]], id_: str) -> str:
+    return next(c["document"] for chunks in grouped.values() for c in chunks if c["id"] == id_)
+
+
+def test_markdown_sections_start_chunks_without_overlap_from_the_section_before() -> None:
+    tokenizer = load_tokenizer("hash:384")
+    text = "Title\n=====\n\n" + "alpha beta gamma\n" * 12 + "## Part two\n\n" + "delta epsilon\n" * 3
+    doc = formats.markdown(text)
+    chunks = chunk_text(doc.text, tokenizer, 48, 8, headings=doc.headings)
+    places = [doc.place(c.start_line, c.end_line) for c in chunks]
+    assert chunks[-1].text == "## Part two\n\n" + "delta epsilon\n" * 3
+    assert places[-1] == {"start_line": 16, "end_line": 20, "heading": "Title > Part two"}
+    assert chunks[0].text.startswith("Title\n=====\n") and places[0]["heading"] == "Title"
+    assert all(p["heading"] == "Title" for p in places[:-1])
+    # Without headings the same text is chunked as plain text: across the heading.
+    plain = chunk_text(text, tokenizer, 48, 8)
+    assert [c.text for c in plain] != [c.text for c in chunks]
+
+
+def test_bounds_skip_a_file_with_their_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.corpus import content_gone
+
+    data = make_pdf(pdf_pages())
+    monkeypatch.setattr(formats, "MAX_PDF_PAGES", 2)
+    with pytest.raises(formats.Unparsable, match=r"^more than 2 pages \(3\)$") as pages:
+        formats.pdf(data)
+    monkeypatch.setattr(formats, "MAX_PDF_PAGES", 10)
+    monkeypatch.setattr(formats, "MAX_PARSE_SECONDS", 0.0)
+    with pytest.raises(formats.Unparsable, match=r"^parse took over 0 s$") as slow:
+        formats.pdf(data)
+    monkeypatch.setattr(formats, "MAX_UNPACKED_BYTES", 2**20)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("word/document.xml", b" " * (2 * 2**20))
+    with pytest.raises(formats.Unparsable, match=r"^more than 1 MB unpacked$") as unpacked:
+        formats.docx(bomb.getvalue())
+    # A file over a bound has lost its content (old chunks are stale); a slow parse has not.
+    assert content_gone(pages.value.reason) and content_gone(unpacked.value.reason)
+    assert not content_gone(slow.value.reason)
