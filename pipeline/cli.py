@@ -166,13 +166,16 @@ def main() -> None:
 )
 @click.option("--chunk-overlap", type=int, envvar="INDEXQ_CHUNK_OVERLAP", default=DEFAULT_CHUNK_OVERLAP,
               show_default=True, help="Tokens of overlap between chunks.")  # fmt: skip
+@click.option("--full-text/--no-full-text", "full_text", default=None, envvar="INDEXQ_FULL_TEXT",
+              help="A new collection gets Chroma's full-text index on documents (default on; where_document needs"
+                   " it). Kept for good: asking an existing collection for the other is an error.")  # fmt: skip
 @_model
 @_home
 @_errors
 def index(
     paths: tuple[Path, ...], collection: str, include: tuple[str, ...], exclude: tuple[str, ...],
     jsonl: Path | None, prune: bool, follow_symlinks: bool, wait_: bool, as_json: bool, chunk_tokens: int | None,
-    chunk_overlap: int, model: str | None, home: Path,
+    chunk_overlap: int, full_text: bool | None, model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Enqueue a bulk-index job; prints the job id.
 
@@ -190,7 +193,8 @@ def index(
         raise click.UsageError("give PATHS to index, or --jsonl FILE")
     if jsonl and (prune or follow_symlinks):
         raise click.UsageError("--prune and --follow-symlinks apply to PATHS, not --jsonl")
-    config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap)
+    config = _config(home=home, model=model, chunk_tokens=chunk_tokens, chunk_overlap=chunk_overlap,
+                     full_text=full_text)  # fmt: skip
     producer = Producer(config)
     try:
         if jsonl:

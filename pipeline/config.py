@@ -41,6 +41,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # None: the model's own maximum sequence length less its two special tokens.
 DEFAULT_CHUNK_TOKENS: int | None = None
 DEFAULT_CHUNK_OVERLAP = 32
+# Chroma's full-text index on a new collection's documents (``where_document`` needs it),
+# chosen at its first submission and kept (pipeline.collection). Off saves nothing on
+# Chroma 1.5.9's local engines: they write the index all the same (README, "What a
+# collection is created with").
+DEFAULT_FULL_TEXT = True
 # Free space the Chroma directory must keep before a commit is attempted.
 DEFAULT_MIN_FREE_MB = 256
 DEFAULT_BACKUP_INTERVAL = 24 * 3600.0
@@ -216,6 +221,8 @@ class Config:
     deep_check_interval: float = DEFAULT_DEEP_CHECK_INTERVAL
     requeue_interval: float = DEFAULT_REQUEUE_INTERVAL
     auto_recover: bool = True
+    # None: a new collection gets DEFAULT_FULL_TEXT, an existing one keeps what it has.
+    full_text: bool | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
     # None: the SQLite queue in the data home. See parse_queue_url.
     queue_url: str | None = None
@@ -433,5 +440,10 @@ class Config:
             if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise ConfigError(f"INDEXQ_AUTO_RECOVER must be true or false, got {found[1]!r}")
             values["auto_recover"] = flag in ("1", "true", "yes", "on")
+        if found := pick("INDEXQ_FULL_TEXT"):
+            flag = found[1].lower()
+            if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ConfigError(f"INDEXQ_FULL_TEXT must be true or false, got {found[1]!r}")
+            values["full_text"] = flag in ("1", "true", "yes", "on")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

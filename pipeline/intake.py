@@ -122,6 +122,8 @@ def _well_formed(part: dict[str, Any]) -> bool:
             return False
         if not isinstance(part["final"], bool) or not isinstance(part["files"], list):
             return False
+        if part.get("full_text") not in (None, True, False):  # --full-text/--no-full-text, if asked
+            return False
         for entry in part["files"]:
             # A part holds whole sources: chunks past the end of one are stale.
             if not isinstance(entry["source"], str) or entry["total"] != len(entry["chunks"]):

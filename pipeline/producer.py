@@ -263,6 +263,8 @@ class Producer:
 
     def _write(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
         """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
+        if self.ledger is not None:  # settings other than the collection's are refused before anything is written
+            self.ledger.sources.settings(sub.collection, self.config.full_text)
         job = _LazyJob(self.ledger, sub.collection, kind, sources)
         batch = _Batch()
         try:
@@ -304,7 +306,9 @@ class Producer:
         if not len(batch):
             return
         sub.job = job.id()
-        self.ledger.sources.write(sub.job, sub.collection, batch.rows, batch.linked, batch.stale, batch.retag)
+        self.ledger.sources.write(
+            sub.job, sub.collection, batch.rows, batch.linked, batch.stale, batch.retag, self.config.full_text
+        )
         # Enqueue only after the rows are durable in the ledger.
         self.queue.enqueue_work(sub.collection, batch.to_index, batch.stale)
         fault_point("submission-flushed")
@@ -321,6 +325,8 @@ class Producer:
             "created": job.created, "host": os.uname().nodename, "files": batch.files, "final": final,
             "model": self.config.model,
         }  # fmt: skip
+        if self.config.full_text is not None:  # a new collection's settings; the writer refuses others
+            part["full_text"] = self.config.full_text
         if final:
             part["parts"] = job.parts + 1
             part["skipped"] = [s.as_dict() for s in sub.skipped]

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline import collection as collection_settings
+from pipeline.collection import CollectionSettings
 from pipeline.corpus import gone
+from pipeline.errors import ConfigError
 from pipeline.rows import COMMITTED, DELETING, EMBEDDED, FAILED, PENDING, Transaction, id_lists
 
 
@@ -149,14 +152,21 @@ class Sources:
         ).fetchone()
         return row[0] if row else None
 
+    def settings(self, collection: str, full_text: bool | None = None) -> CollectionSettings:
+        """What a submission to ``collection`` gets; ConfigError (before anything is written)
+        for settings other than those the collection was created with."""
+        return collection_settings.check(self.conn, collection, full_text)
+
     # ---- writes ----------------------------------------------------------------------
 
     def write(
         self, job: str, collection: str, rows: list[dict[str, Any]], linked: list[str], stale: list[str],
-        retag: Sequence[tuple[str, str]] = (),
+        retag: Sequence[tuple[str, str]] = (), full_text: bool | None = None,
     ) -> None:  # fmt: skip
-        """One transaction: new or changed rows, metadata updates, the job's membership, stale rows."""
+        """One transaction: the collection's settings if new, new or changed rows, metadata
+        updates, the job's membership, stale rows."""
         with self._tx() as conn:
+            collection_settings.record(conn, collection, full_text)
             _write(conn, job, collection, rows, linked, stale, retag)
 
     # ---- the intake: parts from remote producers ---------------------------------------
@@ -172,6 +182,15 @@ class Sources:
             if conn.execute("SELECT 1 FROM received WHERE key=?", (key,)).fetchone():
                 return None
             _open_job(conn, part)
+            try:
+                collection_settings.record(conn, collection, part.get("full_text"))
+            except ConfigError as exc:
+                # The producer is on another machine: its job fails, saying why; nothing is written.
+                conn.execute(
+                    "UPDATE jobs SET state='failed', skipped=? WHERE id=?", (json.dumps([{"error": str(exc)}]), job)
+                )
+                conn.execute("INSERT INTO received(key, job, time) VALUES (?, ?, ?)", (key, job, time.time()))
+                return [], []
             to_index, stale, counts, refused = self._record(conn, part, model)
             prune = _count_part(conn, part, counts, refused)
             if prune is not None:

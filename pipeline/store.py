@@ -1,37 +1,91 @@
 """Chroma behind a small interface: the one place that knows the client API.
 
-Collections are created without an embedding function (indexq computes every vector,
-and Chroma's default function would download a model) and with cosine distance.
-The client is a PersistentClient on the writer's own directory, or an HttpClient on
-a Chroma server (``chroma run``) when ``chroma_url`` is set.
+Collections are created with cosine distance and with the settings recorded in the
+ledger at their first submission (``pipeline.collection``: the full-text index on or
+off). indexq computes every vector itself, but the collection's configuration names the
+embedding function that computes the same ones (Chroma's ``sentence_transformer`` on
+the model's local directory, normalised), so that a plain Chroma client's
+``query(query_texts=...)`` embeds queries as ``indexq search`` does, offline; ``hash:``
+test models name none. The client is a PersistentClient on the writer's own directory,
+or an HttpClient on a Chroma server (``chroma run``) when ``chroma_url`` is set.
 """
 
 from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline import collection as settings_of
+from pipeline.collection import CollectionSettings
 from pipeline.config import Config, redact_url
+from pipeline.embedder import is_hash_model, resolve_model
 from pipeline.errors import UnreachableError, first_line
 from pipeline.rows import Row
 
 logger = logging.getLogger(__name__)
 
 
+# What indexq's embedder does (pipeline.embedder): the stored vectors are unit length.
+NORMALIZE = True
+
+
+def embedding_function_config(model: str | None) -> dict[str, Any] | None:
+    """The configuration Chroma stores for ``model``'s embedding function; None for none."""
+    if model is None or is_hash_model(model):
+        return None
+    return {"device": "cpu", "kwargs": {}, "model_name": resolve_model(model), "normalize_embeddings": NORMALIZE}
+
+
+def _embedding_function(model: str | None) -> Any:
+    """Chroma's sentence_transformer function as a configuration only: the writer never asks
+    Chroma to embed, so it must not load a second copy of the model (the real class loads
+    it in its constructor, and Chroma builds one to tell whether a function is legacy)."""
+    found = embedding_function_config(model)
+    if found is None:
+        return None
+    config: dict[str, Any] = found
+    from chromadb.utils.embedding_functions.sentence_transformer_embedding_function import (
+        SentenceTransformerEmbeddingFunction,
+    )
+
+    class Configured(SentenceTransformerEmbeddingFunction):
+        def __init__(self) -> None:  # no super(): that would load the model
+            self.model_name = config["model_name"]
+            self.device = config["device"]
+            self.normalize_embeddings = config["normalize_embeddings"]
+            self.kwargs = {}
+
+        def is_legacy(self) -> bool:
+            return False
+
+        def __call__(self, input: Any) -> Any:
+            raise TypeError("indexq computes its vectors itself; this function is configuration only")
+
+    return Configured()
+
+
+Settings = CollectionSettings | Callable[[str], CollectionSettings]
+
+
 class Store:
-    def __init__(self, path: Path | None = None, url: str | None = None) -> None:
+    def __init__(
+        self, path: Path | None = None, url: str | None = None, model: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:  # fmt: skip
+        """``model``: whose embedding function new collections name (none without one);
+        ``settings``: what a new collection is created with, or a function of its name."""
         import chromadb
         from chromadb.api.client import SharedSystemClient
 
         # Chroma keeps one client per path per process; after a restore swapped the
         # directory, that cached client would still write to the old (moved) files.
         SharedSystemClient.clear_system_cache()
-        settings = chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
+        chroma_settings = chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
         self.path = path
         self.url = url
         if url:
@@ -39,7 +93,7 @@ class Store:
             try:
                 self.client = chromadb.HttpClient(
                     host=parts.hostname or "localhost", port=parts.port or 8000, ssl=parts.scheme == "https",
-                    settings=settings,
+                    settings=chroma_settings,
                 )  # fmt: skip
                 self.client.heartbeat()
             except Exception as exc:
@@ -49,12 +103,21 @@ class Store:
                 ) from exc
         else:
             assert path is not None
-            self.client = chromadb.PersistentClient(path=str(path), settings=settings)
+            self.client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
         self._collections: dict[str, Any] = {}
+        self.model = model
+        self._settings = settings if settings is not None else CollectionSettings()
 
     @classmethod
     def open(cls, config: Config) -> Store:
-        return cls(url=config.chroma_url) if config.chroma_url else cls(path=config.chroma_dir)
+        """The configured Chroma; collections created as recorded in the ledger, naming the configured model."""
+        ledger = config.ledger_path
+
+        def settings(name: str) -> CollectionSettings:
+            return settings_of.read(ledger, name)
+
+        where = {"url": config.chroma_url} if config.chroma_url else {"path": config.chroma_dir}
+        return cls(**where, model=config.model, settings=settings)
 
     @property
     def where(self) -> str:
@@ -84,18 +147,63 @@ class Store:
 
     def collection(self, name: str, create: bool = True) -> Any:
         if name not in self._collections:
-            if create:
-                self._collections[name] = self.client.get_or_create_collection(
-                    name, embedding_function=None, metadata={"hnsw:space": "cosine"}
-                )
-            else:
-                from chromadb.errors import NotFoundError as ChromaNotFound
+            from chromadb.errors import NotFoundError as ChromaNotFound
 
-                try:
-                    self._collections[name] = self.client.get_collection(name, embedding_function=None)
-                except ChromaNotFound:
+            try:
+                # embedding_function=None: never build the configured function in this process.
+                col = self.client.get_collection(name, embedding_function=None)
+            except ChromaNotFound:
+                if not create:
                     return None
+                col = self._create(name)
+            if create:  # the writer's open: a collection made before the configuration named the model
+                self._configure(col)
+            self._collections[name] = col
         return self._collections[name]
+
+    def settings_for(self, name: str) -> CollectionSettings:
+        return self._settings(name) if callable(self._settings) else self._settings
+
+    def _create(self, name: str) -> Any:
+        settings = self.settings_for(name)
+        ef = _embedding_function(self.model)
+        logger.info("creating collection %s (full-text index %s)", name, "on" if settings.full_text else "off")
+        if settings.full_text:
+            return self.client.get_or_create_collection(
+                name, embedding_function=ef, metadata={"hnsw:space": "cosine"}
+            )  # fmt: skip
+        from chromadb.api.types import FtsIndexConfig, Schema, VectorIndexConfig
+
+        # A schema and a configuration (metadata's hnsw:space) cannot both be given: the
+        # schema then carries the distance and the embedding function too.
+        schema = Schema().delete_index(config=FtsIndexConfig(), key="#document")
+        schema.create_index(VectorIndexConfig(space="cosine", embedding_function=ef))
+        return self.client.get_or_create_collection(name, embedding_function=None, schema=schema)
+
+    def _configure(self, col: Any) -> None:
+        """Name this model's embedding function in an existing collection's configuration when it
+        names none (or the model's directory moved); one configured otherwise is left alone."""
+        want = embedding_function_config(self.model)
+        have = (col.configuration_json or {}).get("embedding_function") or {}
+        if want is None or (have.get("type") == "known" and have.get("name") != "sentence_transformer"):
+            return
+        if have.get("type") == "known" and have.get("config") == want:
+            return
+        try:
+            col.modify(configuration={"embedding_function": _embedding_function(self.model)})
+            logger.info("collection %s: embedding function set to %s", col.name, want["model_name"])
+        except Exception as exc:  # its vectors are still right; only plain clients' query_texts lack it
+            logger.warning("collection %s: could not store its embedding function: %s", col.name, first_line(exc))
+
+    def full_text(self, name: str) -> bool | None:
+        """Whether a collection has Chroma's full-text index on documents (None: no such collection)."""
+        col = self.collection(name, create=False)
+        if col is None:
+            return None
+        # The serialized schema, not ``col.schema``: that would build the embedding function.
+        schema = getattr(col._model, "serialized_schema", None) or {}
+        fts = (schema.get("keys", {}).get("#document", {}).get("string") or {}).get("fts_index") or {}
+        return bool(fts.get("enabled", True))
 
     def upsert(
         self,

@@ -1,0 +1,183 @@
+"""What one upsert of 10 records costs Chroma itself, and where the time goes.
+
+    python -m ops.tools.chroma_cost               # about a minute here
+    python -m ops.tools.chroma_cost --upserts 300 --rounds 5
+
+Upserts of 10 records (random unit vectors of 384 floats, ~800-character code-like
+documents, indexq's five metadata keys) into fresh persistent directories, one variant
+at a time and interleaved over rounds: ids and vectors only, with metadata, with
+documents, with documents and the full-text index off (``--no-full-text``). Then the
+parts of a commit measured apart with plain SQLite: a rollback-journal transaction of
+ten rows (the log), and ten documents into an FTS5 trigram table (the full-text index).
+A measurement, not a test: nothing asserts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from pipeline.collection import CollectionSettings
+from pipeline.store import Store
+
+BATCH = 10
+DIM = 384
+DOC_CHARS = 800
+WORDS = ("def", "return", "self", "import", "class", "value", "for", "in", "if", "else", "None", "list",
+         "config", "path", "commit", "ledger", "chunk", "write", "read", "error", "raise", "with")  # fmt: skip
+# (name, metadata, documents, full-text index)
+VARIANTS = (
+    ("ids + vectors", False, False, True),
+    ("+ metadata", True, False, True),
+    ("+ documents (indexq default)", True, True, True),
+    ("+ documents, full-text off", True, True, False),
+)
+
+
+def _document(rng: random.Random) -> str:
+    words: list[str] = []
+    while sum(map(len, words)) + len(words) < DOC_CHARS:
+        words.append(rng.choice(WORDS) + (str(rng.randrange(1000)) if rng.random() < 0.3 else ""))
+    return " ".join(words)[:DOC_CHARS]
+
+
+def _records(n: int, seed: int) -> list[tuple[str, np.ndarray, str, dict[str, Any]]]:
+    rng = random.Random(seed)
+    vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return [
+        (f"r{seed}-{i}", vectors[i], _document(rng),
+         {"source": f"/src/file{i // 7}.py", "ordinal": i % 7, "start_line": i * 20, "end_line": i * 20 + 19,
+          "content_hash": f"{rng.getrandbits(64):016x}"})
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def _variant(
+    work: Path, name: str, metadata: bool, documents: bool, full_text: bool, upserts: int, seed: int
+) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="cost-", dir=work))
+    store = Store(folder, settings=CollectionSettings(full_text=full_text))
+    col = store.collection("cost")
+    records = _records((upserts + 5) * BATCH, seed)
+    times: list[float] = []
+    for n in range(upserts + 5):
+        group = records[n * BATCH : (n + 1) * BATCH]
+        kwargs: dict[str, Any] = {"ids": [r[0] for r in group], "embeddings": np.stack([r[1] for r in group])}
+        if metadata:
+            kwargs["metadatas"] = [r[3] for r in group]
+        if documents:
+            kwargs["documents"] = [r[2] for r in group]
+        start = time.perf_counter()
+        col.upsert(**kwargs)
+        if n >= 5:  # the first few warm the collection up
+            times.append(time.perf_counter() - start)
+    store.close()
+    db = sqlite3.connect(folder / "chroma.sqlite3")
+    rows = {
+        table: db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        for table in ("embeddings_queue", "embedding_metadata", "embedding_fulltext_search")
+    }
+    db.close()
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return {"name": name, "times": times, "rows": rows, "bytes": size, "records": (upserts + 5) * BATCH}
+
+
+def _sqlite_parts(work: Path, repeats: int) -> dict[str, float]:
+    """Milliseconds per commit of ten records for the log alone and for the full-text index alone."""
+    rng = random.Random(7)
+    docs = [_document(rng) for _ in range(repeats * BATCH)]
+    blob = np.zeros(DIM, dtype=np.float32).tobytes()
+
+    def timed(setup: str, statement: Callable[[sqlite3.Connection, int], None], path: str) -> float:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=DELETE")  # what Chroma's chroma.sqlite3 uses
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(setup)
+        spent = []
+        for n in range(repeats):
+            start = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            statement(conn, n)
+            conn.execute("COMMIT")
+            spent.append(time.perf_counter() - start)
+        conn.close()
+        return statistics.median(spent) * 1000
+
+    def log(conn: sqlite3.Connection, n: int) -> None:
+        conn.executemany("INSERT INTO log(id, vector) VALUES (?, ?)", [(f"{n}-{i}", blob) for i in range(BATCH)])
+
+    def fts(conn: sqlite3.Connection, n: int) -> None:
+        conn.executemany("INSERT INTO f(doc) VALUES (?)", [(d,) for d in docs[n * BATCH : (n + 1) * BATCH]])
+
+    return {
+        "log: one journaled transaction of 10 vector rows": timed(
+            "CREATE TABLE log(id TEXT, vector BLOB)", log, str(work / "log.db")
+        ),
+        "full-text: 10 documents into FTS5 trigram, on disk": timed(
+            "CREATE VIRTUAL TABLE f USING fts5(doc, tokenize='trigram')", fts, str(work / "fts.db")
+        ),
+        "full-text: the same in memory (CPU only)": timed(
+            "CREATE VIRTUAL TABLE f USING fts5(doc, tokenize='trigram')", fts, ":memory:"
+        ),
+    }
+
+
+@click.command()
+@click.option("--upserts", default=150, show_default=True, help="Upserts of 10 records per variant and round.")
+@click.option("--rounds", default=3, show_default=True, help="Rounds (variants interleaved) to tame a noisy machine.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def main(upserts: int, rounds: int, as_json: bool) -> None:
+    results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in VARIANTS}
+    with tempfile.TemporaryDirectory(prefix="chroma-cost-") as tmp:
+        work = Path(tmp)
+        for round_ in range(rounds):
+            order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
+            for name, metadata, documents, full_text in order:
+                results[name].append(_variant(work, name, metadata, documents, full_text, upserts, round_))
+        parts = _sqlite_parts(work, upserts)
+    table = []
+    for name, runs in results.items():
+        times = [t for r in runs for t in r["times"]]
+        last = runs[-1]
+        table.append({
+            "variant": name,
+            "ms_per_upsert_p50": round(statistics.median(times) * 1000, 2),
+            "ms_per_upsert_mean": round(statistics.fmean(times) * 1000, 2),
+            "ms_per_upsert_max": round(max(times) * 1000, 1),
+            "records_per_s": round(BATCH / statistics.fmean(times)),
+            "bytes_per_record": round(last["bytes"] / last["records"]),
+            "fts_rows": last["rows"]["embedding_fulltext_search"],
+            "metadata_rows_per_record": round(last["rows"]["embedding_metadata"] / last["records"], 1),
+            "log_rows": last["rows"]["embeddings_queue"],
+        })  # fmt: skip
+    out = {"upserts": upserts, "rounds": rounds, "variants": table, "sqlite_ms_per_commit": parts}
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"Upserts of {BATCH} records, {upserts} per variant x {rounds} rounds (ms per upsert):")
+    click.echo(f"{'variant':<30} {'p50':>7} {'mean':>7} {'max':>7} {'rec/s':>6} {'B/rec':>6} {'fts rows':>8} "
+               f"{'meta/rec':>8} {'log rows':>8}")  # fmt: skip
+    for row in table:
+        click.echo(
+            f"{row['variant']:<30} {row['ms_per_upsert_p50']:>7} {row['ms_per_upsert_mean']:>7}"
+            f" {row['ms_per_upsert_max']:>7} {row['records_per_s']:>6} {row['bytes_per_record']:>6}"
+            f" {row['fts_rows']:>8} {row['metadata_rows_per_record']:>8} {row['log_rows']:>8}"
+        )
+    click.echo("Plain SQLite, median ms per commit of 10 records:")
+    for what, ms in parts.items():
+        click.echo(f"  {what:<55} {ms:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""What a collection is created with, chosen at its first submission and kept in the ledger.
+
+The writer creates a Chroma collection on its first commit, long after the user chose
+how (``indexq index --no-full-text``): the choice is recorded in the ledger's
+``collection_settings`` table, in the transaction of the submission's first rows (or of
+a remote part's ingest), and every path that creates the collection (the writer,
+recovery's rebuild, a replay after a restore) reads it back from there. A collection
+the ledger has rows for but no setting was made before the setting existed: it has the
+defaults. Asking for another setting later is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from pathlib import Path
+
+from pipeline.config import DEFAULT_FULL_TEXT
+from pipeline.errors import ConfigError
+
+TABLE = "collection_settings"
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionSettings:
+    # Chroma's full-text (FTS5 trigram) index on documents: ``where_document`` needs it.
+    # Off, documents are still stored and returned.
+    full_text: bool = DEFAULT_FULL_TEXT
+
+    def as_dict(self) -> dict[str, bool]:
+        return dataclasses.asdict(self)
+
+
+def _create(conn: sqlite3.Connection) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL)")
+
+
+def recorded(conn: sqlite3.Connection, collection: str) -> CollectionSettings | None:
+    """The settings recorded for ``collection``; defaults for one indexed before settings were
+    recorded; None for a collection the ledger does not know yet."""
+    try:
+        row = conn.execute(f"SELECT full_text FROM {TABLE} WHERE collection=?", (collection,)).fetchone()
+    except sqlite3.OperationalError as exc:  # a ledger no submission with settings has touched yet
+        if "no such table" not in str(exc):
+            raise
+        row = None
+    if row is not None:
+        return CollectionSettings(full_text=bool(row[0]))
+    if conn.execute("SELECT 1 FROM chunks WHERE collection=? LIMIT 1", (collection,)).fetchone():
+        return CollectionSettings()
+    return None
+
+
+def check(conn: sqlite3.Connection, collection: str, full_text: bool | None) -> CollectionSettings:
+    """The settings a submission to ``collection`` gets; ConfigError if it asked for others
+    than the collection already has (``full_text`` None: whatever it has, else the default)."""
+    have = recorded(conn, collection)
+    if have is None:
+        return CollectionSettings() if full_text is None else CollectionSettings(full_text=full_text)
+    if full_text is not None and full_text != have.full_text:
+        raise ConfigError(
+            f"collection {collection!r} was created with the full-text index {'on' if have.full_text else 'off'};"
+            f" it cannot be turned {'on' if full_text else 'off'} now",
+            hint="leave out --full-text/--no-full-text (and INDEXQ_FULL_TEXT), or index into a new collection",
+        )
+    return have
+
+
+def record(conn: sqlite3.Connection, collection: str, full_text: bool | None) -> None:
+    """In the caller's transaction: check, then record the settings of a collection the ledger
+    does not know yet (settings left unasked are recorded too, so they never change)."""
+    settings = check(conn, collection, full_text)
+    _create(conn)
+    conn.execute(
+        f"INSERT OR IGNORE INTO {TABLE}(collection, full_text) VALUES (?, ?)", (collection, int(settings.full_text))
+    )
+
+
+def read(ledger_path: Path, collection: str) -> CollectionSettings:
+    """For whoever creates the collection in Chroma: what was recorded, else the defaults."""
+    if not ledger_path.exists():
+        return CollectionSettings()
+    conn = sqlite3.connect(str(ledger_path), timeout=120)
+    try:
+        return recorded(conn, collection) or CollectionSettings()
+    finally:
+        conn.close()
+
+
+def all_recorded(conn: sqlite3.Connection) -> dict[str, CollectionSettings]:
+    """collection -> settings, for every collection the ledger has rows or settings for (status)."""
+    found = {c: CollectionSettings() for (c,) in conn.execute("SELECT DISTINCT collection FROM chunks")}
+    try:
+        for collection, full_text in conn.execute(f"SELECT collection, full_text FROM {TABLE}"):
+            found[collection] = CollectionSettings(full_text=bool(full_text))
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+    return dict(sorted(found.items()))

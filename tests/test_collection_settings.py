@@ -1,0 +1,182 @@
+"""What a collection is created with: the full-text index setting chosen at the first
+submission (kept through the writer and recovery's rebuild, refused when changed), and
+the embedding function named in its configuration, so that a plain Chroma client's
+``query_texts`` finds what ``indexq search`` finds.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import Proc, copy_corpus, dump_collection, env_for, ledger_query, run_cli, start_worker, wait_for
+
+pytestmark = pytest.mark.e2e
+
+HASH = {"INDEXQ_MODEL": "hash:384"}
+FILES = ["json/__init__.py", "json/decoder.py", "json/encoder.py"]
+
+
+def schema_of(chroma: Path, name: str) -> dict[str, Any]:
+    """The collection's schema as Chroma stored it."""
+    conn = sqlite3.connect(chroma / "chroma.sqlite3")
+    try:
+        (raw,) = conn.execute("SELECT schema_str FROM collections WHERE name=?", (name,)).fetchone()
+    finally:
+        conn.close()
+    return json.loads(raw)
+
+
+def full_text_enabled(chroma: Path, name: str) -> bool:
+    return bool(schema_of(chroma, name)["keys"]["#document"]["string"]["fts_index"]["enabled"])
+
+
+def plain_client(chroma: Path, script: str, **env: str) -> dict[str, Any]:
+    """Run ``script`` with a plain chromadb client in a fresh interpreter that never imports indexq."""
+    prelude = textwrap.dedent(f"""
+        import json, sys
+        import chromadb
+        client = chromadb.PersistentClient(path={str(chroma)!r}, settings=chromadb.Settings(anonymized_telemetry=False))
+    """)
+    epilogue = "\nassert not any(m == 'pipeline' or m.startswith(('pipeline.', 'ops.')) for m in sys.modules)\n"
+    proc = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(script) + epilogue],
+        env={**env_for(chroma.parent), **env}, capture_output=True, text=True, timeout=300, cwd=chroma.parent.parent,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def damage_sqlite(chroma: Path) -> None:
+    """Overwrite the embeddings table's root page: damage that check finds and recovery repairs."""
+    db = chroma / "chroma.sqlite3"
+    conn = sqlite3.connect(db)
+    try:
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='embeddings'").fetchone()
+    finally:
+        conn.close()
+    with db.open("r+b") as handle:
+        handle.seek((root - 1) * page_size)
+        handle.write(random.Random(3).randbytes(page_size))
+
+
+def test_full_text_off_is_kept_refused_when_changed_and_survives_a_rebuild(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", FILES)
+    writer = start_worker(procs, home, **HASH)
+    writer.wait_started()
+    first = run_cli(home, "index", str(corpus), "-c", "lean", "--no-full-text", "--wait", **HASH)
+    assert first.returncode == 0, first.stderr
+    default = run_cli(home, "index", str(corpus), "-c", "usual", "--wait", **HASH)
+    assert default.returncode == 0, default.stderr
+    assert writer.terminate() == 0
+    chroma = home / "chroma"
+    assert not full_text_enabled(chroma, "lean")
+    assert full_text_enabled(chroma, "usual")  # the default stays on
+
+    # Documents are stored and returned; where_document is refused; hash: names no embedding function.
+    seen = plain_client(
+        chroma,
+        """
+        col = client.get_collection("lean")
+        got = col.get(limit=3, include=["documents"])
+        try:
+            col.get(where_document={"$contains": "json"})
+            refused = ""
+        except Exception as exc:
+            refused = str(exc)
+        print(json.dumps({"documents": got["documents"], "refused": refused,
+                          "ef": col.configuration_json.get("embedding_function")}))
+    """,
+    )
+    assert len(seen["documents"]) == 3 and all(d.strip() for d in seen["documents"])
+    assert "FTS indexing is disabled" in seen["refused"]
+    assert (seen["ef"] or {}).get("type") != "known"  # None, or "legacy" when a schema made the collection
+    rows = ledger_query(home, "SELECT collection, full_text FROM collection_settings ORDER BY collection")
+    assert rows == [("lean", 0), ("usual", 1)]
+
+    # Asking an existing collection for the other setting: exit 2, one line, nothing written.
+    before = ledger_query(home, "SELECT count(*), max(updated) FROM chunks"), ledger_query(home, "SELECT * FROM jobs")
+    (corpus / "new.py").write_text("def added():\n    return 'a file the refused submission must not write'\n")
+    for name, flag in (("lean", "--full-text"), ("usual", "--no-full-text")):
+        refused = run_cli(home, "index", str(corpus), "-c", name, flag, **HASH)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith("Error: collection ") and "full-text index" in refused.stderr
+        assert refused.stdout == ""
+    env_refused = run_cli(home, "index", str(corpus), "-c", "lean", **HASH, INDEXQ_FULL_TEXT="on")
+    assert env_refused.returncode == 2, env_refused.stderr
+    after = ledger_query(home, "SELECT count(*), max(updated) FROM chunks"), ledger_query(home, "SELECT * FROM jobs")
+    assert after == before
+    # Saying nothing, or the same, is fine.
+    assert run_cli(home, "index", str(corpus), "-c", "lean", **HASH).returncode == 0
+    assert run_cli(home, "index", str(corpus), "-c", "lean", "--no-full-text", **HASH).returncode == 0
+
+    # Recovery's rebuild from the ledger (damage, no backup) creates the collection as it was.
+    writer = start_worker(procs, home, **HASH)
+    writer.wait_started()
+    wait_for(lambda: ledger_query(home, "SELECT count(*) FROM chunks WHERE state != 'committed'")[0][0] == 0)
+    assert writer.terminate() == 0
+    damage_sqlite(chroma)
+    result = run_cli(home, "recover", "--json", **HASH)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "rebuild"
+    assert not full_text_enabled(chroma, "lean")
+    assert full_text_enabled(chroma, "usual")
+    committed = dict(ledger_query(home, "SELECT id, text FROM chunks WHERE collection='lean' AND state='committed'"))
+    records = dump_collection(chroma, "lean")
+    assert {i: r["document"] for i, r in records.items()} == committed
+
+
+def test_plain_chroma_client_query_texts_finds_what_indexq_search_finds(tmp_path: Path, procs: list[Proc]) -> None:
+    """Real model: a collection made before the configuration named the model (as older
+    indexq made them) is given its embedding function when the writer opens it."""
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", FILES)
+    chroma = home / "chroma"
+    plain_client(
+        chroma,
+        """
+        client.create_collection("older", embedding_function=None, metadata={"hnsw:space": "cosine"})
+        print(json.dumps({}))
+    """,
+    )
+    writer = start_worker(procs, home)
+    writer.wait_started(timeout=300)
+    for name in ("fresh", "older"):
+        result = run_cli(home, "index", str(corpus), "-c", name, "--wait", timeout=600)
+        assert result.returncode == 0, result.stderr
+    assert writer.terminate() == 0
+
+    query = "decode a JSON document into Python objects"
+    for name in ("fresh", "older"):
+        found = run_cli(home, "search", query, "-c", name, "-k", "5", "--json", timeout=300)
+        assert found.returncode == 0, found.stderr
+        expected = [hit["id"] for hit in json.loads(found.stdout)]
+        got = plain_client(chroma, f"""
+            import numpy as np
+            col = client.get_collection({name!r})
+            ids = col.query(query_texts=[{query!r}], n_results=5)["ids"][0]
+            # The configured function embeds a stored document as indexq did.
+            page = col.get(limit=20, include=["documents", "embeddings"])
+            ef = col.configuration["embedding_function"]
+            fresh = np.asarray(ef(page["documents"]))
+            cosines = (fresh * np.asarray(page["embeddings"])).sum(axis=1)
+            ef_json = col.configuration_json["embedding_function"]
+            print(json.dumps({{"ids": ids, "min_cosine": float(cosines.min()), "ef": ef_json}}))
+        """, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fmt: skip
+        assert got["ids"] == expected
+        assert got["min_cosine"] > 0.9999
+        assert got["ef"]["name"] == "sentence_transformer"
+        assert got["ef"]["config"]["normalize_embeddings"] is True
+    records = dump_collection(chroma, "fresh")
+    assert all(np.isclose(np.linalg.norm(r["embedding"]), 1.0, atol=1e-5) for r in records.values())
