@@ -261,11 +261,16 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
     from pipeline.embedder import load_embedder
     from pipeline.locks import CommitLock
+    from pipeline.queryserver import ask
     from pipeline.writer import open_store
 
     cfg = _config(config)
     _existing_ledger(cfg).close()
-    vector = load_embedder(cfg.model, cfg.device).embed([text])[0]
+    # The running writer embeds the query with the model it holds (no torch imported
+    # here, no second copy of the model); with no writer to ask, the model is loaded here.
+    vector = ask(cfg.query_socket_path, text, cfg.model, cfg.device)
+    if vector is None:
+        vector = load_embedder(cfg.model, cfg.device).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between
     # commits: hold the commit lock for the open and the query (milliseconds).
     lock = CommitLock(cfg.commit_lock_path)

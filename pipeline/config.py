@@ -57,6 +57,14 @@ DEFAULT_DEEP_CHECK_INTERVAL = 3600.0
 DEFAULT_REQUEUE_INTERVAL = 3 * 60.0
 # How long search and maintenance wait for the commit lock before saying "busy".
 DEFAULT_LOCK_TIMEOUT = 30.0
+# `indexq search` asks the running writer for the query's vector (pipeline.queryserver).
+# A writer that has not taken the query within QUERY_ACCEPT_TIMEOUT is taken for hung and
+# the search loads the model itself (~12 s on 2 cores); one that took it may first finish
+# the micro-batch in hand (~1 s on 2 cores), for at most DEFAULT_QUERY_TIMEOUT in all.
+# A longer query text is embedded by the search itself.
+QUERY_ACCEPT_TIMEOUT = 2.0
+DEFAULT_QUERY_TIMEOUT = 30.0
+MAX_QUERY_CHARS = 10_000
 # Back-off of a tripped guard: first wait, growth, longest wait (seconds).
 GUARD_BACKOFF = (0.5, 2.0, 30.0)
 # Prometheus metrics of the writer and the maintenance consumer: off unless a port is
@@ -357,6 +365,11 @@ class Config:
     def writer_state_path(self) -> Path:
         """The running writer's effective settings and guard state (``indexq status`` reads it)."""
         return self.home / "writer.state"
+
+    @property
+    def query_socket_path(self) -> Path:
+        """Where the running writer answers query embeddings (0600; removed when it stops)."""
+        return self.home / "query.sock"
 
     def require_home(self) -> None:
         """Raise NotFoundError unless this data home exists (has a ledger)."""

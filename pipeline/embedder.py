@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
@@ -173,6 +174,7 @@ class SentenceTransformerEmbedder:
                 f"model {model!r} could not be loaded offline: {first_line(exc)}",
                 hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
             ) from None
+        self._lock = threading.Lock()
         self.name = model
         # Where the model runs ("cpu", "cuda:0"), as the metrics report it (indexq_writer_info).
         self.device = str(self._model.device)
@@ -182,13 +184,14 @@ class SentenceTransformerEmbedder:
         self.dimension = int(dimension)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        vectors = self._model.encode(
-            texts,
-            batch_size=len(texts) or 1,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        with self._lock:
+            vectors = self._model.encode(
+                texts,
+                batch_size=len(texts) or 1,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         return np.asarray(vectors, dtype=np.float32)
 
 

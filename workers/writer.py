@@ -29,6 +29,8 @@ from pipeline.locks import ProcessLock
 from pipeline.metrics import MetricsServer
 from pipeline.metrics import serve as serve_metrics
 from pipeline.progress import Publisher
+from pipeline.queryserver import QueryServer
+from pipeline.queryserver import serve as serve_queries
 from pipeline.queue import QueueClient
 from pipeline.writer import Writer
 from tasks.indexing import WriterTasks, register
@@ -117,6 +119,7 @@ class WriterHuey(QueueClient):
     """The writer's queue in the one process that drains it: lifecycle, lease, consumer."""
 
     metrics: MetricsServer | None = None  # served while this process is the writer (INDEXQ_METRICS_PORT)
+    queries: QueryServer | None = None  # query embeddings for `indexq search`, on query.sock
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
@@ -180,6 +183,8 @@ class WriterHuey(QueueClient):
             # Last: a metrics port that cannot be had stops the start (exit 2) with nothing left open.
             writer = self.writer
             self.metrics = serve_metrics(self.config, "writer", writer.state, writer.embedder, self.pending_count)
+            # Never stops the start: without it, `indexq search` loads the model itself.
+            self.queries = serve_queries(self.config.query_socket_path, writer.embedder)
             logger.info(
                 "writer pid %d started on %s; %d tasks requeued from the ledger", os.getpid(), self.config.home, queued
             )
@@ -220,6 +225,9 @@ class WriterHuey(QueueClient):
             raise exit_with(exc) from None
 
     def stop_writer(self) -> None:
+        if self.queries is not None:
+            self.queries.close()
+            self.queries = None
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None

@@ -1,0 +1,180 @@
+"""`indexq search` asks the running writer for the query's vector (pipeline.queryserver).
+
+Real writers in subprocesses, real Chroma directories; the real model where the claim is
+about it (same hits as an in-process search, no torch in the searching process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import api
+from pipeline.config import MAX_QUERY_CHARS, Config
+from pipeline.embedder import HashEmbedder
+from pipeline.queryserver import ask
+from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
+
+QUERY = "decode a JSON document into a Python object"
+MODEL_MODULES = ("torch", "sentence_transformers", "transformers")
+
+# Searches in a fresh interpreter, as the shell does; prints the hits and which model
+# libraries that process imported.
+SEARCH_IN_SUBPROCESS = """
+import json, sys
+from pipeline import api
+hits = api.search(sys.argv[1], sys.argv[2], 5)
+loaded = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "sentence_transformers", "transformers"})
+print(json.dumps({"hits": hits, "loaded": loaded}))
+"""
+
+
+def _search_subprocess(home: Path, **extra: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", SEARCH_IN_SUBPROCESS, QUERY, "code"],
+        env=env_for(home, **extra), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _index(home: Path, corpus: Path, **extra: str) -> None:
+    done = run_cli(home, "index", str(corpus), "--collection", "code", "--wait", timeout=900, **extra)
+    assert done.returncode == 0, done.stderr
+    assert " 0 failed" in done.stderr
+
+
+def _writer(procs: list[Proc], home: Path, **extra: str) -> Proc:
+    writer = start_worker(procs, home, **extra)
+    writer.wait_started(timeout=600)
+    wait_for(lambda: (home / "query.sock").exists(), 60, "the query socket")
+    return writer
+
+
+def _ids(hits: list[dict[str, Any]]) -> list[str]:
+    return [h["id"] for h in hits]
+
+
+@pytest.mark.e2e
+def test_search_through_the_writer_equals_an_in_process_search(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", ["json/decoder.py", "json/__init__.py", "shlex.py"])
+    writer = _writer(procs, home)
+    _index(home, corpus)
+
+    through = _search_subprocess(home)
+    assert through["loaded"] == [], "the search loaded the model instead of asking the writer"
+    assert len(through["hits"]) == 5
+    cli = run_cli(home, "search", QUERY, "--collection", "code", "--json", timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout) == through["hits"]
+
+    assert writer.terminate() == 0
+    assert not (home / "query.sock").exists()
+    # No writer: this process loads the model itself.
+    local = api.search(QUERY, "code", 5, Config(home=home))
+    assert "sentence_transformers" in sys.modules
+    assert _ids(local) == _ids(through["hits"])
+    for mine, theirs in zip(local, through["hits"], strict=True):
+        assert mine["distance"] == pytest.approx(theirs["distance"], abs=1e-5)
+        assert (mine["document"], mine["metadata"]) == (theirs["document"], theirs["metadata"])
+
+
+def test_a_socket_left_by_a_killed_writer_does_not_break_search(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", ["json/decoder.py", "shlex.py"])
+    writer = _writer(procs, home, INDEXQ_MODEL="hash:384")
+    _index(home, corpus, INDEXQ_MODEL="hash:384")
+    served = _search_subprocess(home, INDEXQ_MODEL="hash:384")["hits"]
+    assert len(served) == 5
+
+    writer.kill9()
+    assert stat.S_ISSOCK((home / "query.sock").stat().st_mode)  # left behind
+    assert ask(home / "query.sock", QUERY, "hash:384") is None
+    stale = run_cli(home, "search", QUERY, "--collection", "code", "--json", INDEXQ_MODEL="hash:384")
+    assert stale.returncode == 0, stale.stderr
+    assert json.loads(stale.stdout) == served
+
+    # The next writer puts its own socket in place of the stale one, and answers.
+    _writer(procs, home, INDEXQ_MODEL="hash:384")
+    vector = ask(home / "query.sock", QUERY, "hash:384")
+    assert vector is not None
+    assert vector.tolist() == HashEmbedder("hash:384").embed([QUERY])[0].tolist()
+
+
+def test_the_socket_is_owner_only_and_answers_only_its_model(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    writer = _writer(procs, home, INDEXQ_MODEL="hash:384")
+    path = home / "query.sock"
+    assert stat.S_ISSOCK(path.stat().st_mode)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+    assert ask(path, "x", "hash:384") is not None
+    assert ask(path, "x", "hash:385") is None  # another model: the search loads its own
+    assert ask(path, "x", "hash:384", device="cuda:1") is None  # another device
+    assert ask(path, "x" * (MAX_QUERY_CHARS + 1), "hash:384") is None
+    # An oversized frame is refused with an error, not read.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(path))
+        conn.sendall((1 << 30).to_bytes(4, "big"))
+        size = int.from_bytes(conn.recv(4), "big")
+        assert "bad request" in json.loads(conn.recv(size))["error"]
+
+    if os.geteuid() == 0:
+        _another_user_is_refused(path)
+        wait_for(lambda: "refused a peer of uid 65534" in writer.output(), 30, "the refusal in the writer's log")
+
+    assert writer.terminate() == 0
+    assert not path.exists()
+
+
+def _another_user_is_refused(path: Path) -> None:
+    """Even with the file modes opened up, a peer of another uid gets no answer (SO_PEERCRED)."""
+    home_mode = stat.S_IMODE(path.parent.stat().st_mode)
+    os.chmod(path, 0o666)
+    os.chmod(path.parent, 0o711)
+    # nobody reaches the socket from inside the home (tmp_path's parents are 0700).
+    script = (
+        "import os, socket, sys\n"
+        "os.chdir(sys.argv[1]); os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.settimeout(30)\n"
+        "s.connect('query.sock')\n"
+        "s.sendall(b'\\x00\\x00\\x00\\x02{}')\n"
+        "try:\n"
+        "    print(repr(s.recv(100)))\n"
+        "except ConnectionResetError:\n"
+        "    print('reset')\n"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(path.parent)], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+    finally:
+        os.chmod(path.parent, home_mode)
+        os.chmod(path, 0o600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("b''", "reset")  # closed without a word
+
+
+def test_search_with_no_writer_loads_the_model_itself(tmp_path: Path, procs: list[Proc]) -> None:
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", ["shlex.py"])
+    writer = _writer(procs, home, INDEXQ_MODEL="hash:384")
+    _index(home, corpus, INDEXQ_MODEL="hash:384")
+    assert writer.terminate() == 0
+    done = subprocess.run(
+        [str(BIN / "indexq"), "search", QUERY, "-c", "code", "-k", "2", "--json"],
+        env=env_for(home, INDEXQ_MODEL="hash:384"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads(done.stdout)) == 2
