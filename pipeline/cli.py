@@ -26,13 +26,15 @@ from pipeline.config import (
     DEFAULT_DEVICE,
     DEFAULT_HOME,
     DEFAULT_MEMORY_THRESHOLD,
-    DEFAULT_MICRO_BATCH,
     DEFAULT_MODEL,
+    DEFAULT_PRECISION,
     DEFAULT_QUICK_CHECK_INTERVAL,
     DEFAULT_REQUEUE_INTERVAL,
     DEFAULT_RETENTION,
     DEFAULT_STATUS_JOBS,
     DEFAULT_WATCH_INTERVAL,
+    MICRO_BATCH_BY_DEVICE,
+    PRECISIONS,
     Config,
     parse_metrics_port,
     private_files,
@@ -233,8 +235,12 @@ def index(
               help="Hold commits while system memory use is at or above this percentage.")  # fmt: skip
 @click.option("--commit-batch", type=int, envvar="INDEXQ_COMMIT_BATCH", default=DEFAULT_COMMIT_BATCH,
               show_default=True, help="Records per Chroma upsert, at most 10.")  # fmt: skip
-@click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", default=DEFAULT_MICRO_BATCH,
-              show_default=True, help="Chunks embedded together.")  # fmt: skip
+@click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", default=None,
+              help="Chunks embedded together (default per device: "
+              + ", ".join(f"{d} {n}" for d, n in MICRO_BATCH_BY_DEVICE.items()) + ").")  # fmt: skip
+@click.option("--precision", envvar="INDEXQ_PRECISION", default=DEFAULT_PRECISION, show_default=True,
+              type=click.Choice(PRECISIONS),
+              help="Model precision; fp16 on CUDA only (env INDEXQ_PRECISION).")  # fmt: skip
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
 @_metrics_port
 @_device
@@ -242,7 +248,7 @@ def index(
 @_home
 @_errors
 def worker(
-    memory_threshold: float, commit_batch: int, micro_batch: int, verbose: bool,
+    memory_threshold: float, commit_batch: int, micro_batch: int | None, precision: str, verbose: bool,
     device: str, model: str | None, home: Path,
 ) -> None:  # fmt: skip
     """Run the one writer in the foreground (SIGTERM or Ctrl-C: finish the commit, stop).
@@ -257,7 +263,7 @@ def worker(
 
     config = _config(
         home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch,
-        micro_batch=micro_batch, device=device,
+        micro_batch=micro_batch, device=device, precision=precision,
     )  # fmt: skip
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.config import DEFAULT_MODEL
+from pipeline.config import DEFAULT_MODEL, DEFAULT_PRECISION
 from pipeline.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
@@ -41,9 +41,13 @@ def _offline() -> None:
 
 
 class Embedder(Protocol):
+    """``embed`` may be called from two threads at once (the writer's embedding thread and
+    anything else in the writer that embeds): an implementation serializes what must be."""
+
     name: str
     dimension: int
     device: str  # where it runs: "cpu", "cuda", "cuda:1", "mps"
+    precision: str  # "fp32" or "fp16"
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -157,23 +161,40 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def check_precision(precision: str, device: str) -> None:
+    """fp16 runs on CUDA only: on a CPU torch computes it slower than fp32 (and MPS is not
+    measured), so a writer told to use fp16 elsewhere refuses to start instead of falling back."""
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ConfigError(
+            f"precision 'fp16' was asked for (--precision, INDEXQ_PRECISION), but the model runs on {device!r}",
+            hint="fp16 is for CUDA GPUs; use --precision fp32 (the default) on this machine",
+        )
+
+
 class SentenceTransformerEmbedder:
     """A sentence-transformers model on the device picked (``pick_device``), normalised float32 embeddings."""
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", precision: str = DEFAULT_PRECISION) -> None:
         _offline()
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" bars on every start
         location = resolve_model(model)
+        picked = pick_device(device)
+        check_precision(precision, picked)
         try:
-            self._model = SentenceTransformer(location, device=pick_device(device))
+            self._model = SentenceTransformer(location, device=picked)
         except OSError as exc:
             raise ConfigError(
                 f"model {model!r} could not be loaded offline: {first_line(exc)}",
                 hint="name a local sentence-transformers directory or the default all-MiniLM-L6-v2",
             ) from None
+        if precision == "fp16":
+            self._model.half()
+        self.precision = precision
+        # One caller at a time in the model: torch modules are not documented thread-safe,
+        # and two batches at once would only compete for the same device.
         self._lock = threading.Lock()
         self.name = model
         # Where the model runs ("cpu", "cuda:0"), as the metrics report it (indexq_writer_info).
@@ -192,7 +213,11 @@ class SentenceTransformerEmbedder:
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
-        return np.asarray(vectors, dtype=np.float32)
+        # fp16 vectors are stored as float32 like the others (normalised in fp16: renormalise).
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.precision == "fp16":
+            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return vectors
 
 
 class HashEmbedder:
@@ -205,6 +230,7 @@ class HashEmbedder:
             raise ConfigError(f"hash model must be named hash:DIM, got {model!r}") from None
         self.name = model
         self.device = "cpu"
+        self.precision = DEFAULT_PRECISION  # pure numpy on fresh arrays: safe from any thread
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
@@ -215,9 +241,9 @@ class HashEmbedder:
         return out
 
 
-def load_embedder(model: str, device: str = "auto") -> Embedder:
+def load_embedder(model: str, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Embedder:
     if is_hash_model(model):
         return HashEmbedder(model)
-    embedder = SentenceTransformerEmbedder(model, device)
-    logger.info("embedding model %s loaded on %s", model, embedder.device)
+    embedder = SentenceTransformerEmbedder(model, device, precision)
+    logger.info("embedding model %s loaded on %s (%s)", model, embedder.device, precision)
     return embedder

@@ -3,8 +3,11 @@
 Producers write pending rows *before* they enqueue work; the writer stores each
 embedding as soon as it is computed and marks rows committed *after* Chroma accepted
 them. WAL with ``synchronous=FULL``: a row the ledger reported written survives power
-loss. Transactions are short and ``BEGIN IMMEDIATE`` so that a producer and the writer
-wait for each other instead of failing on a lock upgrade.
+loss. The one exception is the writer's checkpoint (``synchronous=NORMAL``, no fsync of
+its own): a kill -9 cannot lose it, a power loss can only turn committed rows back into
+embedded ones, which the writer upserts again (idempotent). Transactions are short and
+``BEGIN IMMEDIATE`` so that a producer and the writer wait for each other instead of
+failing on a lock upgrade.
 
 This module holds the connection, the schema, the writer's chunk state machine and
 the reads of recovery and backups. On the same connection: ``Ledger.sources``
@@ -120,19 +123,40 @@ class Ledger:
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction; ``durable=False`` commits without an fsync (see ``checkpoint``)."""
         with self._lock:
-            self.conn.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self.conn.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self.conn
-                # Inside the try: a COMMIT refused (disk full) must not leave the
-                # transaction open, or every later BEGIN fails for another reason.
-                self.conn.execute("COMMIT")
-            except BaseException:
-                if self.conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self.conn.execute("ROLLBACK")
-                raise
+                self.conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self.conn
+                    # Inside the try: a COMMIT refused (disk full) must not leave the
+                    # transaction open, or every later BEGIN fails for another reason.
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    if self.conn.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self.conn.execute("ROLLBACK")
+                    raise
+            finally:
+                if not durable:
+                    self.conn.execute("PRAGMA synchronous=FULL")
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable, the writer's checkpoints included.
+
+        A durable commit fsyncs the whole WAL, frames of earlier NORMAL commits with it.
+        Called by backups before they read the watermark: a power loss must never take the
+        ledger's commit sequence back below a watermark a backup has recorded.
+        """
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO meta(key, value) VALUES ('synced', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(time.time()),),
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -155,8 +179,11 @@ class Ledger:
         return rows
 
     def begin_embedding(self, collection: str, ids: Sequence[str]) -> None:
-        """Count an embedding attempt before it starts, so a kill mid-way still shows."""
-        with self._tx() as conn:
+        """Count an embedding attempt before it starts, so a kill mid-way still shows.
+
+        Not fsynced: a kill -9 cannot lose it, and ``store_embeddings`` (durable) follows.
+        """
+        with self._tx(durable=False) as conn:
             conn.executemany(
                 "UPDATE chunks SET embeds=embeds+1 WHERE collection=? AND id=?", [(collection, i) for i in ids]
             )
@@ -174,9 +201,17 @@ class Ledger:
             )
 
     def checkpoint(self, collection: str, items: Sequence[tuple[str, str]]) -> int:
-        """Mark (id, hash) committed under one new commit sequence number."""
+        """Mark (id, hash) committed under one new commit sequence number.
+
+        Not fsynced (``synchronous=NORMAL``): in WAL mode the commit is in the OS's page
+        cache when this returns, so a kill -9 of the writer loses nothing; a power loss can
+        lose the last checkpoints, whose rows are then ``embedded`` again and upserted once
+        more (same ids, same vectors: harmless). The next durable transaction on the
+        ledger (any producer's, the next micro-batch's embeddings, a backup's ``sync``)
+        makes them durable too. One fsync per commit was the largest cost around a commit.
+        """
         now = time.time()
-        with self._tx() as conn:
+        with self._tx(durable=False) as conn:
             (seq,) = conn.execute(
                 "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='seq' RETURNING CAST(value AS INTEGER)"
             ).fetchone()
@@ -271,6 +306,7 @@ class Ledger:
 
     def backup_to(self, target: Path) -> None:
         """A consistent copy of the ledger through SQLite's backup API."""
+        self.sync()  # the copy and the watermark read after it are on disk in the ledger too
         dest = sqlite3.connect(str(target))
         try:
             with self._lock:

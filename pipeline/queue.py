@@ -231,8 +231,8 @@ class QueueClient(HomeHuey):
             self.storage.queue_size()
 
     def enqueue_work(self, collection: str, to_index: Sequence[str], stale: Sequence[str]) -> int:
-        """Index and delete tasks of one micro-batch each (what a kill may re-embed); returns how many."""
-        step = self.config.micro_batch
+        """Index and delete tasks of ``task_chunks`` ids each; returns how many."""
+        step = self.config.task_chunks
         count = 0
         for ids, task in ((to_index, self.tasks.index_chunks), (stale, self.tasks.delete_chunks)):
             for part in batched(ids, step):
@@ -249,7 +249,7 @@ class QueueClient(HomeHuey):
         own = ledger is None
         ledger = ledger or Ledger(self.config.ledger_path)
         try:
-            for collection, kind, ids in ledger.outstanding(self.config.micro_batch):
+            for collection, kind, ids in ledger.outstanding(self.config.task_chunks):
                 task = self.tasks.delete_chunks if kind == "delete" else self.tasks.index_chunks
                 task(collection, ids)
                 count += 1

@@ -5,14 +5,21 @@ an embedding attempt is counted before it starts; embeddings are stored as soon 
 they exist (so a resumed run re-embeds at most the micro-batch that was in flight);
 a row is marked committed only after Chroma accepted it, and a replayed upsert of the
 same deterministic ids is harmless.
+
+Embedding and commits overlap: one thread embeds the next micro-batch while the task's
+thread commits the current one, so on a GPU the model's time hides behind Chroma's
+(and on a CPU Chroma's behind the model's). Never more than one micro-batch is being
+embedded, so a kill still wastes at most one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -65,20 +72,38 @@ def read_generation(config: Config) -> str | None:
         return None
 
 
+def _generation_stamp(config: Config) -> tuple[int, int] | None:
+    """(inode, mtime) of the generation file: a restore renames a new file into place, so
+    a stat per commit tells the writer all it needs, without reading the file."""
+    try:
+        info = os.stat(config.generation_path)
+    except FileNotFoundError:
+        return None
+    return info.st_ino, info.st_mtime_ns
+
+
 class Writer:
     def __init__(self, config: Config, embedder: Embedder | None = None, stop: threading.Event | None = None) -> None:
         self.config = config
         self.ledger = Ledger(config.ledger_path)
-        self.embedder = embedder or load_embedder(config.model, config.device)
+        self.embedder = embedder or load_embedder(config.model, config.device, config.precision)
+        # The micro-batch of the device the model runs on, unless one was set.
+        self.micro_batch = config.micro_batch_for(self.embedder.device)
         self.commit_lock = CommitLock(config.commit_lock_path)
         # Opened under the commit lock: a recovery that is swapping the directory
         # finishes first.
         with self.commit_lock.held():
             self.store = open_store(config)
             self._generation = read_generation(config)
+            self._stamp = _generation_stamp(config)
         # Published when the writer starts serving (WriterHuey) and on each change of guard state.
         self.state = WriterState(config)
-        self.state.state["settings"]["device"] = self.embedder.device  # the one in use, not the one asked for
+        settings = self.state.state["settings"]
+        settings["device"] = self.embedder.device  # the one in use, not the one asked for
+        settings["micro_batch"] = self.micro_batch
+        settings["precision"] = getattr(self.embedder, "precision", config.precision)
+        # The one thread that embeds while the task's thread commits (see the module's docstring).
+        self._embedding = ThreadPoolExecutor(max_workers=1, thread_name_prefix="indexq-embed")
         self.guard = ResourceGuard(
             config.chroma_dir, config.memory_threshold, config.min_free_mb, on_change=self.state.guard_changed
         )
@@ -108,16 +133,53 @@ class Writer:
 
     def _index(self, collection: str, ids: Sequence[str]) -> int:
         rows = self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED)))
-        for batch in batched([r for r in rows if r.state == PENDING], self.config.micro_batch):
-            if self.stop.is_set():
-                return 0
-            self._embed(collection, batch)
-        ready = [r for r in rows if r.state == EMBEDDED]
+        # Waves of one micro-batch, in the task's order (the order of commits is the order
+        # of ids, as without the overlap); rows embedded before (a resumed task) ride along.
+        waves = list(batched(rows, self.micro_batch))
+        committed = 0
+        ready: list[Row] = []
+        embedding: Future[None] | None = None
+        try:
+            for n, wave in enumerate(waves):
+                if n == 0 and not self.stop.is_set():
+                    embedding = self._embed_later(collection, wave)
+                if embedding is not None:
+                    embedding.result()  # this wave's embeddings are stored (or it raised)
+                    embedding = None
+                if n + 1 < len(waves) and not self.stop.is_set():
+                    embedding = self._embed_later(collection, waves[n + 1])
+                # Full groups only: the rest waits for the next wave (it is stored, nothing
+                # is lost by a kill), so upserts carry commit_batch records, not a wave's tail.
+                ready += [r for r in wave if r.state == EMBEDDED]
+                last = n + 1 == len(waves)
+                cut = len(ready) if last else len(ready) - len(ready) % self.config.commit_batch
+                done = self._commit_wave(collection, ready[:cut])
+                if done is None:
+                    break
+                committed += done
+                ready = ready[cut:]
+        except BaseException:
+            # Never leave the model running past the task; the first error is the one raised.
+            if embedding is not None:
+                wait([embedding])
+            raise
+        if embedding is not None:
+            embedding.result()  # a stop waits for the micro-batch in hand: its rows are stored
+        if self.stop.is_set() and committed < len(rows):
+            logger.info("stopping with chunks of %s left for the next start", collection)
+        return committed
+
+    def _embed_later(self, collection: str, wave: Sequence[Row]) -> Future[None] | None:
+        """Embed the pending rows of ``wave`` on the embedding thread; None if it has none."""
+        pending = [r for r in wave if r.state == PENDING]
+        return self._embedding.submit(self._embed, collection, pending) if pending else None
+
+    def _commit_wave(self, collection: str, ready: Sequence[Row]) -> int | None:
+        """Commit embedded rows in groups of ``commit_batch``; None if a stop came first."""
         committed = 0
         for group in batched(ready, self.config.commit_batch):
             if not self.guard.wait_until_clear(self.stop):
-                logger.info("stopping with %d chunks of %s left for the next start", len(ready) - committed, collection)
-                break
+                return None
             committed += self._commit_or_refuse(collection, group)
         return committed
 
@@ -234,6 +296,10 @@ class Writer:
 
     def _follow_restore(self) -> None:
         """Reopen Chroma if a recovery replaced the directory since the last commit."""
+        stamp = _generation_stamp(self.config)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
         generation = read_generation(self.config)
         if generation != self._generation:
             logger.warning("the Chroma directory was restored (generation %s): reopening it", generation)
@@ -259,6 +325,7 @@ class Writer:
         return done
 
     def close(self) -> None:
+        self._embedding.shutdown(wait=True)
         if self.publisher is not None:
             self.publisher.close()
         self.ledger.close()

@@ -16,7 +16,8 @@ def test_defaults_and_layout(tmp_path: Path) -> None:
     assert config.ledger_path == tmp_path / "ledger.db"
     assert config.memory_threshold == 80.0
     assert config.commit_batch == 10
-    assert config.micro_batch == DEFAULT_MICRO_BATCH
+    assert config.micro_batch is None  # per device: micro_batch_for
+    assert config.micro_batch_for("cpu") == DEFAULT_MICRO_BATCH
 
 
 def test_indexq_variables(tmp_path: Path) -> None:

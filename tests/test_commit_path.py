@@ -1,0 +1,162 @@
+"""The lean commit path (issue 11): per-device micro-batches, fp16 on CUDA only, checkpoints
+without an fsync of their own, and embedding that overlaps the commits."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_TASK_CHUNKS, MICRO_BATCH_BY_DEVICE, Config
+from pipeline.embedder import HashEmbedder
+from pipeline.errors import ConfigError
+from pipeline.ledger import Ledger
+from pipeline.writer import Writer
+from tests.conftest import run_cli
+
+COLLECTION = "overlap-docs"
+FULL, NORMAL = 2, 1  # PRAGMA synchronous
+
+
+def test_micro_batch_follows_the_device_unless_set() -> None:
+    config = Config()
+    assert config.micro_batch is None
+    assert config.micro_batch_for("cpu") == DEFAULT_MICRO_BATCH == MICRO_BATCH_BY_DEVICE["cpu"]
+    assert config.micro_batch_for("cuda:0") == MICRO_BATCH_BY_DEVICE["cuda"] > DEFAULT_MICRO_BATCH
+    assert config.micro_batch_for("mps") == MICRO_BATCH_BY_DEVICE["mps"]
+    # An explicit value wins on every device, from the environment too.
+    explicit = Config.from_env({"INDEXQ_MICRO_BATCH": "12"})
+    assert [explicit.micro_batch_for(d) for d in ("cpu", "cuda:1", "mps")] == [12, 12, 12]
+    # A task carries several micro-batches (so that embedding overlaps commits).
+    assert config.task_chunks == DEFAULT_TASK_CHUNKS >= 4 * MICRO_BATCH_BY_DEVICE["cuda"]
+    assert Config(micro_batch=1000).task_chunks == 4000
+
+
+def test_precision_setting() -> None:
+    assert Config().precision == "fp32"
+    assert Config.from_env({"INDEXQ_PRECISION": "fp16"}).precision == "fp16"
+    with pytest.raises(ConfigError, match="precision must be one of fp32, fp16, got 'half'"):
+        Config(precision="half")
+
+
+def test_fp16_off_cuda_is_refused_with_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    result = run_cli(home, "worker", "--precision", "fp16", "--device", "cpu", INDEXQ_MODEL="all-MiniLM-L6-v2")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(
+        "Error: precision 'fp16' was asked for (--precision, INDEXQ_PRECISION), but the model runs on 'cpu'"
+    )
+    assert "Traceback" not in result.stderr
+
+
+class WatchingEmbedder(HashEmbedder):
+    """A hash embedder that, on every call after the first, waits (up to 10 s) for the
+    ledger's committed count to grow while it embeds: it can only grow if the writer
+    commits the previous micro-batch meanwhile."""
+
+    def __init__(self, ledger_path: Path) -> None:
+        super().__init__("hash:32")
+        self.ledger_path = ledger_path
+        self.calls: list[tuple[str, bool]] = []
+
+    def committed(self) -> int:
+        conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True)
+        try:
+            return int(conn.execute("SELECT count(*) FROM chunks WHERE state='committed'").fetchone()[0])
+        finally:
+            conn.close()
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        grew = False
+        if self.calls:
+            before = self.committed()
+            deadline = time.monotonic() + 10
+            while not grew and time.monotonic() < deadline:
+                time.sleep(0.01)
+                grew = self.committed() > before
+        self.calls.append((threading.current_thread().name, grew))
+        return super().embed(texts)
+
+
+def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Path) -> None:
+    config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
+    config.ensure_home()
+    embedder = WatchingEmbedder(config.ledger_path)
+    writer = Writer(config, embedder=embedder)
+    try:
+        ledger = writer.ledger
+        job = ledger.jobs.create(COLLECTION, "records", ["test"])
+        items = [
+            {"id": f"c{i}", "source": "s", "ordinal": i, "text": f"chunk {i}\n", "metadata": json.dumps({"n": i}),
+             "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
+            for i in range(40)
+        ]  # fmt: skip
+        ids = [str(r["id"]) for r in items]
+        ledger.sources.write(job, COLLECTION, items, ids, [])
+        assert writer.index(COLLECTION, ids) == 40
+        # Five micro-batches; each after the first was embedded on the embedding thread
+        # while the one before it was being committed.
+        assert len(embedder.calls) == 5
+        assert all(name.startswith("indexq-embed") for name, _ in embedder.calls)
+        assert [grew for _, grew in embedder.calls[1:]] == [True] * 4
+        # Commits kept to whole groups in id order, and each row embedded once.
+        seqs = [s for (s,) in ledger.conn.execute("SELECT seq FROM chunks ORDER BY rowid")]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 10
+        assert ledger.embedded_more_than_once() == 0
+        assert sorted(writer.store.dump(COLLECTION)) == sorted(ids)
+    finally:
+        writer.close()
+
+
+def test_only_the_writers_checkpoint_skips_its_fsync(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    seen: list[str] = []
+    ledger.conn.set_trace_callback(seen.append)
+    job = ledger.jobs.create(COLLECTION, "records", ["test"])
+    item = {"id": "a", "source": "s", "ordinal": 0, "text": "t", "metadata": "{}", "hash": "h", "state": "pending",
+            "embedding": None, "model": None}  # fmt: skip
+    ledger.sources.write(job, COLLECTION, [item], ["a"], [])
+    producer_writes = list(seen)
+    ledger.store_embeddings(COLLECTION, [("a", "h", np.ones(4, dtype=np.float32).tobytes())], "m")
+    del seen[:]
+    ledger.checkpoint(COLLECTION, [("a", "h")])
+    # A producer's rows and the stored embeddings commit under FULL; the checkpoint under
+    # NORMAL, and the connection is FULL again right after it.
+    assert not any("synchronous" in s for s in producer_writes)
+    assert seen[0] == "PRAGMA synchronous=NORMAL" and seen[-1] == "PRAGMA synchronous=FULL"
+    assert ledger.conn.execute("PRAGMA synchronous").fetchone()[0] == FULL
+    # A backup's sync is a durable write that carries the checkpoint to disk with it.
+    del seen[:]
+    ledger.sync()
+    assert not any("synchronous" in s for s in seen) and "COMMIT" in seen
+    ledger.close()
+    other = Ledger(path)
+    assert other.conn.execute("PRAGMA synchronous").fetchone()[0] == FULL
+    assert other.ids_by_state(COLLECTION) == {"a": "committed"}
+    other.close()
+
+
+def test_the_model_can_be_called_from_two_threads_at_once() -> None:
+    from pipeline.embedder import load_embedder
+
+    embedder = load_embedder("all-MiniLM-L6-v2", "cpu")
+    texts = [[f"thread {t} text {i} about resuming a bulk index" for i in range(16)] for t in range(2)]
+    alone = [embedder.embed(batch) for batch in texts]
+    together: list[np.ndarray] = [np.empty(0), np.empty(0)]
+
+    def run(n: int) -> None:
+        together[n] = embedder.embed(texts[n])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    for got, want in zip(together, alone, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
