@@ -5,7 +5,7 @@ sentence-transformers, then the weights: ~12 s on 2 cores). The writer has it lo
 it answers ``{"text", "model", "device"}`` with the text's vector, so that ``indexq
 search`` imports neither and no second copy of the model is made. ``ask`` returns None
 whenever the writer cannot answer (none running, a stale socket left by a killed
-writer, another model or device, a text over ``MAX_QUERY_CHARS``, no answer within the
+writer, another model, device or precision, a text over ``MAX_QUERY_CHARS``, no answer within the
 timeout); the caller then loads the model as before.
 
 Frames are a 4-byte big-endian length and UTF-8 JSON, never pickle: the request; then
@@ -191,15 +191,21 @@ class QueryServer:
         """The request's text, and why it is refused (None: it is answered)."""
         if not isinstance(request, dict):
             raise ValueError("not an object")
-        text, model, device = request.get("text"), request.get("model"), request.get("device", "auto")
-        if not isinstance(text, str) or not isinstance(model, str) or not isinstance(device, str):
-            raise ValueError("text, model and device must be strings")
+        text, model = request.get("text"), request.get("model")
+        device, precision = request.get("device", "auto"), request.get("precision", "fp32")
+        if not (isinstance(text, str) and isinstance(model, str) and isinstance(device, str)
+                and isinstance(precision, str)):  # fmt: skip
+            raise ValueError("text, model, device and precision must be strings")
         if len(text) > MAX_QUERY_CHARS:
             return text, f"text of {len(text)} characters (at most {MAX_QUERY_CHARS})"
         if not same_model(model, self.embedder.name):
             return text, f"this writer embeds with {self.embedder.name!r}, not {model!r}"
         if not same_device(device, self.embedder.device):
             return text, f"this writer embeds on {self.embedder.device!r}, not {device!r}"
+        # A search loads the model in fp32: an fp16 writer would give other vectors.
+        running = getattr(self.embedder, "precision", "fp32")
+        if precision != running:
+            return text, f"this writer embeds in {running}, not {precision}"
         return text, None
 
     def close(self) -> None:
@@ -225,7 +231,7 @@ def serve(path: Path, embedder: Embedder) -> QueryServer | None:
 
 
 def ask(
-    path: Path, text: str, model: str, device: str = "auto",
+    path: Path, text: str, model: str, device: str = "auto", precision: str = "fp32",
     accept_timeout: float = QUERY_ACCEPT_TIMEOUT, timeout: float = DEFAULT_QUERY_TIMEOUT,
 ) -> np.ndarray | None:  # fmt: skip
     """The running writer's vector for ``text``, or None when it cannot give one (see the module's docstring)."""
@@ -241,7 +247,7 @@ def ask(
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, _reachable(path) as where:
             conn.settimeout(accept_timeout)
             conn.connect(where)
-            _send_frame(conn, {"text": text, "model": model, "device": device})
+            _send_frame(conn, {"text": text, "model": model, "device": device, "precision": precision})
             answer = _recv_frame(conn, MAX_ANSWER_BYTES)
             if isinstance(answer, dict) and answer.get("accepted") is True:
                 conn.settimeout(max(deadline - time.monotonic(), 0.001))

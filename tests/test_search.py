@@ -122,6 +122,7 @@ def test_the_socket_is_owner_only_and_answers_only_its_model(tmp_path: Path, pro
     assert ask(path, "x", "hash:384") is not None
     assert ask(path, "x", "hash:385") is None  # another model: the search loads its own
     assert ask(path, "x", "hash:384", device="cuda:1") is None  # another device
+    assert ask(path, "x", "hash:384", precision="fp16") is None  # search embeds in fp32
     assert ask(path, "x" * (MAX_QUERY_CHARS + 1), "hash:384") is None
     # An oversized frame is refused with an error, not read.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
