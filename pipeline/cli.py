@@ -389,6 +389,10 @@ def search(text: str, collection: str, k: int, as_json: bool, device: str, model
         where = meta.get("source", hit["id"])
         if "start_line" in meta:
             where = f"{where}:{meta['start_line']}-{meta['end_line']}"
+        if "page" in meta:  # PDFs: the page the chunk starts on
+            where = f"{where} page {meta['page']}"
+        if meta.get("heading"):  # Markdown, HTML, DOCX: the heading path
+            where = f"{where} ({meta['heading']})"
         snippet = " ".join(hit["document"].split())[:100]
         click.echo(f"{rank}. {hit['distance']:.3f}  {where}\n   {snippet}")
 
