@@ -234,6 +234,14 @@ def test_documents_are_indexed_with_pages_and_headings_and_reindexed_by_change(
     assert md[1]["document"] == "".join(lines[2:13])
     assert "# not a heading: a comment in code" in md[1]["document"]
 
+    # `indexq search` names a chunk's page and heading path beside its source.
+    found = run_cli(home, "search", "handbook", "-c", COLLECTION, "-k", str(len(records)), **MODEL)
+    assert found.returncode == 0, found.stderr
+    wheres = {line.split("  ", 1)[1] for line in found.stdout.splitlines() if line[:1].isdigit()}
+    assert f"{corpus.resolve() / 'readme.md'}:3-13 (Install > From source)" in wheres
+    assert {f"{corpus.resolve() / 'manual.pdf'} page {n}" for n in (1, 2, 3)} <= wheres
+    assert f"{corpus.resolve() / 'page.html'} (Handbook > Backups)" in wheres
+
 
 def dump_collection_live(home: Path) -> dict[str, list[dict[str, Any]]]:
     """Chunks as the ledger holds them (the writer is running: Chroma is its alone)."""
