@@ -153,10 +153,10 @@ class Writer:
                 ready += [r for r in wave if r.state == EMBEDDED]
                 last = n + 1 == len(waves)
                 cut = len(ready) if last else len(ready) - len(ready) % self.config.commit_batch
-                done = self._commit_wave(collection, ready[:cut])
-                if done is None:
+                done, stopped = self._commit_wave(collection, ready[:cut])
+                committed += done  # a stop mid-wave keeps the groups committed before it
+                if stopped:
                     break
-                committed += done
                 ready = ready[cut:]
         except BaseException:
             # Never leave the model running past the task; the first error is the one raised.
@@ -174,14 +174,15 @@ class Writer:
         pending = [r for r in wave if r.state == PENDING]
         return self._embedding.submit(self._embed, collection, pending) if pending else None
 
-    def _commit_wave(self, collection: str, ready: Sequence[Row]) -> int | None:
-        """Commit embedded rows in groups of ``commit_batch``; None if a stop came first."""
+    def _commit_wave(self, collection: str, ready: Sequence[Row]) -> tuple[int, bool]:
+        """Commit embedded rows in groups of ``commit_batch``: (how many were committed, whether
+        a stop came before the last group)."""
         committed = 0
         for group in batched(ready, self.config.commit_batch):
             if not self.guard.wait_until_clear(self.stop):
-                return None
+                return committed, True
             committed += self._commit_or_refuse(collection, group)
-        return committed
+        return committed, False
 
     def ingest(self, intake: Intake, key: str) -> tuple[str, list[str], list[str]] | None:
         """Record an intake part in the ledger, then drop it from the intake: (collection, to index, stale).

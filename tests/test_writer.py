@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from pipeline.config import Config
 from pipeline.ledger import Ledger
 from pipeline.producer import Producer
+from pipeline.rows import Row
 from pipeline.writer import Writer
 
 COLLECTION = "unit-docs"
@@ -154,3 +156,20 @@ def test_a_record_chroma_refuses_is_failed_and_its_neighbours_commit(writer: Wri
     (error,) = [e for (e,) in writer.ledger.conn.execute("SELECT error FROM chunks WHERE state='failed'")]
     assert error.startswith("refused by Chroma: ")
     assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
+
+
+def test_a_stop_mid_wave_counts_the_groups_committed_before_it(writer: Writer) -> None:
+    # One wave of 8 (micro_batch), two groups of 4 (commit_batch); the stop arrives while
+    # the first group commits, so the second waits for the next start.
+    ids = seed(writer.ledger, rows(writer.ledger, 8))
+    commit = writer._commit
+
+    def commit_then_stop(collection: str, group: Sequence[Row]) -> int:
+        seq = commit(collection, group)
+        writer.stop.set()
+        return seq
+
+    writer._commit = commit_then_stop  # type: ignore[method-assign]
+    assert writer.index(COLLECTION, ids) == 4
+    assert sorted(states(writer.ledger).values()) == ["committed"] * 4 + ["embedded"] * 4
+    assert len(writer.store.dump(COLLECTION)) == 4
