@@ -12,6 +12,7 @@ or an HttpClient on a Chroma server (``chroma run``) when ``chroma_url`` is set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import urllib.parse
 from collections.abc import Callable, Sequence
@@ -42,31 +43,66 @@ def embedding_function_config(model: str | None) -> dict[str, Any] | None:
 
 
 def _embedding_function(model: str | None) -> Any:
-    """Chroma's sentence_transformer function as a configuration only: the writer never asks
-    Chroma to embed, so it must not load a second copy of the model (the real class loads
-    it in its constructor, and Chroma builds one to tell whether a function is legacy)."""
-    found = embedding_function_config(model)
-    if found is None:
+    """Chroma's sentence_transformer function for ``model``, lazy (see ``lazy_sentence_transformer``)."""
+    config = embedding_function_config(model)
+    if config is None:
         return None
-    config: dict[str, Any] = found
+    return lazy_sentence_transformer()(
+        model_name=config["model_name"], device=config["device"], normalize_embeddings=config["normalize_embeddings"]
+    )
+
+
+@functools.cache
+def lazy_sentence_transformer() -> type:
+    """Register, in this process, a sentence_transformer function that loads its model on its
+    first call rather than in its constructor.
+
+    Chroma 1.5.9 rebuilds a collection's embedding function from the stored configuration
+    on every upsert and query (``Collection.schema`` -> ``build_from_config``), and its own
+    class loads the model in the constructor: the writer, which never asks Chroma to embed,
+    would hold a second copy of the model (measured: ``sentence_transformers`` imported and
+    the model built on the first upsert). Same name, same configuration, same vectors when
+    called, so a plain client elsewhere reads the collection as before, and code in this
+    process that does call it (``query_texts``) gets the model then.
+    """
+    from chromadb.utils.embedding_functions import known_embedding_functions
     from chromadb.utils.embedding_functions.sentence_transformer_embedding_function import (
         SentenceTransformerEmbeddingFunction,
     )
 
-    class Configured(SentenceTransformerEmbeddingFunction):
-        def __init__(self) -> None:  # no super(): that would load the model
-            self.model_name = config["model_name"]
-            self.device = config["device"]
-            self.normalize_embeddings = config["normalize_embeddings"]
-            self.kwargs = {}
+    class LazySentenceTransformer(SentenceTransformerEmbeddingFunction):
+        def __init__(
+            self, model_name: str = "all-MiniLM-L6-v2", device: str = "cpu", normalize_embeddings: bool = False,
+            **kwargs: Any,
+        ) -> None:  # fmt: skip
+            # No super().__init__(): that is what loads the model.
+            for key, value in kwargs.items():
+                if not isinstance(value, (str, int, float, bool, list, dict, tuple)):
+                    raise ValueError(f"Keyword argument {key} is not a primitive type")
+            self.model_name = model_name
+            self.device = device
+            self.normalize_embeddings = normalize_embeddings
+            self.kwargs = kwargs
 
-        def is_legacy(self) -> bool:
-            return False
+        @property
+        def _model(self) -> Any:  # read by the parent's __call__ only
+            if self.model_name not in self.models:
+                from sentence_transformers import SentenceTransformer
 
-        def __call__(self, input: Any) -> Any:
-            raise TypeError("indexq computes its vectors itself; this function is configuration only")
+                self.models[self.model_name] = SentenceTransformer(
+                    model_name_or_path=self.model_name, device=self.device, **self.kwargs
+                )
+            return self.models[self.model_name]
 
-    return Configured()
+        @staticmethod
+        def build_from_config(config: dict[str, Any]) -> LazySentenceTransformer:
+            return LazySentenceTransformer(
+                model_name=config["model_name"], device=config["device"],
+                normalize_embeddings=config["normalize_embeddings"], **config.get("kwargs", {}),
+            )  # fmt: skip
+
+    known_embedding_functions[SentenceTransformerEmbeddingFunction.name()] = LazySentenceTransformer
+    return LazySentenceTransformer
 
 
 Settings = CollectionSettings | Callable[[str], CollectionSettings]
@@ -85,6 +121,7 @@ class Store:
         # Chroma keeps one client per path per process; after a restore swapped the
         # directory, that cached client would still write to the old (moved) files.
         SharedSystemClient.clear_system_cache()
+        lazy_sentence_transformer()  # before Chroma rebuilds any collection's function
         chroma_settings = chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
         self.path = path
         self.url = url

@@ -180,3 +180,34 @@ def test_plain_chroma_client_query_texts_finds_what_indexq_search_finds(tmp_path
         assert got["ef"]["config"]["normalize_embeddings"] is True
     records = dump_collection(chroma, "fresh")
     assert all(np.isclose(np.linalg.norm(r["embedding"]), 1.0, atol=1e-5) for r in records.values())
+
+
+# A Store on the real model's name, both kinds of collection (full-text on: configuration;
+# off: schema), upserts and a query; then: was the model loaded by Chroma in this process?
+_NO_SECOND_MODEL = """
+import sys, numpy as np
+from pathlib import Path
+from pipeline.collection import CollectionSettings
+from pipeline.store import Store
+from chromadb.utils.embedding_functions.sentence_transformer_embedding_function import (
+    SentenceTransformerEmbeddingFunction as Real,
+)
+for name, full_text in (("with-fts", True), ("without-fts", False)):
+    store = Store(Path(sys.argv[1]) / name, model="all-MiniLM-L6-v2", settings=CollectionSettings(full_text=full_text))
+    for _ in range(2):
+        store.upsert(name, ["a", "b"], np.ones((2, 384), dtype=np.float32), ["x", "y"], [{"k": 1}, {"k": 2}])
+    store.query(name, np.ones(384, dtype=np.float32), 1)
+    assert store.collection(name).configuration_json["embedding_function"]["name"] == "sentence_transformer"
+print("sentence_transformers" in sys.modules, len(Real.models))
+"""
+
+
+def test_the_configured_embedding_function_never_loads_a_second_model(tmp_path: Path) -> None:
+    """Chroma rebuilds a collection's function on every upsert and query; the stored one must
+    stay configuration in indexq's processes (the writer holds its own model)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _NO_SECOND_MODEL, str(tmp_path)], capture_output=True, text=True,
+        env=env_for(tmp_path / "home"), timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "0"]
