@@ -1,5 +1,5 @@
 """The retrieval benchmark's figures on cases whose answers are known, a smoke run of the
-harness with the real model, and the contextual header the writer embeds."""
+harness with the real model, and the contextual header experiment (ops.tools.context)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ops.tools.context import HEADER_TOKENS, chunk_hash, embed_text, header, text_budget, to_embed
 from ops.tools.retrieval import QUESTIONS, evaluate, rank
-from pipeline.context import HEADER_TOKENS, chunk_hash, embed_text, header, text_budget, to_embed
 from pipeline.embedder import load_tokenizer
 from pipeline.ids import content_hash
 from tests.conftest import env_for

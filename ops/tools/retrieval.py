@@ -32,8 +32,8 @@ from typing import Any
 import click
 import numpy as np
 
+from ops.tools.context import HEADER_TOKENS, embed_text
 from pipeline.config import DEFAULT_MODEL, Config
-from pipeline.context import HEADER_TOKENS, embed_text
 from pipeline.embedder import load_embedder, load_tokenizer
 from pipeline.ids import content_hash
 from pipeline.ledger import Ledger
@@ -221,7 +221,7 @@ VARIANTS = {
         Variant("file-path2", _path(2, "file: "), True, "'file: ' and the last 2 path parts, blank line, text"),
         Variant("abs-path", _full, True, "LlamaIndex style: 'file_path: ' and the absolute path"),
         Variant("path2-long", _path(2), False, "path2 on full-size chunks: the model cuts their ends"),
-        Variant("context", _product, True, "pipeline.context.embed_text, what the writer embeds"),
+        Variant("context", _product, True, "path2, heading, page (ops.tools.context), blank line, text"),
     )
 }
 DEFAULT_VARIANTS = ("none", "path2", "none-short", "name", "abs-path", "path2-long", "context")

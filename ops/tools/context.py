@@ -1,20 +1,24 @@
-"""The text the model embeds for a chunk: a short header that says where the chunk comes
-from, then the chunk itself.
+"""An experiment, not used by indexq: embed a chunk with a short header that says where
+it comes from (path tail, heading, page), then the chunk itself.
 
 A chunk of ``email/_header_value_parser.py`` rarely names its own file; a question
-about header folding does. Embedding the path with the text lets the file's name vote
-(measured by ``python -m ops.tools.retrieval``). Only the embedded text changes: the
-document stored in Chroma is the chunk, unchanged. The header takes tokens from the
-model's window, so chunks are cut ``HEADER_TOKENS`` shorter while it is on; a query's
-vector is not affected.
+about header folding does. Embedding the path with the text lets the file's name vote.
+``python -m ops.tools.retrieval`` measures it (variant ``context``): not a clear win
+(README, "Retrieval"), so the writer embeds the chunk's text alone and nothing in
+``pipeline`` imports this module.
 
-Whether a chunk carries the header is decided once, by the producer that chunks it, and
-travels in the chunk's hash: a chunk to be embedded with its header gets the hash of
-that text (``chunk_hash``), and the writer embeds the header only for such a row
-(``to_embed``). So the hash always covers what is embedded (an unchanged re-submission
-re-embeds nothing; turning the header on or off re-embeds each chunk once; a heading
-that changes re-embeds its chunks), and a writer never has to agree with the producers
-on a setting.
+If a future benchmark says otherwise, the design for wiring it into the product is
+already here. Only the embedded text changes: the document stored in Chroma stays the
+chunk. The header takes tokens from the model's window, so chunks would be cut
+``HEADER_TOKENS`` shorter while it is on (``text_budget``, the chunker's budget); a
+query's vector is not affected. Whether a chunk carries the header is decided once, by the
+producer that chunks it, and travels in the chunk's hash: the producer stores
+``chunk_hash`` (the hash of the text with its header), and the writer embeds
+``to_embed`` of each row instead of its text. So the hash always covers what is
+embedded (an unchanged re-submission re-embeds nothing; turning the header on or off
+re-embeds each chunk once; a heading that changes re-embeds its chunks), and a writer
+never has to agree with the producers on a setting. The module would then move back
+into ``pipeline`` (the core may not import ``ops``).
 """
 
 from __future__ import annotations
