@@ -35,17 +35,25 @@ def _create(conn: sqlite3.Connection) -> None:
     conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL)")
 
 
+def _rows(conn: sqlite3.Connection, collection: str | None = None) -> list[tuple[str, int]]:
+    """(collection, full_text) as recorded, for ``collection`` or for all; none in a ledger
+    that no submission with settings has touched yet (the table is made by the first)."""
+    sql, params = f"SELECT collection, full_text FROM {TABLE}", []
+    if collection is not None:
+        sql, params = f"{sql} WHERE collection=?", [collection]
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        return []
+
+
 def recorded(conn: sqlite3.Connection, collection: str) -> CollectionSettings | None:
     """The settings recorded for ``collection``; defaults for one indexed before settings were
     recorded; None for a collection the ledger does not know yet."""
-    try:
-        row = conn.execute(f"SELECT full_text FROM {TABLE} WHERE collection=?", (collection,)).fetchone()
-    except sqlite3.OperationalError as exc:  # a ledger no submission with settings has touched yet
-        if "no such table" not in str(exc):
-            raise
-        row = None
-    if row is not None:
-        return CollectionSettings(full_text=bool(row[0]))
+    for _, full_text in _rows(conn, collection):
+        return CollectionSettings(full_text=bool(full_text))
     if conn.execute("SELECT 1 FROM chunks WHERE collection=? LIMIT 1", (collection,)).fetchone():
         return CollectionSettings()
     return None
@@ -90,10 +98,6 @@ def read(ledger_path: Path, collection: str) -> CollectionSettings:
 def all_recorded(conn: sqlite3.Connection) -> dict[str, CollectionSettings]:
     """collection -> settings, for every collection the ledger has rows or settings for (status)."""
     found = {c: CollectionSettings() for (c,) in conn.execute("SELECT DISTINCT collection FROM chunks")}
-    try:
-        for collection, full_text in conn.execute(f"SELECT collection, full_text FROM {TABLE}"):
-            found[collection] = CollectionSettings(full_text=bool(full_text))
-    except sqlite3.OperationalError as exc:
-        if "no such table" not in str(exc):
-            raise
+    for collection, full_text in _rows(conn):
+        found[collection] = CollectionSettings(full_text=bool(full_text))
     return dict(sorted(found.items()))

@@ -221,6 +221,17 @@ def parse_duration(setting: str, value: str | float) -> float:
     return seconds
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def parse_flag(setting: str, value: str) -> bool:
+    """True from ``1``, ``true``, ``yes`` or ``on``; False from ``0``, ``false``, ``no`` or ``off`` (any case)."""
+    flag = value.strip().lower()
+    if flag not in _TRUE + _FALSE:
+        raise ConfigError(f"{setting} must be true or false, got {value!r}")
+    return flag in _TRUE
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a producer, the writer or an operator command needs to know."""
@@ -478,14 +489,8 @@ class Config:
             if found := pick(*names):
                 values[field] = parse_duration(found[0], found[1])
         if found := pick("INDEXQ_AUTO_RECOVER"):
-            flag = found[1].lower()
-            if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ConfigError(f"INDEXQ_AUTO_RECOVER must be true or false, got {found[1]!r}")
-            values["auto_recover"] = flag in ("1", "true", "yes", "on")
+            values["auto_recover"] = parse_flag(*found)
         if found := pick("INDEXQ_FULL_TEXT"):
-            flag = found[1].lower()
-            if flag not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ConfigError(f"INDEXQ_FULL_TEXT must be true or false, got {found[1]!r}")
-            values["full_text"] = flag in ("1", "true", "yes", "on")
+            values["full_text"] = parse_flag(*found)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_MICRO_BATCH, Config, parse_duration
+from pipeline.config import DEFAULT_MICRO_BATCH, Config, parse_duration, parse_flag
 from pipeline.errors import ConfigError
 
 
@@ -64,6 +64,19 @@ def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], messag
     with pytest.raises(ConfigError) as info:
         Config.from_env(env, home=tmp_path)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "field"), [("INDEXQ_AUTO_RECOVER", "auto_recover"), ("INDEXQ_FULL_TEXT", "full_text")]
+)
+def test_true_false_variables_share_one_parser(tmp_path: Path, variable: str, field: str) -> None:
+    for raw, value in (("1", True), ("On", True), ("yes", True), ("TRUE", True), ("0", False), ("off", False),
+                       ("No", False), ("false", False)):  # fmt: skip
+        assert getattr(Config.from_env({variable: raw}, home=tmp_path), field) is value
+        assert parse_flag(variable, raw) is value
+    with pytest.raises(ConfigError) as info:
+        Config.from_env({variable: "maybe"}, home=tmp_path)
+    assert str(info.value) == f"{variable} must be true or false, got 'maybe'"
 
 
 def test_parse_duration() -> None:
