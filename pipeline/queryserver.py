@@ -44,7 +44,9 @@ _LENGTH = struct.Struct(">I")
 MAX_REQUEST_BYTES = MAX_QUERY_CHARS * 6 + 4096
 # An answer is 384-4096 floats as JSON text; anything far larger is not ours.
 MAX_ANSWER_BYTES = 1 << 20
-# A peer that connects and then sends nothing is dropped after this long.
+# A peer's whole request must arrive within this long of its acceptance, and each answer
+# frame must be taken within this long: a timeout per recv would let a peer that drips a
+# byte now and then hold a slot for hours.
 READ_TIMEOUT = 2.0
 # Queries answered at once; more are closed at once (the caller loads the model itself).
 MAX_CLIENTS = 8
@@ -67,9 +69,18 @@ def _reachable(path: Path) -> Iterator[str]:
         os.close(fd)
 
 
-def _recv_exact(conn: socket.socket, size: int) -> bytes:
+def _until(conn: socket.socket, deadline: float) -> None:
+    """Give the next socket call on ``conn`` what is left until ``deadline`` (monotonic)."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    conn.settimeout(left)
+
+
+def _recv_exact(conn: socket.socket, size: int, deadline: float) -> bytes:
     chunks, left = [], size
     while left:
+        _until(conn, deadline)
         chunk = conn.recv(min(left, 65536))
         if not chunk:
             raise ConnectionError("connection closed mid-frame")
@@ -78,16 +89,18 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv_frame(conn: socket.socket, limit: int) -> Any:
-    (size,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size))
+def _recv_frame(conn: socket.socket, limit: int, deadline: float) -> Any:
+    """One frame, all of it by ``deadline`` (monotonic)."""
+    (size,) = _LENGTH.unpack(_recv_exact(conn, _LENGTH.size, deadline))
     if size > limit:
         raise ValueError(f"frame of {size} bytes (at most {limit})")
-    return json.loads(_recv_exact(conn, size).decode("utf-8"))
+    return json.loads(_recv_exact(conn, size, deadline).decode("utf-8"))
 
 
-def _send_frame(conn: socket.socket, value: Any) -> None:
+def _send_frame(conn: socket.socket, value: Any, deadline: float) -> None:
     body = json.dumps(value, separators=(",", ":")).encode("utf-8")
-    conn.sendall(_LENGTH.pack(len(body)) + body)
+    _until(conn, deadline)
+    conn.sendall(_LENGTH.pack(len(body)) + body)  # the timeout bounds the whole sendall
 
 
 def _peer_uid(conn: socket.socket) -> int | None:
@@ -124,6 +137,7 @@ class QueryServer:
         self.embedder = embedder
         self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         self._closed = threading.Event()
+        self._spawn_failed = False  # logged once: at the thread limit it would fail on every query
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._inode = self._bind()
@@ -159,7 +173,14 @@ class QueryServer:
             if not self._slots.acquire(blocking=False):
                 conn.close()  # busy: the caller loads the model itself
                 continue
-            threading.Thread(target=self._serve, args=(conn,), name="indexq-query", daemon=True).start()
+            try:
+                threading.Thread(target=self._serve, args=(conn,), name="indexq-query", daemon=True).start()
+            except RuntimeError as exc:  # the process's thread limit: this query loads the model
+                self._slots.release()
+                conn.close()
+                if not self._spawn_failed:
+                    self._spawn_failed = True
+                    logger.warning("query socket: cannot start a thread (%s); searches load the model", exc)
 
     def _serve(self, conn: socket.socket) -> None:
         try:
@@ -168,18 +189,18 @@ class QueryServer:
                 if uid is not None and uid != os.geteuid():
                     logger.warning("query socket: refused a peer of uid %d", uid)
                     return
-                conn.settimeout(READ_TIMEOUT)
+                deadline = time.monotonic() + READ_TIMEOUT
                 try:
-                    text, refused = self.check(_recv_frame(conn, MAX_REQUEST_BYTES))
+                    text, refused = self.check(_recv_frame(conn, MAX_REQUEST_BYTES, deadline))
                 except (ValueError, UnicodeDecodeError) as exc:
                     text, refused = "", f"bad request: {first_line(exc)}"
                 if refused:
-                    _send_frame(conn, {"error": refused})
+                    _send_frame(conn, {"error": refused}, deadline)
                     return
-                _send_frame(conn, {"accepted": True})
+                _send_frame(conn, {"accepted": True}, deadline)
                 # Waits for the micro-batch the writer may be embedding (the embedder's lock).
                 vector = self.embedder.embed([text])[0]
-                _send_frame(conn, {"vector": vector.tolist()})
+                _send_frame(conn, {"vector": vector.tolist()}, time.monotonic() + READ_TIMEOUT)
         except OSError as exc:  # the caller gave up (its timeout) or went away
             logger.debug("query socket: %s", first_line(exc))
         except Exception:
@@ -242,16 +263,16 @@ def ask(
             return None
     except OSError:
         return None  # no writer has served this data home
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    accepted_by, deadline = start + accept_timeout, start + timeout
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn, _reachable(path) as where:
             conn.settimeout(accept_timeout)
             conn.connect(where)
-            _send_frame(conn, {"text": text, "model": model, "device": device, "precision": precision})
-            answer = _recv_frame(conn, MAX_ANSWER_BYTES)
+            _send_frame(conn, {"text": text, "model": model, "device": device, "precision": precision}, accepted_by)
+            answer = _recv_frame(conn, MAX_ANSWER_BYTES, accepted_by)
             if isinstance(answer, dict) and answer.get("accepted") is True:
-                conn.settimeout(max(deadline - time.monotonic(), 0.001))
-                answer = _recv_frame(conn, MAX_ANSWER_BYTES)
+                answer = _recv_frame(conn, MAX_ANSWER_BYTES, deadline)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         # ECONNREFUSED: a socket left by a killed writer; TimeoutError: a hung writer.
         logger.info("query socket %s did not answer (%s): loading the model", path, first_line(exc))

@@ -12,6 +12,8 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 from pipeline import api
 from pipeline.config import MAX_QUERY_CHARS, Config
 from pipeline.embedder import HashEmbedder
-from pipeline.queryserver import ask
+from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
 
 QUERY = "decode a JSON document into a Python object"
@@ -151,10 +153,10 @@ def _another_user_is_refused(path: Path) -> None:
         "os.chdir(sys.argv[1]); os.setgid(65534); os.setuid(65534)\n"
         "s = socket.socket(socket.AF_UNIX); s.settimeout(30)\n"
         "s.connect('query.sock')\n"
-        "s.sendall(b'\\x00\\x00\\x00\\x02{}')\n"
-        "try:\n"
+        "try:\n"  # the server may close before the request is sent: a broken pipe
+        "    s.sendall(b'\\x00\\x00\\x00\\x02{}')\n"
         "    print(repr(s.recv(100)))\n"
-        "except ConnectionResetError:\n"
+        "except (BrokenPipeError, ConnectionResetError):\n"
         "    print('reset')\n"
     )
     try:
@@ -179,3 +181,67 @@ def test_search_with_no_writer_loads_the_model_itself(tmp_path: Path, procs: lis
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)) == 2
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Any:
+    """A query server in this process, on the hash embedder (no writer, no Chroma)."""
+    served = QueryServer(tmp_path / "query.sock", HashEmbedder("hash:384"))
+    yield served
+    served.close()
+
+
+def _drip(path: Path, cut_off: list[float]) -> None:
+    """A peer of the right user that sends a valid request one byte every 0.5 s (under the
+    2 s a recv waits); records how long the server kept it."""
+    body = json.dumps({"text": QUERY, "model": "hash:384"}).encode()
+    frame = len(body).to_bytes(4, "big") + body  # ~80 bytes: ~40 s at this pace
+    start = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(path))
+        try:
+            for byte in frame:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.5)
+            conn.settimeout(30)
+            conn.recv(1)
+        except OSError:
+            pass  # EPIPE or a reset: the server closed it
+        cut_off.append(time.monotonic() - start)
+
+
+def test_a_peer_dripping_its_request_is_cut_off_and_search_answers(server: QueryServer) -> None:
+    cut_off: list[float] = []
+    drips = [threading.Thread(target=_drip, args=(server.path, cut_off)) for _ in range(MAX_CLIENTS)]
+    for drip in drips:
+        drip.start()
+    time.sleep(0.5)
+    assert ask(server.path, QUERY, "hash:384") is None  # every slot is held: busy
+    for drip in drips:
+        drip.join(timeout=60)
+    # Cut off at the request's deadline, not after its last byte (~40 s) or never.
+    assert len(cut_off) == MAX_CLIENTS and max(cut_off) < READ_TIMEOUT + 5, cut_off
+    vector = ask(server.path, QUERY, "hash:384")
+    assert vector is not None
+    assert vector.tolist() == HashEmbedder("hash:384").embed([QUERY])[0].tolist()
+
+
+def test_no_thread_for_a_query_frees_its_slot_and_the_server_goes_on(
+    server: QueryServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The thread limit (RuntimeError from Thread.start) for the next MAX_CLIENTS queries.
+    start, failures = threading.Thread.start, [MAX_CLIENTS]
+
+    def start_or_fail(thread: threading.Thread) -> None:
+        if thread.name == "indexq-query" and failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("can't start new thread")
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start_or_fail)
+    for _ in range(MAX_CLIENTS):
+        assert ask(server.path, QUERY, "hash:384") is None  # this search loads the model
+    assert ask(server.path, QUERY, "hash:384") is not None  # no slot leaked, still accepting
+    assert [r.message for r in caplog.records].count(
+        "query socket: cannot start a thread (can't start new thread); searches load the model"
+    ) == 1
