@@ -122,11 +122,13 @@ def test_only_the_writers_checkpoint_skips_its_fsync(tmp_path: Path) -> None:
     item = {"id": "a", "source": "s", "ordinal": 0, "text": "t", "metadata": "{}", "hash": "h", "state": "pending",
             "embedding": None, "model": None}  # fmt: skip
     ledger.sources.write(job, COLLECTION, [item], ["a"], [])
-    producer_writes = list(seen)
+    ledger.begin_embedding(COLLECTION, ["a"])
     ledger.store_embeddings(COLLECTION, [("a", "h", np.ones(4, dtype=np.float32).tobytes())], "m")
+    producer_writes = list(seen)
     del seen[:]
     ledger.checkpoint(COLLECTION, [("a", "h")])
-    # A producer's rows and the stored embeddings commit under FULL; the checkpoint under
+    # A producer's rows, the count of an embedding attempt (invariant 4's evidence must
+    # survive a power loss) and the stored embeddings commit under FULL; the checkpoint under
     # NORMAL, and the connection is FULL again right after it.
     assert not any("synchronous" in s for s in producer_writes)
     assert seen[0] == "PRAGMA synchronous=NORMAL" and seen[-1] == "PRAGMA synchronous=FULL"
