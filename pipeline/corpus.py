@@ -233,15 +233,16 @@ def read_document(path: Path) -> Document | Skipped:
     if isinstance(data, Skipped):
         return data
     kind = format_of(path.suffix)
+    source: bytes | str = data
     if kind is None or kind == "markdown":
         text = _decode(path, data)
         if isinstance(text, Skipped) or kind is None:
             return text if isinstance(text, Skipped) else Document(text)
-        return parse(kind, text)
-    if kind not in BINARY_FORMATS and b"\x00" in data[:_SNIFF]:
+        source = text
+    elif kind not in BINARY_FORMATS and b"\x00" in data[:_SNIFF]:
         return Skipped(str(path), "binary")
-    try:
-        return parse(kind, data)
+    try:  # every parser turns what a file makes it raise into Unparsable: never fatal to the job
+        return parse(kind, source)
     except Unparsable as exc:
         return Skipped(str(path), exc.reason)
 

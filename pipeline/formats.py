@@ -8,16 +8,23 @@ heading path and page in force at each line. Everything else is plain text.
 Parsers read what anyone may have written: every limit here (pages, extracted text,
 unpacked size, time) bounds what one file can cost the producer, and a file that
 breaks a parser is skipped with its reason (``Unparsable``), never fatal to the job.
+No parser holds a tree of the whole file: HTML and DOCX stream through lxml parser
+targets (events, no tree), Markdown is parsed in windows of lines. What grows with a
+file is its extracted text and one mark per line (at most ``MAX_TEXT_CHARS``).
 """
 
 from __future__ import annotations
 
+import array
 import bisect
+import codecs
 import dataclasses
 import io
+import posixpath
+import re
 import time
 import zipfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from pipeline.guards import clean_text
@@ -38,12 +45,23 @@ BINARY_FORMATS = ("pdf", "docx")
 HEADING_SEPARATOR = " > "
 # Bounds on one file, whatever it claims: pages read from a PDF, characters of text
 # extracted (as much as a text file may hold), bytes a DOCX unpacks to (its XML is
-# several times its text), and seconds spent parsing (a PDF built to be slow: many
-# pages of operators). A file over a bound is skipped with the bound in its reason.
+# several times its text), and seconds spent parsing any format (a PDF built to be
+# slow: many pages of operators; an HTML file of a million elements). A file over a
+# bound is skipped with the bound in its reason.
 MAX_PDF_PAGES = 5000
 MAX_TEXT_CHARS = 16 * 2**20
 MAX_UNPACKED_BYTES = 256 * 2**20
 MAX_PARSE_SECONDS = 120.0
+# Markdown is parsed a window of this many lines at a time, so that markdown-it's tokens
+# and line tables stay small whatever the file holds. A window ends before its last
+# top-level block, which the next window parses whole. (Lines are looked for in slices
+# of _MARKDOWN_WINDOW_CHARS, doubled until the window's lines are in.)
+MARKDOWN_WINDOW_LINES = 10_000
+_MARKDOWN_WINDOW_CHARS = 512 * 2**10
+# HTML is fed to its parser, and a DOCX part read, in pieces of this size; the deadline
+# is checked between pieces and every few thousand elements.
+_PIECE = 64 * 2**10
+_EVERY = 4096
 # Skip reasons that mean the file's content cannot be indexed (its old chunks are stale).
 # A parse that ran out of time is not one of them: under load a good file may be slow.
 GONE_REASONS = ("encrypted PDF", "cannot parse", "no text", "not a PDF", "more than")
@@ -78,7 +96,7 @@ class Document:
     headings: frozenset[int] = frozenset()  # heading lines: sections start there
     paths: tuple[tuple[int, str], ...] = ()  # (line, heading path in force from it)
     pages: tuple[tuple[int, int], ...] = ()  # (line, page number from it)
-    body: tuple[int, ...] = ()  # lines that hold text and are not headings
+    body: Sequence[int] = ()  # lines that hold text and are not headings, ascending (an array: 8 bytes a line)
 
     def place(self, start: int, end: int) -> dict[str, Any]:
         """Metadata for a chunk of lines ``start..end``: lines, page where it starts, heading path."""
@@ -121,6 +139,10 @@ def parse(kind: str, data: bytes | str) -> Document:
     raise ValueError(f"unknown format {kind!r}")
 
 
+def _deadline() -> float:
+    return time.monotonic() + MAX_PARSE_SECONDS
+
+
 class _Builder:
     """Lines of extracted text, with the headings, heading paths and pages they fall under."""
 
@@ -131,13 +153,14 @@ class _Builder:
         self.headings: set[int] = set()
         self.paths: list[tuple[int, str]] = []
         self.pages: list[tuple[int, int]] = []
-        self.body: list[int] = []
+        self.body = array.array("q")
         self.deadline = deadline
 
-    def check(self) -> None:
+    def check(self, pending: int = 0) -> None:
+        """Over time, or over the text bound with ``pending`` characters not yet added."""
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise _TooSlow
-        if self.chars > MAX_TEXT_CHARS:
+        if self.chars + pending > MAX_TEXT_CHARS:
             raise Unparsable(f"larger than {MAX_TEXT_CHARS // 2**20} MB of extracted text")
 
     def page(self, number: int) -> None:
@@ -164,27 +187,19 @@ class _Builder:
         self.headings.add(len(self.lines))
         self.paths.append((len(self.lines), HEADING_SEPARATOR.join(t for _, t in self.stack)))
         self.chars += len(title) + 1
+        self.check()
 
     def document(self, what: str) -> Document:
         if not self.body:
             raise Unparsable("no text layer (a scanned PDF?)" if what == "PDF" else "empty")
         return Document(
             "\n".join(self.lines) + "\n", file_lines=False, headings=frozenset(self.headings),
-            paths=tuple(self.paths), pages=tuple(self.pages), body=tuple(self.body),
+            paths=tuple(self.paths), pages=tuple(self.pages), body=self.body,
         )  # fmt: skip
 
 
 class _TooSlow(Exception):
     pass
-
-
-def pdf(data: bytes) -> Document:
-    """Text page by page; ``page`` is where each line is."""
-    # The header may follow a little junk (the PDF specification allows 1 KB of it).
-    if b"%PDF-" not in data[:1024]:
-        raise Unparsable("not a PDF (no %PDF- header)")
-    builder = _Builder(time.monotonic() + MAX_PARSE_SECONDS)
-    return _guarded("PDF", lambda: _pdf(data, builder))
 
 
 def _guarded(what: str, parse: Callable[[], Document]) -> Document:
@@ -197,6 +212,15 @@ def _guarded(what: str, parse: Callable[[], Document]) -> Document:
         raise Unparsable(f"parse took over {MAX_PARSE_SECONDS:.0f} s") from None
     except Exception as exc:  # a malformed file can raise anything from deep inside a parser
         raise Unparsable(f"cannot parse {what}: {_first_line(exc)}") from None
+
+
+def pdf(data: bytes) -> Document:
+    """Text page by page; ``page`` is where each line is."""
+    # The header may follow a little junk (the PDF specification allows 1 KB of it).
+    if b"%PDF-" not in data[:1024]:
+        raise Unparsable("not a PDF (no %PDF- header)")
+    builder = _Builder(_deadline())
+    return _guarded("PDF", lambda: _pdf(data, builder))
 
 
 def _pdf(data: bytes, builder: _Builder) -> Document:
@@ -225,116 +249,430 @@ def _pdf(data: bytes, builder: _Builder) -> Document:
     return builder.document("PDF")
 
 
+# DOCX: WordprocessingML and OPC relationship names, as lxml spells them.
+_W = "{http://schemas.openxmlformats.org/wordprocessingml/2006/main}"
+_RELATIONSHIP = "{http://schemas.openxmlformats.org/package/2006/relationships}Relationship"
+# What a run's children stand for in its text (as python-docx reads a run).
+_DOCX_RUN_CHARS = {f"{_W}tab": "\t", f"{_W}ptab": "\t", f"{_W}cr": "\n", f"{_W}noBreakHyphen": "-"}
+_DOCX_HEADING = re.compile(r"heading ?([0-9]+)")
+
+
 def docx(data: bytes) -> Document:
     """Paragraphs and table rows in document order; paragraphs styled Title or Heading N are headings."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            unpacked = sum(info.file_size for info in archive.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise Unparsable(f"cannot parse DOCX: {_first_line(exc)}") from None
-    if unpacked > MAX_UNPACKED_BYTES:
-        raise Unparsable(f"more than {MAX_UNPACKED_BYTES // 2**20} MB unpacked")
-    return _guarded("DOCX", lambda: _docx(data, _Builder()))
+    builder = _Builder(_deadline())
+    return _guarded("DOCX", lambda: _docx(data, builder))
 
 
 def _docx(data: bytes, builder: _Builder) -> Document:
-    import docx as python_docx
-    from docx.table import Table
-
-    document = python_docx.Document(io.BytesIO(data))
-    for block in document.iter_inner_content():
-        if isinstance(block, Table):
-            for row in block.rows:
-                builder.text(" | ".join(cell.text.strip() for cell in row.cells))
-            continue
-        level = _docx_level(block.style.name if block.style is not None else "")
-        if level is None:
-            builder.text(block.text)
-        else:
-            builder.heading(level, block.text)
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        # What the archive declares first; then what is read, counted as it is read.
+        if sum(info.file_size for info in archive.infolist()) > MAX_UNPACKED_BYTES:
+            raise Unparsable(f"more than {MAX_UNPACKED_BYTES // 2**20} MB unpacked")
+        budget = [MAX_UNPACKED_BYTES]
+        main = _docx_part(archive, "", "officeDocument", budget, builder) or "word/document.xml"
+        styles_part = _docx_part(archive, main, "styles", budget, builder)
+        styles: dict[str, str] = {}
+        if styles_part and styles_part in archive.NameToInfo:
+            _xml(archive, styles_part, _DocxStyles(styles), budget, builder)
+        _xml(archive, main, _DocxBody(builder, styles), budget, builder)
     return builder.document("DOCX")
 
 
+def _docx_part(archive: zipfile.ZipFile, source: str, kind: str, budget: list[int], builder: _Builder) -> str | None:
+    """The part that ``source`` (a part name; "" for the package) relates to by a relationship of ``kind``."""
+    folder, name = posixpath.split(source)
+    rels = posixpath.join(folder, "_rels", f"{name}.rels")
+    if rels not in archive.NameToInfo:
+        return None
+    found: list[str] = []
+    _xml(archive, rels, _DocxRelations(kind, found), budget, builder)
+    if not found:
+        return None
+    return posixpath.normpath(posixpath.join("/", folder, found[0])).lstrip("/")
+
+
+def _xml(archive: zipfile.ZipFile, part: str, target: Any, budget: list[int], builder: _Builder) -> None:
+    """Stream one part of the archive through an lxml parser target: no tree is built."""
+    from lxml import etree
+
+    # No entities resolved, nothing fetched, libxml2's default depth and size limits.
+    parser = etree.XMLParser(target=target, resolve_entities=False, no_network=True, huge_tree=False)
+    with archive.open(part) as stream:
+        while piece := stream.read(_PIECE):
+            budget[0] -= len(piece)
+            if budget[0] < 0:
+                raise Unparsable(f"more than {MAX_UNPACKED_BYTES // 2**20} MB unpacked")
+            parser.feed(piece)
+            builder.check()
+    parser.close()
+
+
+class _DocxRelations:
+    """Parser target: the targets of the relationships of one kind."""
+
+    def __init__(self, kind: str, found: list[str]) -> None:
+        self.kind = f"/{kind}"
+        self.found = found
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if tag == _RELATIONSHIP and attrib.get("Type", "").endswith(self.kind) and "Target" in attrib:
+            if attrib.get("TargetMode") != "External":
+                self.found.append(attrib["Target"])
+
+    def close(self) -> None:
+        pass
+
+
+class _DocxStyles:
+    """Parser target: style id -> style name (``heading 1``) from styles.xml."""
+
+    def __init__(self, styles: dict[str, str]) -> None:
+        self.styles = styles
+        self.current: str | None = None
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if tag == f"{_W}style":
+            self.current = attrib.get(f"{_W}styleId")
+        elif tag == f"{_W}name" and self.current is not None:
+            self.styles.setdefault(self.current, attrib.get(f"{_W}val", ""))
+
+    def end(self, tag: str) -> None:
+        if tag == f"{_W}style":
+            self.current = None
+
+    def close(self) -> None:
+        pass
+
+
+class _DocxBody:
+    """Parser target over word/document.xml: the body's paragraphs and its tables' rows.
+
+    As python-docx reads them: paragraphs and tables that are children of the body, a
+    table row as its cells' text joined by `` | ``; not text boxes, nested tables,
+    deleted text or field codes. Only counters and the paragraph in hand are kept.
+    """
+
+    def __init__(self, builder: _Builder, styles: dict[str, str]) -> None:
+        self.builder = builder
+        self.styles = styles
+        self.depth = 0
+        self.events = 0
+        self.body = 0  # depth of w:body
+        self.table = 0  # depth of the body-level table in hand
+        self.cell = 0  # depth of its cell in hand
+        self.para = 0  # depth of the paragraph in hand (a body or cell paragraph)
+        self.nested = 0  # paragraphs open inside it (text boxes): not its text
+        self.run = 0  # depth of the run in hand
+        self.in_text = False
+        self.style: str | None = None
+        self.pieces: list[str] = []
+        self.size = 0  # characters in pieces
+        self.cells: list[str] = []
+        self.cell_lines: list[str] = []
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        self.depth += 1
+        depth = self.depth
+        self.events += 1
+        if self.events % _EVERY == 0:
+            self.builder.check(self.size)
+        if tag == f"{_W}p":
+            if self.para:
+                self.nested += 1
+            elif depth == self.body + 1 or (self.cell and depth == self.cell + 1):
+                self.para, self.style, self.run = depth, None, 0
+        elif not self.para:
+            if tag == f"{_W}body" and not self.body:
+                self.body = depth
+            elif tag == f"{_W}tbl" and not self.table and self.body and depth == self.body + 1:
+                self.table = depth
+            elif tag == f"{_W}tr" and self.table and depth == self.table + 1:
+                self.cells = []
+            elif tag == f"{_W}tc" and self.table and depth == self.table + 2:
+                self.cell, self.cell_lines = depth, []
+        elif self.nested:
+            return
+        elif tag == f"{_W}r":
+            self.run = depth
+        elif self.run and depth == self.run + 1:
+            if tag == f"{_W}t":
+                self.in_text = True
+            elif tag in _DOCX_RUN_CHARS:
+                self._add(_DOCX_RUN_CHARS[tag])
+            elif tag == f"{_W}br" and attrib.get(f"{_W}type", "textWrapping") == "textWrapping":
+                self._add("\n")
+        elif tag == f"{_W}pStyle" and depth == self.para + 2:
+            self.style = attrib.get(f"{_W}val")
+
+    def data(self, text: str) -> None:
+        if self.in_text:
+            self._add(text)
+
+    def _add(self, text: str) -> None:
+        self.pieces.append(text)
+        self.size += len(text)
+        if self.size > 2**16 and len(self.pieces) > 1024:  # a long paragraph of many runs
+            self.pieces[:] = ["".join(self.pieces)]
+            self.builder.check(self.size)
+
+    def end(self, tag: str) -> None:
+        depth = self.depth
+        self.depth -= 1
+        if tag == f"{_W}p" and self.para:
+            if self.nested:
+                self.nested -= 1
+            elif depth == self.para:
+                self._paragraph()
+        elif tag == f"{_W}t":
+            self.in_text = False
+        elif tag == f"{_W}r" and depth == self.run:
+            self.run = 0
+        elif tag == f"{_W}tc" and depth == self.cell:
+            self.cells.append("\n".join(self.cell_lines).strip())
+            self.cell = 0
+        elif tag == f"{_W}tr" and self.table and depth == self.table + 1:
+            self.builder.text(" | ".join(self.cells))
+        elif tag == f"{_W}tbl" and depth == self.table:
+            self.table = 0
+
+    def _paragraph(self) -> None:
+        text = "".join(self.pieces)
+        self.pieces, self.size, self.para = [], 0, 0
+        if self.cell:
+            self.cell_lines.append(text)
+            return
+        style = self.style
+        level = _docx_level(self.styles.get(style, style)) if style else None
+        if level is None:
+            self.builder.text(text)
+        else:
+            self.builder.heading(level, text)
+
+    def close(self) -> None:
+        pass
+
+
 def _docx_level(style: str | None) -> int | None:
-    if style == "Title":
+    """Title is 0, ``Heading N`` (the name as Word stores it: ``heading 1``; or its id ``Heading1``) is N."""
+    name = (style or "").strip().lower()
+    if name == "title":
         return 0
-    if style and style.startswith("Heading "):
-        rest = style.removeprefix("Heading ")
-        if rest.isdigit():
-            return int(rest)
-    return None
+    match = _DOCX_HEADING.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def html(data: bytes) -> Document:
     """Visible text (no head, script, style or hidden elements); h1-h6 are headings."""
-    return _guarded("HTML", lambda: _html(data, _Builder()))
+    builder = _Builder(_deadline())
+    return _guarded("HTML", lambda: _html(data, builder))
 
 
 def _html(data: bytes, builder: _Builder) -> Document:
-    from bs4 import BeautifulSoup
-    from bs4.element import NavigableString, PreformattedString, Tag
+    from lxml import etree
 
-    soup = BeautifulSoup(data, "lxml")
-    words: list[str] = []
-
-    def flush() -> None:
-        if words:
-            builder.text(" ".join(" ".join(words).split()))
-            words.clear()
-
-    # An explicit stack, not recursion: nesting depth is the author's to choose.
-    stack: list[tuple[Any, bool]] = [(soup.body or soup, False)]
-    while stack:
-        node, leaving = stack.pop()
-        if leaving:
-            flush()
-        elif isinstance(node, PreformattedString):  # comments, doctypes, CDATA
-            continue
-        elif isinstance(node, NavigableString):
-            words.append(str(node))
-        elif isinstance(node, Tag):
-            name = node.name
-            if name in _HTML_HIDDEN or node.has_attr("hidden"):
-                continue
-            if name in _HTML_HEADINGS:
-                flush()
-                builder.heading(_HTML_HEADINGS[name], node.get_text(" "))
-            elif name == "pre":
-                flush()
-                builder.text(node.get_text())
-            else:
-                if name in _HTML_BLOCKS:
-                    flush()
-                    stack.append((node, True))
-                stack.extend((child, False) for child in reversed(node.contents))
-    flush()
+    if not data.strip():
+        raise Unparsable("empty")
+    # UTF-8 when it is (checked piece by piece, not decoded whole); otherwise libxml2
+    # goes by the BOM or the <meta charset> as a browser would.
+    encoding: str | None = "utf-8" if _is_utf8(data) else None
+    parser = etree.HTMLParser(target=_HtmlText(builder), encoding=encoding, no_network=True)
+    for i in range(0, len(data), _PIECE):
+        parser.feed(data[i : i + _PIECE])
+        builder.check()
+    try:
+        parser.close()
+    except etree.XMLSyntaxError:  # nothing libxml2 could call a document: no text either
+        pass
     return builder.document("HTML")
+
+
+def _is_utf8(data: bytes) -> bool:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return False
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        for i in range(0, len(data), _PIECE):
+            decoder.decode(data[i : i + _PIECE])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _HtmlText:
+    """Parser target: visible text and headings go to the builder as libxml2 reads them.
+
+    Only counters and the line in hand are kept: no tree, no stack of elements, so
+    neither the number of elements nor their nesting depth costs memory or recursion.
+    """
+
+    def __init__(self, builder: _Builder) -> None:
+        self.builder = builder
+        self.events = 0
+        self.hidden = 0  # depth inside an element whose content is not shown
+        self.pre = 0  # depth inside <pre>: text kept as written
+        self.level = 0  # the heading in hand (h1-h6), 0 for none
+        self.inside = 0  # depth inside that heading
+        self.pieces: list[str] = []  # text of the line (or heading, or <pre>) in hand
+        self.size = 0
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        self.events += 1
+        if self.events % _EVERY == 0:
+            self.builder.check(self.size)
+        if self.hidden:
+            self.hidden += 1
+        elif tag in _HTML_HIDDEN or "hidden" in attrib:
+            self.hidden = 1
+        elif self.level:
+            self.inside += 1
+            if tag in _HTML_BLOCKS:
+                self._add(" ")
+        elif self.pre:
+            self.pre += 1
+        elif tag in _HTML_HEADINGS:
+            self._flush()
+            self.level, self.inside = _HTML_HEADINGS[tag], 1
+        elif tag == "pre":
+            self._flush()
+            self.pre = 1
+        elif tag in _HTML_BLOCKS:
+            self._flush()
+
+    def end(self, tag: str) -> None:
+        if self.hidden:
+            self.hidden -= 1
+        elif self.level:
+            self.inside -= 1
+            if self.inside <= 0:
+                self.builder.heading(self.level, "".join(self.pieces))
+                self.level, self.pieces, self.size = 0, [], 0
+            elif tag in _HTML_BLOCKS:
+                self._add(" ")
+        elif self.pre:
+            self.pre -= 1
+            if not self.pre:
+                self.builder.text("".join(self.pieces))
+                self.pieces, self.size = [], 0
+        elif tag in _HTML_BLOCKS:
+            self._flush()
+
+    def data(self, text: str) -> None:
+        if not self.hidden:
+            self._add(text)
+
+    def _add(self, text: str) -> None:
+        self.pieces.append(text)
+        self.size += len(text)
+        if len(self.pieces) > 4096:  # a long line of many elements: one string, not thousands
+            self.pieces[:] = ["".join(self.pieces)]
+            self.builder.check(self.size)
+
+    def _flush(self) -> None:
+        if self.pieces:
+            self.builder.text(" ".join("".join(self.pieces).split()))
+            self.pieces, self.size = [], 0
+
+    def close(self) -> None:
+        if self.level:
+            self.builder.heading(self.level, "".join(self.pieces))
+            self.level, self.pieces, self.size = 0, [], 0
+        elif self.pre:
+            self.builder.text("".join(self.pieces))
+            self.pieces, self.size = [], 0
+        self._flush()
 
 
 def markdown(text: str) -> Document:
     """The file's own text and line numbers; ATX and setext headings (not ``#`` in code) start sections."""
+    deadline = _deadline()
+    return _guarded("Markdown", lambda: _markdown(text, deadline))
+
+
+def _markdown(text: str, deadline: float) -> Document:
     from markdown_it import MarkdownIt
 
-    # Lines as the chunker counts them (str.splitlines), each ended by "\n" for the parser.
-    tokens = MarkdownIt("commonmark").parse("\n".join(text.splitlines()))
+    md = MarkdownIt("commonmark")  # nesting depth capped at 20 (maxNesting): no deep recursion
+    # Blocks only: inline parsing (most of the cost) runs on heading titles alone.
+    md.core.ruler.enableOnly(["normalize", "block"])
+
+    def check(*_: Any) -> bool:  # the first block rule: called at every block, it matches none
+        if time.monotonic() > deadline:
+            raise _TooSlow
+        return False
+
+    md.block.ruler.before("table", "deadline", check)
+    env: dict[str, Any] = {}  # link reference definitions, shared by the windows
+    titles: list[tuple[int, int, str]] = []  # (line, level, inline source) of each heading
     headings: set[int] = set()
+    body = array.array("q")
+    for first, lines, found in _markdown_windows(md, text, env):
+        for start, stop, level, source in found:
+            headings.update(range(start, stop + 1))
+            titles.append((start, level, source))
+        body.extend(n for n, line in enumerate(lines, start=first + 1) if line.strip() and n not in headings)
     paths: list[tuple[int, str]] = []
     stack: list[tuple[int, str]] = []
-    for i, token in enumerate(tokens):
-        if token.type != "heading_open" or token.map is None:
-            continue
-        level = int(token.tag[1])
-        title = " ".join(_inline_text(tokens[i + 1].children or []).split())
-        first, last = token.map  # 0-based, end exclusive: a setext heading has its underline
-        headings.update(range(first + 1, last + 1))
+    for line, level, source in titles:
+        if time.monotonic() > deadline:
+            raise _TooSlow
+        children: list[Any] = []
+        md.inline.parse(source, md, env, children)
+        title = " ".join(_inline_text(children).split())
         if not title:
             continue
         while stack and stack[-1][0] >= level:
             stack.pop()
         stack.append((level, title))
-        paths.append((first + 1, HEADING_SEPARATOR.join(t for _, t in stack)))
-    body = tuple(n for n, line in enumerate(text.splitlines(), start=1) if line.strip() and n not in headings)
+        paths.append((line, HEADING_SEPARATOR.join(t for _, t in stack)))
     return Document(text, headings=frozenset(headings), paths=tuple(paths), body=body)
+
+
+def _markdown_windows(
+    md: Any, text: str, env: dict[str, Any]
+) -> Iterator[tuple[int, list[str], list[tuple[int, int, int, str]]]]:
+    """(lines before it, its lines, its headings) for each window of the text; a heading
+    is (first line, last line, level, inline source), lines 1-based in the file.
+
+    A window's last top-level block may go on past it: the next window starts there, so
+    a file of blocks shorter than a window is parsed as a whole would be. A single block
+    longer than a window (a huge list or code block) is cut where the window ends; a
+    fenced code block or HTML block cut so goes on in the next window, whose source
+    begins with the block's opening line again (``# comment`` in code stays code).
+    """
+    pos, first, opener = 0, 0, ""
+    while pos < len(text):
+        size = _MARKDOWN_WINDOW_CHARS
+        while True:  # the window's lines and one more, whole (the last one read may be cut)
+            window = text[pos : pos + size].splitlines(keepends=True)
+            whole = pos + size >= len(text)
+            if whole or len(window) > MARKDOWN_WINDOW_LINES + 1:
+                break
+            size *= 2
+        if len(window) > MARKDOWN_WINDOW_LINES + 1:
+            del window[MARKDOWN_WINDOW_LINES + 1 :]
+            whole = False
+        lines = [line.splitlines()[0] for line in window]
+        shift = 1 if opener else 0  # the source's line of the window's first line
+        tokens = md.parse("\n".join([opener, *lines] if opener else lines), env)
+        keep, carried, opener = len(lines), opener, ""
+        if not whole:
+            # The line after the window tells whether the window's last block goes on.
+            keep = MARKDOWN_WINDOW_LINES
+            tops = [t for t in tokens if t.level == 0 and t.nesting >= 0 and t.map]
+            last = tops[-1].map if tops else None
+            if last is not None and last[0] > shift:
+                keep = min(keep, last[0] - shift)  # the next window parses that block whole
+            elif last is not None and last[1] - shift > keep and tops[-1].type in ("fence", "html_block"):
+                opener = carried or lines[0]  # one block longer than the window
+        found = [
+            (first + t.map[0] - shift + 1, first + t.map[1] - shift, int(t.tag[1]), tokens[i + 1].content)
+            for i, t in enumerate(tokens)
+            if t.type == "heading_open" and t.map and shift <= t.map[0] < keep + shift
+        ]
+        yield first, lines[:keep], found
+        pos += sum(len(line) for line in window[:keep])
+        first += keep
 
 
 def _inline_text(children: Iterable[Any]) -> str:

@@ -297,3 +297,140 @@ def test_bounds_skip_a_file_with_their_reason(monkeypatch: pytest.MonkeyPatch) -
     # A file over a bound has lost its content (old chunks are stale); a slow parse has not.
     assert content_gone(pages.value.reason) and content_gone(unpacked.value.reason)
     assert not content_gone(slow.value.reason)
+
+
+def docx_of(document_xml: bytes) -> bytes:
+    """A DOCX made by python-docx whose word/document.xml is replaced by this one."""
+    base = io.BytesIO()
+    import docx
+
+    docx.Document().save(base)
+    out = io.BytesIO()
+    with zipfile.ZipFile(base) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, document_xml if info.filename == "word/document.xml" else src.read(info))
+    return out.getvalue()
+
+
+W_DOCUMENT = b'<w:document xmlns:w="http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body>%s</w:body></w:document>'
+
+
+def test_every_parser_stops_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.corpus import content_gone
+
+    monkeypatch.setattr(formats, "MAX_PARSE_SECONDS", 0.0)
+    for kind, data in (("html", HTML), ("docx", make_docx()), ("markdown", MARKDOWN), ("pdf", make_pdf(pdf_pages()))):
+        with pytest.raises(formats.Unparsable, match=r"^parse took over 0 s$") as slow:
+            formats.parse(kind, data)
+        assert not content_gone(slow.value.reason)
+
+
+def test_html_and_docx_stream_through_parser_targets_without_a_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither parser asks lxml for a tree (no BeautifulSoup, no python-docx, no etree.fromstring/parse):
+    libxml2 calls a target for each element, which keeps counters and the line in hand."""
+    import sys
+
+    from lxml import etree
+
+    document = make_docx()  # python-docx writes it; reading it needs neither python-docx nor a tree
+
+    def no_tree(*_: Any, **__: Any) -> None:
+        raise AssertionError("a tree was built")
+
+    for name in ("fromstring", "parse", "XML", "HTML", "iterparse"):
+        monkeypatch.setattr(etree, name, no_tree)
+    for module in ("bs4", "docx"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it fails
+    assert formats.html(HTML).text.startswith("Handbook\nThe handbook says hello to every reader.\n")
+    assert formats.docx(document).paths == (
+        (1, "User guide"), (2, "User guide > Install"), (4, "User guide > Install > From source"),
+        (6, "User guide > Use"),
+    )  # fmt: skip
+
+
+def test_docx_streamed_reads_paragraphs_runs_and_tables_as_python_docx_does() -> None:
+    body = (
+        b'<w:p><w:pPr><w:pStyle w:val="Heading2"/><w:tabs><w:tab w:val="left" w:pos="720"/></w:tabs></w:pPr>'
+        b"<w:r><w:t>Setup</w:t></w:r></w:p>"
+        b'<w:p><w:r><w:t xml:space="preserve">a </w:t><w:tab/><w:t>b</w:t><w:br/><w:t>c</w:t>'
+        b'<w:br w:type="page"/><w:instrText>PAGE</w:instrText></w:r>'
+        b"<w:del><w:r><w:delText>gone</w:delText></w:r></w:del>"
+        b"<w:hyperlink><w:r><w:t>link</w:t></w:r></w:hyperlink></w:p>"
+        b"<w:tbl><w:tr><w:tc><w:p><w:r><w:t>c1</w:t></w:r></w:p></w:tc>"
+        b"<w:tc><w:p><w:r><w:t>c2</w:t></w:r></w:p><w:tbl><w:tr><w:tc><w:p><w:r><w:t>nested</w:t></w:r></w:p>"
+        b"</w:tc></w:tr></w:tbl></w:tc></w:tr></w:tbl>"
+    )
+    doc = formats.docx(docx_of(W_DOCUMENT % body))
+    assert doc.text == "Setup\na \tb\nclink\nc1 | c2\n"
+    assert doc.paths == ((1, "Setup"),) and doc.headings == frozenset({1})
+
+
+def test_docx_unpacked_size_is_counted_while_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    data = docx_of(W_DOCUMENT % (b"<w:p><w:r><w:t>word</w:t></w:r></w:p>" * 40_000))
+    monkeypatch.setattr(formats, "MAX_UNPACKED_BYTES", 2**20)
+    with pytest.raises(formats.Unparsable, match=r"^more than 1 MB unpacked$"):
+        formats.docx(data)  # by the sizes the archive declares
+    # An archive that declares no sizes (as a lying header would): what is read is counted.
+    monkeypatch.setattr(zipfile.ZipFile, "infolist", lambda self: [])
+    with pytest.raises(formats.Unparsable, match=r"^more than 1 MB unpacked$"):
+        formats.docx(data)
+    monkeypatch.setattr(formats, "MAX_UNPACKED_BYTES", 2 * 2**20)
+    assert formats.docx(data).text == "word\n" * 40_000
+
+
+def test_deep_nesting_parses_without_recursion() -> None:
+    depth = 100_000
+    html = b"<div>" * depth + b"<h2>Deep <b>heading</b></h2><p>deep text</p>" + b"</div>" * depth
+    doc = formats.html(html)
+    assert doc.text == "Deep heading\ndeep text\n" and doc.paths == ((1, "Deep heading"),)
+    assert formats.html(b"<span>" * depth + b"x").text == "x\n"
+    # markdown-it stops nesting at 20 levels (maxNesting); inline titles are flat tokens.
+    assert formats.markdown("> " * depth + "quoted\n\n# Next\n").paths == ((3, "Next"),)
+    brackets = "[" * depth + "title" + "]" * depth
+    assert formats.markdown(f"# {brackets}\n").paths == ((1, brackets),)
+    assert formats.markdown("# " + "*" * depth + "x" + "*" * depth + "\n").paths == ((1, "x"),)
+    assert formats.markdown("- " * depth + "item\n").body
+    xml = W_DOCUMENT % (b"<w:sdt>" * depth + b"</w:sdt>" * depth + b"<w:p><w:r><w:t>after</w:t></w:r></w:p>")
+    assert formats.docx(docx_of(xml)).text == "after\n"
+
+
+def test_markdown_in_windows_finds_what_one_parse_finds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Windows end before their last top-level block: headings, paths and body lines are those of
+    one parse, and a fenced block longer than a window keeps its ``# comment`` lines code."""
+    text = MARKDOWN * 3 + "\nSetext\n======\n\n[ref]: https://example.org\n\n## [ref] link\n"
+    whole = formats.markdown(text)
+    monkeypatch.setattr(formats, "MARKDOWN_WINDOW_LINES", 4)
+    monkeypatch.setattr(formats, "_MARKDOWN_WINDOW_CHARS", 16)
+    windows = formats.markdown(text)
+    assert (windows.headings, windows.paths, list(windows.body)) == (whole.headings, whole.paths, list(whole.body))
+    assert whole.paths[-1] == (len(text.splitlines()), "Setext > ref link")
+    fence = "# Top\n\n```\n" + "# code\n" * 20 + "```\n\n## After\n"
+    doc = formats.markdown(fence)
+    assert doc.paths == ((1, "Top"), (26, "Top > After"))  # a 22-line block, windows of 4
+
+
+def test_a_markdown_parser_failure_skips_the_file_and_the_job_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.corpus import content_gone, read_groups
+
+    for name in ("a.md", "b.md", "c.txt", "d.md"):
+        (tmp_path / name).write_text(f"# {name}\n\ntext of {name}\n")
+    real = formats._markdown
+
+    def flaky(text: str, deadline: float) -> formats.Document:
+        if "b.md" in text:
+            raise RecursionError("maximum recursion depth exceeded")
+        if "d.md" in text:
+            raise formats.Unparsable("larger than 16 MB of extracted text")
+        return real(text, deadline)
+
+    monkeypatch.setattr(formats, "_markdown", flaky)
+    files = sorted(tmp_path.iterdir())
+    read = {path.name: doc for group in read_groups(files) for path, doc in group}
+    assert {n: getattr(d, "reason", None) for n, d in read.items()} == {
+        "a.md": None, "b.md": "cannot parse Markdown: maximum recursion depth exceeded", "c.txt": None,
+        "d.md": "larger than 16 MB of extracted text",
+    }  # fmt: skip
+    assert read["a.md"].paths == ((1, "a.md"),)  # type: ignore[union-attr]
+    assert content_gone("cannot parse Markdown: maximum recursion depth exceeded")
