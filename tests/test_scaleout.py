@@ -376,8 +376,8 @@ def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: 
         assert committed(writer_home, collection) < acknowledged, "the job finished before the kill"
         # kill -9 Redis itself mid-job; it comes back from its append-only file.
         redis_server.kill9()
-        # Longer than a task takes on a busy machine (2-4 s measured), so that the worker
-        # asks the queue for its next task while Redis is away (within the lease's 30 s).
+        # Long enough that the writer's consumer reads the queue while Redis is away: its
+        # scheduler every second, its workers for their next task (within the lease's 30 s).
         time.sleep(8)
         redis_server = start_redis(work, port)
         wait_for(lambda: committed(writer_home, collection) == acknowledged, 600, "every acknowledged chunk")
@@ -395,7 +395,9 @@ def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: 
         assert sorted(records) == sorted(r[0] for r in expected)
         for id_, blob in expected:
             np.testing.assert_allclose(records[id_]["embedding"], np.frombuffer(blob, dtype=np.float32), atol=1e-6)
-        # The outage was seen (and ridden out), not missed.
-        assert "Error reading from queue" in writer.output()
+        # The outage was seen (and ridden out), not missed: a task holds up to 1,024 chunks
+        # now, so the job may be one task and the scheduler the one that meets the outage.
+        output = writer.output()
+        assert "Error reading from queue" in output or "Error reading schedule" in output
     finally:
         redis_server.stop()
