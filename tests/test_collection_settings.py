@@ -7,7 +7,6 @@ the embedding function named in its configuration, so that a plain Chroma client
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import Proc, copy_corpus, dump_collection, env_for, ledger_query, run_cli, start_worker, wait_for
+from tests.test_recovery import overwrite_page
 
 pytestmark = pytest.mark.e2e
 
@@ -54,20 +54,6 @@ def plain_client(chroma: Path, script: str, **env: str) -> dict[str, Any]:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
-
-
-def damage_sqlite(chroma: Path) -> None:
-    """Overwrite the embeddings table's root page: damage that check finds and recovery repairs."""
-    db = chroma / "chroma.sqlite3"
-    conn = sqlite3.connect(db)
-    try:
-        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
-        (root,) = conn.execute("SELECT rootpage FROM sqlite_master WHERE name='embeddings'").fetchone()
-    finally:
-        conn.close()
-    with db.open("r+b") as handle:
-        handle.seek((root - 1) * page_size)
-        handle.write(random.Random(3).randbytes(page_size))
 
 
 def test_full_text_off_is_kept_refused_when_changed_and_survives_a_rebuild(tmp_path: Path, procs: list[Proc]) -> None:
@@ -126,7 +112,7 @@ def test_full_text_off_is_kept_refused_when_changed_and_survives_a_rebuild(tmp_p
     writer.wait_started()
     wait_for(lambda: ledger_query(home, "SELECT count(*) FROM chunks WHERE state != 'committed'")[0][0] == 0)
     assert writer.terminate() == 0
-    damage_sqlite(chroma)
+    overwrite_page(home)  # damage that check finds and recovery repairs
     result = run_cli(home, "recover", "--json", **HASH)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["action"] == "rebuild"
