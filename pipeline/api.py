@@ -19,14 +19,14 @@ import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
 from pipeline.errors import IndexqError, NotFoundError, StoreError, first_line
-from pipeline.jobs import JobProgress
+from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
 from pipeline.queue import QueueClient
 from pipeline.state import live_state, read_state
 
-# How often wait() looks at the ledger.
+# How often wait() looks at the ledger at most (a big job less often: jobs.poll_interval).
 POLL_SECONDS = 0.5
 
 
@@ -132,7 +132,9 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
+            counting = time.perf_counter()
             state = _remote_progress(cfg, job_id, queue) if ledger is None else ledger.jobs.progress(job_id)
+            counted = time.perf_counter() - counting
             if state is None and not remote:
                 raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
             if progress and state is not None:
@@ -158,7 +160,10 @@ def wait(
                     warned = True
                     print(f"waiting for a writer: none is running on {cfg.home} (start one with `indexq worker`)",
                           file=sys.stderr)  # fmt: skip
-            time.sleep(POLL_SECONDS)
+            pause = poll_interval(POLL_SECONDS, counted)
+            if deadline is not None:
+                pause = max(0.0, min(pause, deadline - time.monotonic()))
+            time.sleep(pause)
     finally:
         if bar is not None:
             bar.close()

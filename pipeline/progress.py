@@ -4,7 +4,8 @@ A producer that handed its job over through a shared (Redis) queue has no ledger
 read; the writer publishes each job's progress as ``indexq.job.JOB`` (see
 ``pipeline.intake``). The writer's tasks only mark jobs as touched; this thread, with
 its own ledger connection, counts and publishes each at most every ``INTERVAL``
-seconds (counting a job costs a look at every chunk it has), and every unfinished
+seconds, longer for a big job (counting a job costs a look at every chunk it has:
+``jobs.poll_interval``), and every unfinished
 job again every ``REFRESH`` seconds and at start, so that a publication lost to a
 kill or a Redis hiccup is made good without any task touching the job again.
 """
@@ -18,6 +19,7 @@ import time
 from pipeline.config import Config
 from pipeline.errors import first_line
 from pipeline.intake import Intake
+from pipeline.jobs import poll_interval
 from pipeline.ledger import Ledger
 
 logger = logging.getLogger(__name__)
@@ -32,6 +34,7 @@ class Publisher:
         self.intake = intake
         self._dirty: set[str] = set()
         self._last: dict[str, float] = {}
+        self._due: dict[str, float] = {}  # seconds from the last publication to the next
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._complained = 0.0
@@ -59,10 +62,12 @@ class Publisher:
     def flush(self, force: bool = False) -> None:
         now = time.monotonic()
         with self._lock:
-            due = {j for j in self._dirty if force or now - self._last.get(j, 0.0) >= INTERVAL}
+            due = {j for j in self._dirty if force or now - self._last.get(j, 0.0) >= self._due.get(j, INTERVAL)}
             self._dirty -= due
         for job in sorted(due):
+            counting = time.perf_counter()
             progress = self.ledger.jobs.progress(job)
+            self._due[job] = poll_interval(INTERVAL, time.perf_counter() - counting)
             if progress is None:
                 continue
             try:

@@ -355,3 +355,31 @@ def test_the_writer_runs_on_the_device_picked_and_refuses_one_torch_does_not_see
         "Error: device 'cuda' was asked for (--device, INDEXQ_DEVICE), but torch sees no CUDA GPU"
     )
     assert "Traceback" not in refused.stderr
+
+
+def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer waiting on a big job must not take the writer's CPU: a count that takes
+    0.2 s (a job of ~80,000 chunks) is repeated every 4 s, not every half second."""
+    import time
+
+    from pipeline import api
+    from pipeline.jobs import Jobs
+
+    (tmp_path / "doc.txt").write_text("a line of text to index\n" * 40)
+    config = Config(home=tmp_path / "home", model="hash:384")
+    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)  # no writer: it stays pending
+    counts: list[float] = []
+    real = Jobs.progress
+
+    def slow(self: Jobs, job_id: str) -> object:
+        counts.append(time.monotonic())
+        time.sleep(0.2)
+        return real(self, job_id)
+
+    monkeypatch.setattr(Jobs, "progress", slow)
+    progress = api.wait(job, config, timeout=3)
+    assert progress.pending > 0 and progress.state == "running"
+    # One count at the start, the next at the deadline (3 s): a half-second poll would count 5 times.
+    assert len(counts) == 2, counts
