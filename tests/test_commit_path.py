@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_TASK_CHUNKS, MICRO_BATC
 from pipeline.embedder import HashEmbedder
 from pipeline.errors import ConfigError
 from pipeline.ledger import Ledger
+from pipeline.rows import Row
 from pipeline.writer import Writer
 from tests.conftest import run_cli
 
@@ -57,12 +59,15 @@ def test_fp16_off_cuda_is_refused_with_one_line(tmp_path: Path) -> None:
 class WatchingEmbedder(HashEmbedder):
     """A hash embedder that, on every call after the first, waits (up to 10 s) for the
     ledger's committed count to grow while it embeds: it can only grow if the writer
-    commits the previous micro-batch meanwhile."""
+    commits the previous micro-batch meanwhile. ``started`` counts the calls begun, for
+    the commits to wait on (so the test does not depend on which thread runs first)."""
 
     def __init__(self, ledger_path: Path) -> None:
         super().__init__("hash:32")
         self.ledger_path = ledger_path
         self.calls: list[tuple[str, bool]] = []
+        self.started = 0
+        self.changed = threading.Condition()
 
     def committed(self) -> int:
         conn = sqlite3.connect(f"file:{self.ledger_path}?mode=ro", uri=True)
@@ -73,6 +78,9 @@ class WatchingEmbedder(HashEmbedder):
 
     def embed(self, texts: list[str]) -> np.ndarray:
         grew = False
+        with self.changed:
+            self.started += 1
+            self.changed.notify_all()
         if self.calls:
             before = self.committed()
             deadline = time.monotonic() + 10
@@ -88,6 +96,19 @@ def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Pat
     config.ensure_home()
     embedder = WatchingEmbedder(config.ledger_path)
     writer = Writer(config, embedder=embedder)
+    commit_wave = writer._commit_wave
+    waves: list[int] = []
+
+    def after_the_next_embedding_began(collection: str, ready: Sequence[Row]) -> tuple[int, bool]:
+        # Wave n commits once wave n + 1's embedding has begun (the last has none), so on a
+        # loaded machine the commit cannot finish before the embedding looks at the count.
+        # Sequential code would reach this wait before that embedding and time out.
+        waves.append(len(waves))
+        with embedder.changed:
+            embedder.changed.wait_for(lambda: embedder.started >= min(len(waves) + 1, 5), timeout=10)
+        return commit_wave(collection, ready)
+
+    writer._commit_wave = after_the_next_embedding_began  # type: ignore[method-assign]
     try:
         ledger = writer.ledger
         job = ledger.jobs.create(COLLECTION, "records", ["test"])
