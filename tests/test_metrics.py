@@ -146,9 +146,13 @@ def commit_lock(tmp_path: Path) -> Iterator[Any]:
     locks: list[CommitLock] = []
 
     def hold(home: Path) -> Any:
+        # Blocking, not polled: a writer committing back to back frees the lock for well under
+        # a millisecond between commits, which a poll every 0.1 s can miss until the job ends
+        # (seen once in CI). A waiter blocked in flock is woken when the writer lets go.
+        # It cannot hang: the writer lets go for good when its job is done.
         lock = CommitLock(home / "commit.lock")
         locks.append(lock)
-        return lock.held(timeout=60)
+        return lock.held()
 
     yield hold
     for lock in locks:
