@@ -101,24 +101,52 @@ def writer_alive(path: Path) -> dict[str, Any] | None:
 
 
 class CommitLock:
-    """Held by the writer around each commit; others take it to see Chroma quiet."""
+    """Held by the writer around each commit; others take it to see Chroma quiet.
+
+    The writer frees it for well under a millisecond between two commits when it commits
+    back to back (a fast embedder, a GPU), too short a window for a waiter that polls.
+    So a waiter with a timeout first takes a shared lock on a second file (``commit.wait``,
+    beside the commit lock) and keeps it while it polls; before each commit the writer
+    passes an exclusive lock on that file, which blocks it while anyone waits. The writer
+    finishes the commit in hand and stops before the next one, the waiter takes the commit
+    lock within one poll, releases its claim, and the writer goes on once the waiter is done.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = _open(path)
+        self._wait_fd = _open(path.with_suffix(".wait"))
 
     @contextlib.contextmanager
     def held(self, timeout: float | None = None) -> Iterator[float]:
-        """Hold the lock; yields the seconds spent waiting for it."""
+        """Hold the lock; yields the seconds spent waiting for it.
+
+        Without a timeout (the writer): let any waiter go first, then block until the lock
+        is free. With one (backups, checks, recovery, search): claim the next turn, then
+        poll until the lock is free, raising BusyError after ``timeout`` seconds.
+        """
         started = time.monotonic()
         if timeout is None:
+            # Blocks only while a waiter holds its claim: taken and dropped at once.
+            fcntl.flock(self._wait_fd, fcntl.LOCK_EX)
+            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         else:
-            delay = 0.005
+            self._wait_for(timeout, started)
+        try:
+            yield time.monotonic() - started
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _wait_for(self, timeout: float, started: float) -> None:
+        # The claim: the writer holds the exclusive lock on it only for an instant.
+        fcntl.flock(self._wait_fd, fcntl.LOCK_SH)
+        try:
+            delay = 0.001
             while True:
                 try:
                     fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
+                    return
                 except BlockingIOError:
                     if time.monotonic() - started >= timeout:
                         raise BusyError(
@@ -126,11 +154,10 @@ class CommitLock:
                             hint="the writer or a maintenance task is working; try again",
                         ) from None
                     time.sleep(delay)
-                    delay = min(delay * 2, 0.1)
-        try:
-            yield time.monotonic() - started
+                    delay = min(delay * 2, 0.05)
         finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         os.close(self._fd)
+        os.close(self._wait_fd)

@@ -146,13 +146,12 @@ def commit_lock(tmp_path: Path) -> Iterator[Any]:
     locks: list[CommitLock] = []
 
     def hold(home: Path) -> Any:
-        # Blocking, not polled: a writer committing back to back frees the lock for well under
-        # a millisecond between commits, which a poll every 0.1 s can miss until the job ends
-        # (seen once in CI). A waiter blocked in flock is woken when the writer lets go.
-        # It cannot hang: the writer lets go for good when its job is done.
+        # As maintenance takes it: a writer committing back to back frees the lock for well
+        # under a millisecond between commits, and the waiter's claim (commit.wait) stops it
+        # before its next commit (tests/test_recovery.py has the check that once timed out).
         lock = CommitLock(home / "commit.lock")
         locks.append(lock)
-        return lock.held()
+        return lock.held(timeout=60)
 
     yield hold
     for lock in locks:

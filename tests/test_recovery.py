@@ -211,6 +211,30 @@ def test_busy_lock_is_reported_as_busy_not_damage(home: Path) -> None:
     assert events[0][0] == 0
 
 
+def test_a_check_gets_its_turn_while_the_writer_commits_back_to_back(tmp_path: Path, procs: list[Proc]) -> None:
+    """With embedding nearly free (hash:384 here, a GPU for a user) the writer frees the commit
+    lock for well under a millisecond between commits: a check that waits with a short
+    timeout still gets in, pauses the writer, and the job goes on to the end."""
+    home, total = tmp_path / "busy", 6000
+    writer = start_worker(procs, home, **MODEL)
+    writer.wait_started()
+    records = tmp_path / "records.jsonl"
+    records.write_text("".join(json.dumps({"id": f"r{i}", "text": f"record {i} on topic {i % 23}"}) + "\n"
+                               for i in range(total)))  # fmt: skip
+    result = run_cli(home, "index", "--jsonl", str(records), "-c", COLLECTION, **MODEL)
+    assert result.returncode == 0, result.stderr
+    committed = lambda: ledger_query(home, "SELECT count(*) FROM chunks WHERE state='committed'")[0][0]  # noqa: E731
+    wait_for(lambda: committed() >= 100, 120, "the first commits")
+    for _ in range(3):
+        check = run_cli(home, "check", INDEXQ_LOCK_TIMEOUT="2", **MODEL)
+        assert check.returncode == 0, check.stderr
+        during = committed()
+        assert during < total, "the check ran while the writer was committing"
+        wait_for(lambda: committed() > during, 60, "the writer to go on after the check")  # noqa: B023
+    wait_for(lambda: committed() == total, 180, "the job to finish")
+    assert ledger_query(home, "SELECT count(*) FROM events WHERE kind='check' AND ok=1")[0][0] >= 3
+
+
 def _kill_at_fault(home: Path, argv: list[str], fault: str, appears: Callable[[], bool]) -> None:
     proc = subprocess.Popen(
         [str(BIN / "indexq"), *argv],
