@@ -51,3 +51,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["producer_memory"]["max_file_one_line_mb"] > data["producer_memory"]["tiny_file_mb"] > 0
     assert "end-to-end ratio pipeline/bare" in result.stdout
     assert "device: writer / bare loop" in result.stdout
+
+
+def test_tenths_give_the_rate_over_each_tenth_of_a_run() -> None:
+    from ops.tools.bench import TENTHS_MIN, tenths
+
+    # 2,001 commits: 100 chunks/s for the first half, 50 chunks/s for the second, in any order.
+    times = [i / 100 for i in range(1001)] + [10 + i / 50 for i in range(1, 1001)]
+    assert tenths(list(reversed(times))) == [100.0] * 5 + [50.0] * 5
+    assert tenths(times[: TENTHS_MIN - 1]) == []

@@ -12,6 +12,7 @@ apart. Prints a table and writes JSON. A benchmark, not a test: nothing asserts.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,7 @@ else:
 collection = store.collection("bench")
 size = int(micro_batch) if micro_batch else Config().micro_batch_for(embedder.device)
 started = time.perf_counter()
+done = []  # seconds into the loop at which each micro-batch was committed
 for start in range(0, len(chunks), size):
     batch = chunks[start : start + size]
     vectors = embedder.embed([c["text"] for c in batch])
@@ -148,12 +150,13 @@ for start in range(0, len(chunks), size):
             documents=[c["text"] for c in group],
             metadatas=[{"ordinal": c["ordinal"]} for c in group],
         )
+    done.extend([time.perf_counter() - started] * len(batch))
 seconds = time.perf_counter() - started
 hwm = [line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:")]
 print(json.dumps({
     "chunks": len(chunks), "seconds": round(seconds, 2), "chunks_per_s": round(len(chunks) / seconds, 2),
     "load_seconds": round(started - loading, 2), "device": embedder.device, "micro_batch": size,
-    "peak_rss_mb": round(int(hwm[0].split()[1]) / 1024, 1) if hwm else None,
+    "peak_rss_mb": round(int(hwm[0].split()[1]) / 1024, 1) if hwm else None, "done": done,
 }))
 """
 
@@ -176,6 +179,7 @@ def bare_baseline(
     if proc.returncode != 0:
         raise click.ClickException(f"the bare loop failed: {proc.stderr[-800:]}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["tenths_chunks_per_s"] = tenths(result.pop("done"))
     result["wall_seconds"] = round(wall, 2)
     result["wall_chunks_per_s"] = round(len(chunks) / wall, 2)
     return result
@@ -196,6 +200,20 @@ class Writer(Child):
 
     def peak_rss_mb(self) -> float:
         return _vmhwm_mb(self.pid)
+
+
+# Runs shorter than this are not split into tenths.
+TENTHS_MIN = 1_000
+
+
+def tenths(times: Sequence[float]) -> list[float]:
+    """Chunks/s over each tenth of a run, from the moment each chunk was committed (sorted,
+    the first being the start): where a gap between two runs arises, not only its size."""
+    ordered = sorted(times)
+    if len(ordered) < TENTHS_MIN:
+        return []  # a tenth shorter than a few micro-batches says nothing
+    edges = [round(i * (len(ordered) - 1) / 10) for i in range(11)]
+    return [round((b - a) / max(ordered[b] - ordered[a], 1e-6), 2) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def _vmhwm_mb(pid: int) -> float:
@@ -267,7 +285,8 @@ def pipeline_run(corpus: Path, home: Path, env: dict[str, str], expected: int) -
         chunks = progress.committed
         # The writer was starting while the job was submitted: its rate is taken from the
         # first commit to the last.
-        first, last = ledger.conn.execute("SELECT min(committed_at), max(committed_at) FROM chunks").fetchone()
+        committed_at = [t for (t,) in ledger.conn.execute("SELECT committed_at FROM chunks WHERE committed_at")]
+        first, last = min(committed_at), max(committed_at)
         commit_seconds = max(last - first, 1e-3)
         result: dict[str, Any] = {
             "chunks": chunks,
@@ -276,6 +295,7 @@ def pipeline_run(corpus: Path, home: Path, env: dict[str, str], expected: int) -
             "commit_seconds": round(commit_seconds, 2),
             "commit_chunks_per_s": round(chunks / commit_seconds, 2),
             "writer_peak_rss_mb": round(_vmhwm_mb(writer.pid), 1),
+            "tenths_chunks_per_s": tenths(committed_at),
             **_writer_settings(config),
         }
         if chunks != expected:
@@ -448,6 +468,10 @@ def _row(name: str, value: Any, target: str = "") -> str:
     return f"{name:<50} {value!s:>14}   {target}"
 
 
+def _listed(values: Any) -> str:
+    return " ".join(f"{v:g}" for v in values) if isinstance(values, list) else str(values)
+
+
 def report(results: dict[str, Any]) -> str:
     def get(*path: str) -> Any:
         value: Any = results
@@ -469,6 +493,8 @@ def report(results: dict[str, Any]) -> str:
         _row("bare loop, loop only (chunks/s)", get("bare", "chunks_per_s")),
         _row("pipeline, first to last commit (chunks/s)", get("pipeline", "commit_chunks_per_s")),
         _row("throughput ratio pipeline/bare", get("throughput_ratio"), TARGETS["throughput_ratio"]),
+        _row("  bare loop by tenths of the corpus (chunks/s)", _listed(get("bare", "tenths_chunks_per_s"))),
+        _row("  pipeline by tenths of the corpus (chunks/s)", _listed(get("pipeline", "tenths_chunks_per_s"))),
         _row(
             "commit path bare / pipeline, first to last commit (chunks/s)",
             f"{get('commit_path', 'bare_chunks_per_s')} / {get('commit_path', 'pipeline_chunks_per_s')}",
