@@ -17,7 +17,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import BIN, Proc, copy_corpus, env_for, ledger_query, run_cli, start_worker, wait_for
+from tests.conftest import (
+    BIN,
+    Proc,
+    copy_corpus,
+    dump_collection,
+    env_for,
+    ledger_query,
+    run_cli,
+    start_worker,
+    wait_for,
+)
 from tests.jsondoc import fields
 from tests.servers import chroma_url, redis_url  # noqa: F401 - fixtures
 
@@ -401,3 +411,58 @@ def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: 
         assert "Error reading from queue" in output or "Error reading schedule" in output
     finally:
         redis_server.stop()
+
+
+def test_a_remote_producers_documents_land_as_a_local_producers_do(
+    tmp_path: Path,
+    procs: list[Proc],
+    redis_url: str,  # noqa: F811
+) -> None:
+    """PDF, DOCX, HTML and Markdown (and the files that must be skipped), a collection made
+    with the full-text index off: through the intake of a shared queue, the same records,
+    metadata (LlamaIndex's node, document ids, pages and headings), skips and settings
+    as from a producer on the writer's machine."""
+    from pipeline.store import Store
+    from tests.test_formats import CHUNKING, build_corpus
+
+    corpus = build_corpus(tmp_path / "corpus")
+    argv = ("index", str(corpus), "-c", "docs", "--no-full-text", *CHUNKING, "--json")
+    submitted, homes = [], []
+    for name, extra in (
+        ("local", {"INDEXQ_MODEL": "hash:384"}),
+        ("remote", engines(redis_url, 3, INDEXQ_MODEL="hash:384")),
+    ):
+        home = tmp_path / f"{name}-writer"
+        start_worker(procs, home, **extra).wait_started()
+        producer = home if name == "local" else tmp_path / "producer"  # a remote producer: its own empty home
+        result = run_cli(producer, *argv, **extra)
+        assert result.returncode == 0, result.stderr
+        submitted.append(json.loads(result.stdout))
+        homes.append((home, extra))
+    local, remote = submitted
+    assert (local["remote"], remote["remote"]) == (False, True)
+    # The writer counts new, changed... for a remote job (docs/json.md): the rest is the same.
+    counted = ("job", "remote", "new", "changed", "unchanged", "metadata_updated", "stale", "pruned")
+    assert {k: v for k, v in local.items() if k not in counted} == {k: v for k, v in remote.items() if k not in counted}
+    assert remote["new"] == 0 and local["new"] == local["chunks"]
+    assert local["chunks"] > 0 and len(local["skipped"]) == 4  # locked, broken, scanned and fake
+    for (home, extra), sub in zip(homes, submitted, strict=True):
+        wait_for(lambda h=home, e=extra, j=sub["job"]: json_status(h, e, j) == "done", 120, f"job {sub['job']}")
+        assert ledger_query(home, "SELECT collection, full_text FROM collection_settings") == [("docs", 0)]
+    for proc in procs:
+        proc.stop()
+    here, there = (dump_collection(home / "chroma", "docs") for home, _ in homes)
+    assert len(here) == local["chunks"] and sorted(here) == sorted(there)
+    for id_, record in here.items():
+        assert (record["document"], record["metadata"]) == (there[id_]["document"], there[id_]["metadata"])
+        np.testing.assert_array_equal(record["embedding"], there[id_]["embedding"])
+        assert record["metadata"]["_node_type"] == "TextNode" and record["metadata"]["document_id"]
+    assert {r["metadata"].get("page") for r in here.values()} >= {1, 2, 3}
+    assert any(r["metadata"].get("heading") for r in here.values())
+    for home, _ in homes:
+        assert Store(home / "chroma").full_text("docs") is False
+
+
+def json_status(home: Path, extra: dict[str, str], job: str) -> str:
+    result = run_cli(home, "status", "--json", **extra)
+    return str({j["id"]: j["state"] for j in json.loads(result.stdout)["jobs"]}.get(job))

@@ -9,7 +9,10 @@ at a time and interleaved over rounds: ids and vectors only, with metadata, with
 documents, with documents and the full-text index off (``--no-full-text``). Then the
 parts of a commit measured apart with plain SQLite: a rollback-journal transaction of
 ten rows (the log), and ten documents into an FTS5 trigram table (the full-text index).
-A measurement, not a test: nothing asserts.
+Last, whether Python's other threads can run while Chroma upserts: a thread that only
+sleeps 0.5 ms at a time counts its wake-ups beside the upserts and beside plain sleep.
+(The writer embeds on one thread while it commits on another; a GPU needs the GIL to
+launch each kernel.) A measurement, not a test: nothing asserts.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import sqlite3
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +137,53 @@ def _sqlite_parts(work: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def _other_thread(work: Path, upserts: int) -> dict[str, float]:
+    """Wake-ups per second of a thread sleeping 0.5 ms at a time, beside upserts of indexq's
+    default records and beside a plain sleep of the same length; the longest gap between two."""
+    store = Store(Path(tempfile.mkdtemp(prefix="gil-", dir=work)))
+    col = store.collection("gil")
+    records = _records(upserts * BATCH, 99)
+    wakes: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.is_set():
+            time.sleep(0.0005)
+            wakes.append(time.perf_counter())
+
+    def rate(during: Callable[[], None]) -> tuple[float, float]:
+        del wakes[:]
+        done.clear()
+        ticker = threading.Thread(target=tick)
+        start = time.perf_counter()
+        ticker.start()
+        during()
+        spent = time.perf_counter() - start
+        done.set()
+        ticker.join()
+        gaps = [b - a for a, b in zip([start, *wakes], wakes, strict=False)]
+        return len(wakes) / spent, max(gaps, default=spent) * 1000
+
+    def upsert_all() -> None:
+        for n in range(upserts):
+            group = records[n * BATCH : (n + 1) * BATCH]
+            col.upsert(
+                ids=[r[0] for r in group], embeddings=np.stack([r[1] for r in group]),
+                documents=[r[2] for r in group], metadatas=[r[3] for r in group],
+            )  # fmt: skip
+
+    busy, busy_gap = rate(upsert_all)
+    idle, idle_gap = rate(lambda: time.sleep(2.0))
+    store.close()
+    return {
+        "wakeups_per_s_beside_upserts": round(busy, 1),
+        "wakeups_per_s_beside_sleep": round(idle, 1),
+        "share": round(busy / idle, 3),
+        "longest_gap_ms_beside_upserts": round(busy_gap, 1),
+        "longest_gap_ms_beside_sleep": round(idle_gap, 1),
+    }
+
+
 @click.command()
 @click.option("--upserts", default=150, show_default=True, help="Upserts of 10 records per variant and round.")
 @click.option("--rounds", default=3, show_default=True, help="Rounds (variants interleaved) to tame a noisy machine.")
@@ -146,6 +197,7 @@ def main(upserts: int, rounds: int, as_json: bool) -> None:
             for name, metadata, documents, full_text in order:
                 results[name].append(_variant(work, name, metadata, documents, full_text, upserts, round_))
         parts = _sqlite_parts(work, upserts)
+        other = _other_thread(work, upserts)
     table = []
     for name, runs in results.items():
         times = [t for r in runs for t in r["times"]]
@@ -161,7 +213,9 @@ def main(upserts: int, rounds: int, as_json: bool) -> None:
             "metadata_rows_per_record": round(last["rows"]["embedding_metadata"] / last["records"], 1),
             "log_rows": last["rows"]["embeddings_queue"],
         })  # fmt: skip
-    out = {"upserts": upserts, "rounds": rounds, "variants": table, "sqlite_ms_per_commit": parts}
+    out = {
+        "upserts": upserts, "rounds": rounds, "variants": table, "sqlite_ms_per_commit": parts, "other_thread": other,
+    }  # fmt: skip
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
@@ -177,6 +231,11 @@ def main(upserts: int, rounds: int, as_json: bool) -> None:
     click.echo("Plain SQLite, median ms per commit of 10 records:")
     for what, ms in parts.items():
         click.echo(f"  {what:<55} {ms:7.2f}")
+    click.echo(
+        f"A Python thread beside the upserts woke {other['wakeups_per_s_beside_upserts']:g}/s against"
+        f" {other['wakeups_per_s_beside_sleep']:g}/s beside a sleep ({other['share']:.1%}); longest gap"
+        f" {other['longest_gap_ms_beside_upserts']:g} ms against {other['longest_gap_ms_beside_sleep']:g} ms"
+    )
 
 
 if __name__ == "__main__":
