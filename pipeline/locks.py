@@ -100,63 +100,83 @@ def writer_alive(path: Path) -> dict[str, Any] | None:
         os.close(fd)
 
 
+# The longest the writer stops before a commit for waiters (see CommitLock): one waiter
+# gets in within one poll (50 ms at most); a stream of overlapping ones cannot hold the
+# writer back for longer than this per commit.
+GIVE_WAY_SECONDS = 1.0
+# A waiter polls the lock every 1 ms at first, doubling up to this.
+POLL_MAX_SECONDS = 0.05
+
+
+def _poll(fd: int, operation: int, deadline: float) -> bool:
+    """flock(fd, operation) without blocking, retried until ``deadline``; whether it was taken."""
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, POLL_MAX_SECONDS)
+
+
 class CommitLock:
     """Held by the writer around each commit; others take it to see Chroma quiet.
 
     The writer frees it for well under a millisecond between two commits when it commits
     back to back (a fast embedder, a GPU), too short a window for a waiter that polls.
-    So a waiter with a timeout first takes a shared lock on a second file (``commit.wait``,
-    beside the commit lock) and keeps it while it polls; before each commit the writer
-    passes an exclusive lock on that file, which blocks it while anyone waits. The writer
-    finishes the commit in hand and stops before the next one, the waiter takes the commit
-    lock within one poll, releases its claim, and the writer goes on once the waiter is done.
+    So a waiter with a timeout first claims the next turn, a shared lock on a second file
+    (``commit.wait``, beside the commit lock) that it keeps while it polls; before each
+    commit the writer waits until it can take an exclusive lock on that file (no claim
+    left), for GIVE_WAY_SECONDS at most, and drops it at once. The writer finishes the
+    commit in hand, stops before the next one, the waiter takes the commit lock within one
+    poll and drops its claim, and the writer goes on once the waiter is done.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd = _open(path)
-        self._wait_fd = _open(path.with_suffix(".wait"))
+        try:
+            self._wait_fd = _open(path.with_suffix(".wait"))
+        except BaseException:
+            os.close(self._fd)
+            raise
 
     @contextlib.contextmanager
     def held(self, timeout: float | None = None) -> Iterator[float]:
         """Hold the lock; yields the seconds spent waiting for it.
 
-        Without a timeout (the writer): let any waiter go first, then block until the lock
-        is free. With one (backups, checks, recovery, search): claim the next turn, then
-        poll until the lock is free, raising BusyError after ``timeout`` seconds.
+        Without a timeout (the writer): give way to waiters (GIVE_WAY_SECONDS at most),
+        then block until the lock is free. With one (backups, checks, recovery, search):
+        claim the next turn, then poll until the lock is free, raising BusyError after
+        ``timeout`` seconds.
         """
         started = time.monotonic()
         if timeout is None:
-            # Blocks only while a waiter holds its claim: taken and dropped at once.
-            fcntl.flock(self._wait_fd, fcntl.LOCK_EX)
-            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
+            if _poll(self._wait_fd, fcntl.LOCK_EX, started + GIVE_WAY_SECONDS):
+                fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
             fcntl.flock(self._fd, fcntl.LOCK_EX)
         else:
-            self._wait_for(timeout, started)
+            self._wait_for(started + timeout, timeout)
         try:
             yield time.monotonic() - started
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _wait_for(self, timeout: float, started: float) -> None:
+    def _wait_for(self, deadline: float, timeout: float) -> None:
         # The claim: the writer holds the exclusive lock on it only for an instant.
-        fcntl.flock(self._wait_fd, fcntl.LOCK_SH)
+        claimed = _poll(self._wait_fd, fcntl.LOCK_SH, deadline)
         try:
-            delay = 0.001
-            while True:
-                try:
-                    fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return
-                except BlockingIOError:
-                    if time.monotonic() - started >= timeout:
-                        raise BusyError(
-                            f"the commit lock {self.path} stayed busy for {timeout:g}s",
-                            hint="the writer or a maintenance task is working; try again",
-                        ) from None
-                    time.sleep(delay)
-                    delay = min(delay * 2, 0.05)
+            if not (claimed and _poll(self._fd, fcntl.LOCK_EX, deadline)):
+                raise BusyError(
+                    f"the commit lock {self.path} stayed busy for {timeout:g}s",
+                    hint="the writer or a maintenance task is working; try again",
+                )
         finally:
-            fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
+            if claimed:
+                fcntl.flock(self._wait_fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
         os.close(self._fd)

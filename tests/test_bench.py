@@ -60,3 +60,5 @@ def test_tenths_give_the_rate_over_each_tenth_of_a_run() -> None:
     times = [i / 100 for i in range(1001)] + [10 + i / 50 for i in range(1, 1001)]
     assert tenths(list(reversed(times))) == [100.0] * 5 + [50.0] * 5
     assert tenths(times[: TENTHS_MIN - 1]) == []
+    # A bare loop stamps a whole micro-batch with one time: 1,200 chunks in batches of 256.
+    assert tenths([float(i // 256) for i in range(1200)]) == []

@@ -3,6 +3,7 @@ without an fsync of their own, and embedding that overlaps the commits."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -15,8 +16,9 @@ import pytest
 
 from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_TASK_CHUNKS, MICRO_BATCH_BY_DEVICE, Config
 from pipeline.embedder import HashEmbedder
-from pipeline.errors import ConfigError
+from pipeline.errors import BusyError, ConfigError
 from pipeline.ledger import Ledger
+from pipeline.locks import GIVE_WAY_SECONDS, CommitLock
 from pipeline.rows import Row
 from pipeline.writer import Writer
 from tests.conftest import run_cli
@@ -185,3 +187,71 @@ def test_the_model_can_be_called_from_two_threads_at_once() -> None:
         thread.join(120)
     for got, want in zip(together, alone, strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+class _BackToBack:
+    """A writer's commits in a thread: the commit lock held 2 ms, retaken at once."""
+
+    def __init__(self, path: Path) -> None:
+        self.lock, self.commits, self.stop = CommitLock(path), 0, threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while self.commits < 10:
+            assert time.monotonic() < deadline, "the committing thread did not start"
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            with self.lock.held():
+                time.sleep(0.002)
+                self.commits += 1
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.lock.close()
+
+
+def test_a_waiter_gets_the_commit_lock_from_a_writer_that_retakes_it_at_once(tmp_path: Path) -> None:
+    writer = _BackToBack(tmp_path / "commit.lock")
+    waiter = CommitLock(tmp_path / "commit.lock")
+    try:
+        for _ in range(5):
+            with waiter.held(timeout=0.5):  # polling alone never got in (BusyError)
+                during = writer.commits
+                time.sleep(0.05)
+                assert writer.commits == during  # the writer waits while the lock is held
+            deadline = time.monotonic() + 5
+            while writer.commits == during:  # and goes on after
+                assert time.monotonic() < deadline, "the writer did not go on"
+                time.sleep(0.005)
+    finally:
+        writer.close()
+        waiter.close()
+
+
+def test_overlapping_waiters_cannot_hold_the_writer_back_for_good(tmp_path: Path) -> None:
+    writer = _BackToBack(tmp_path / "commit.lock")
+    stop = threading.Event()
+
+    def wait_again_and_again() -> None:
+        # Two of these keep a claim on commit.wait at every instant.
+        lock = CommitLock(tmp_path / "commit.lock")
+        while not stop.is_set():
+            with contextlib.suppress(BusyError), lock.held(timeout=0.3):
+                time.sleep(0.01)
+        lock.close()
+
+    waiters = [threading.Thread(target=wait_again_and_again) for _ in range(2)]
+    try:
+        for thread in waiters:
+            thread.start()
+        before = writer.commits
+        time.sleep(4.0)  # the writer gives way for GIVE_WAY_SECONDS at most before each commit
+        assert GIVE_WAY_SECONDS <= 1.5 and writer.commits >= before + 2
+    finally:
+        stop.set()
+        for thread in waiters:
+            thread.join()
+        writer.close()

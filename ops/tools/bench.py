@@ -213,7 +213,10 @@ def tenths(times: Sequence[float]) -> list[float]:
     if len(ordered) < TENTHS_MIN:
         return []  # a tenth shorter than a few micro-batches says nothing
     edges = [round(i * (len(ordered) - 1) / 10) for i in range(11)]
-    return [round((b - a) / max(ordered[b] - ordered[a], 1e-6), 2) for a, b in itertools.pairwise(edges) if b > a]
+    spans = [(b - a, ordered[b] - ordered[a]) for a, b in itertools.pairwise(edges)]
+    if any(seconds <= 0 for _, seconds in spans):
+        return []  # a tenth inside one micro-batch (a GPU's 256 on a short run) says nothing
+    return [round(chunks / seconds, 2) for chunks, seconds in spans]
 
 
 def _vmhwm_mb(pid: int) -> float:

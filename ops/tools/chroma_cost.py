@@ -139,7 +139,7 @@ def _sqlite_parts(work: Path, repeats: int) -> dict[str, float]:
 
 def _other_thread(work: Path, upserts: int) -> dict[str, float]:
     """Wake-ups per second of a thread sleeping 0.5 ms at a time, beside upserts of indexq's
-    default records and beside a plain sleep of the same length; the longest gap between two."""
+    default records and beside a plain sleep of 2 s; the longest gap between two."""
     store = Store(Path(tempfile.mkdtemp(prefix="gil-", dir=work)))
     col = store.collection("gil")
     records = _records(upserts * BATCH, 99)
