@@ -80,11 +80,13 @@ class WatchingEmbedder(HashEmbedder):
 
     def embed(self, texts: list[str]) -> np.ndarray:
         grew = False
+        # Read before `started` moves: the commit waiting on it cannot have counted yet (read
+        # after, a fast commit could land first and the count would never grow again).
+        before = self.committed()
         with self.changed:
             self.started += 1
             self.changed.notify_all()
         if self.calls:
-            before = self.committed()
             deadline = time.monotonic() + 10
             while not grew and time.monotonic() < deadline:
                 time.sleep(0.01)

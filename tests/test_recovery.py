@@ -215,7 +215,7 @@ def test_a_check_gets_its_turn_while_the_writer_commits_back_to_back(tmp_path: P
     """With embedding nearly free (hash:384 here, a GPU for a user) the writer frees the commit
     lock for well under a millisecond between commits: a check that waits with a short
     timeout still gets in, pauses the writer, and the job goes on to the end."""
-    home, total = tmp_path / "busy", 6000
+    home, total = tmp_path / "busy", 4000
     writer = start_worker(procs, home, **MODEL)
     writer.wait_started()
     records = tmp_path / "records.jsonl"
