@@ -571,6 +571,14 @@ def test_the_systemd_units_show_the_metrics_port() -> None:
 
 
 @pytest.mark.e2e
+def _ctrl_c_default() -> None:
+    """In the child, before exec: SIGINT as a shell gives it (default, unblocked). A pytest-xdist
+    worker may pass it on ignored or blocked, and the child would then never see the Ctrl-C
+    these tests send (both timed out in CI after the suite's files were reordered)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_status_watch_prints_snapshots_to_a_pipe_until_ctrl_c(tmp_path: Path, procs: list[Proc]) -> None:
     home = tmp_path / "home"
     start_worker(procs, home, **MODEL).wait_started()
@@ -579,7 +587,7 @@ def test_status_watch_prints_snapshots_to_a_pipe_until_ctrl_c(tmp_path: Path, pr
     job = result.stdout.strip()
     watch = subprocess.Popen(
         [str(BIN / "indexq"), "status", "--watch", "--interval", "0.5"], env=env_for(home, **MODEL),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=_ctrl_c_default,
     )  # fmt: skip
     try:
         time.sleep(4)
@@ -610,7 +618,7 @@ def test_status_watch_draws_a_live_view_on_a_terminal(tmp_path: Path) -> None:
     leader, follower = pty.openpty()
     watch = subprocess.Popen(
         [str(BIN / "indexq"), "status", "--watch", "--interval", "0.3"], env=env_for(home, **MODEL, COLUMNS="120"),
-        stdin=follower, stdout=follower, stderr=follower, start_new_session=True,
+        stdin=follower, stdout=follower, stderr=follower, start_new_session=True, preexec_fn=_ctrl_c_default,
     )  # fmt: skip
     os.close(follower)
     shown = b""
