@@ -51,21 +51,13 @@ class ProcessLock:
         fd = _open(self.path)
         # A status probe holds a shared lock for microseconds: retry briefly so that
         # it is never mistaken for a writer.
-        deadline = time.monotonic() + 1.0
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() < deadline:
-                    time.sleep(0.05)
-                    continue
+        if not _poll(fd, fcntl.LOCK_EX, time.monotonic() + 1.0):
             os.close(fd)
             holder = describe_holder(read_holder(self.path))
             raise WriterLockedError(
                 f"another {self.role} holds {self.path}: {holder}",
                 hint=f"stop that {self.role} first; only one may run per data home",
-            ) from None
+            )
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)

@@ -191,6 +191,28 @@ def test_the_model_can_be_called_from_two_threads_at_once() -> None:
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_a_cpu_micro_batch_goes_through_the_model_a_few_texts_at_a_time() -> None:
+    """Each forward pass's largest tensor stays under glibc's mmap ceiling on a CPU, so that
+    its memory is reused instead of faulted in afresh; the vectors are those of one pass."""
+    from pipeline.embedder import _CPU_FORWARD_BYTES, load_embedder
+
+    embedder = load_embedder("all-MiniLM-L6-v2", "cpu")
+    model = embedder._model  # type: ignore[attr-defined]
+    config = model[0].auto_model.config
+    widest = embedder.forward_batch * model.max_seq_length * config.intermediate_size * 4  # type: ignore[attr-defined]
+    assert embedder.forward_batch == 8 and widest <= _CPU_FORWARD_BYTES  # type: ignore[attr-defined]
+    texts = [f"chunk {i}: " + "resume the bulk index where it stopped " * (i % 7 + 1) for i in range(32)]
+    passes: list[int] = []
+    hook = model[0].register_forward_hook(lambda _m, args, _out: passes.append(len(args[0]["input_ids"])))
+    try:
+        vectors = embedder.embed(texts)
+    finally:
+        hook.remove()
+    assert passes == [8, 8, 8, 8]
+    whole = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(vectors, whole, atol=1e-5)
+
+
 class _BackToBack:
     """A writer's commits in a thread: the commit lock held 2 ms, retaken at once."""
 
