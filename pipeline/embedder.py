@@ -220,7 +220,7 @@ class SentenceTransformerEmbedder:
         with self._lock:
             vectors = self._model.encode(
                 texts,
-                batch_size=min(len(texts), self.forward_batch or len(texts)) or 1,
+                batch_size=self.forward_batch or len(texts) or 1,
                 convert_to_numpy=True,
                 normalize_embeddings=True,
                 show_progress_bar=False,

@@ -570,7 +570,6 @@ def test_the_systemd_units_show_the_metrics_port() -> None:
 # ---- indexq status --watch ------------------------------------------------------------
 
 
-@pytest.mark.e2e
 def _ctrl_c_default() -> None:
     """In the child, before exec: SIGINT as a shell gives it (default, unblocked). A pytest-xdist
     worker may pass it on ignored or blocked, and the child would then never see the Ctrl-C
@@ -579,6 +578,7 @@ def _ctrl_c_default() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@pytest.mark.e2e
 def test_status_watch_prints_snapshots_to_a_pipe_until_ctrl_c(tmp_path: Path, procs: list[Proc]) -> None:
     home = tmp_path / "home"
     start_worker(procs, home, **MODEL).wait_started()
