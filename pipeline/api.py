@@ -13,18 +13,21 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
-from pipeline.errors import IndexqError, NotFoundError, StoreError, first_line
+from pipeline.errors import ConfigError, IndexqError, NotFoundError, StoreError, first_line
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
 from pipeline.producer import Producer
 from pipeline.queue import QueueClient
 from pipeline.state import live_state, read_state
+
+if TYPE_CHECKING:
+    from pipeline.embedder import Embedder
 
 # How often wait() looks at the ledger at most (a big job less often: jobs.poll_interval).
 POLL_SECONDS = 0.5
@@ -261,10 +264,23 @@ def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _query_embedder(cfg: Config, precision: str) -> Embedder:
+    """The model, loaded here for one query: in bf16 only where this machine computes it
+    (a bf16 query is 0.99995 in cosine from an fp32 one, so fp32 serves as well, slower)."""
+    from pipeline.embedder import check_precision, load_embedder, pick_device
+
+    if precision != "fp32":
+        try:
+            check_precision(precision, pick_device(cfg.device))
+        except ConfigError:
+            precision = "fp32"
+    return load_embedder(cfg.model, cfg.device, precision)
+
+
 @private_umask()
 def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
-    from pipeline.embedder import load_embedder
+    from pipeline.embedder import is_hash_model
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
     from pipeline.writer import open_store
@@ -273,9 +289,12 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     _existing_ledger(cfg).close()
     # The running writer embeds the query with the model it holds (no torch imported
     # here, no second copy of the model); with no writer to ask, the model is loaded here.
-    vector = ask(cfg.query_socket_path, text, cfg.model, cfg.device)
+    # In fp32, or bf16 when that is the setting (fp16 is for a GPU's bulk work; a hash: model
+    # has no precision).
+    precision = "bf16" if cfg.precision == "bf16" and not is_hash_model(cfg.model) else "fp32"
+    vector = ask(cfg.query_socket_path, text, cfg.model, cfg.device, precision)
     if vector is None:
-        vector = load_embedder(cfg.model, cfg.device).embed([text])[0]
+        vector = _query_embedder(cfg, precision).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between
     # commits: hold the commit lock for the open and the query (milliseconds).
     lock = CommitLock(cfg.commit_lock_path)

@@ -106,6 +106,13 @@ def _device(func: Callable[..., Any]) -> Callable[..., Any]:
     )(func)  # fmt: skip
 
 
+def _precision(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option(
+        "--precision", envvar="INDEXQ_PRECISION", default=DEFAULT_PRECISION, show_default=True,
+        type=click.Choice(PRECISIONS), help=help_text,
+    )  # fmt: skip
+
+
 def _model(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--model", envvar="INDEXQ_MODEL", default=None,
@@ -238,9 +245,7 @@ def index(
 @click.option("--micro-batch", type=int, envvar="INDEXQ_MICRO_BATCH", default=None,
               help="Chunks embedded together (default per device: "
               + ", ".join(f"{d} {n}" for d, n in MICRO_BATCH_BY_DEVICE.items()) + ").")  # fmt: skip
-@click.option("--precision", envvar="INDEXQ_PRECISION", default=DEFAULT_PRECISION, show_default=True,
-              type=click.Choice(PRECISIONS),
-              help="Model precision; fp16 on CUDA only (env INDEXQ_PRECISION).")  # fmt: skip
+@_precision("Model precision; fp16 on CUDA only, bf16 on a GPU or CPU that has it (env INDEXQ_PRECISION).")
 @click.option("--verbose", "-v", is_flag=True, help="Log every commit.")
 @_metrics_port
 @_device
@@ -367,18 +372,21 @@ def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -
 @click.option("--collection", "-c", required=True, help="Collection to search.")
 @click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Number of results.")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
+@_precision("The query's precision: bf16 where this machine computes it, else fp32 (env INDEXQ_PRECISION).")
 @_device
 @_model
 @_home
 @_errors
-def search(text: str, collection: str, k: int, as_json: bool, device: str, model: str | None, home: Path) -> None:
+def search(
+    text: str, collection: str, k: int, as_json: bool, precision: str, device: str, model: str | None, home: Path
+) -> None:
     """Nearest chunks to TEXT.
 
     \b
     Example:
       indexq search "parse a JSON document" --collection stdlib -k 3
     """
-    hits = api.search(text, collection, k, _config(home=home, model=model, device=device))
+    hits = api.search(text, collection, k, _config(home=home, model=model, device=device, precision=precision))
     if as_json:
         click.echo(json.dumps(hits, indent=2))
         return

@@ -56,7 +56,7 @@ class Embedder(Protocol):
     name: str
     dimension: int
     device: str  # where it runs: "cpu", "cuda", "cuda:1", "mps"
-    precision: str  # "fp32" or "fp16"
+    precision: str  # "fp32", "fp16" or "bf16"
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -170,13 +170,49 @@ def pick_device(requested: str = "auto") -> str:
     return requested
 
 
+def cpu_has_bf16(cpuinfo_path: Path = Path("/proc/cpuinfo")) -> bool:
+    """The CPU computes bf16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``, read from
+    /proc/cpuinfo). Without them torch emulates bf16, and nothing says it is faster there."""
+    try:
+        cpuinfo = cpuinfo_path.read_text(errors="replace")
+    except OSError:
+        return False  # not Linux (macOS: MPS or fp32), or /proc hidden
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
+    return False
+
+
 def check_precision(precision: str, device: str) -> None:
-    """fp16 runs on CUDA only: on a CPU torch computes it slower than fp32 (and MPS is not
-    measured), so a writer told to use fp16 elsewhere refuses to start instead of falling back."""
+    """Where each precision runs, so that a writer told to use one elsewhere refuses to
+    start instead of falling back. fp16: CUDA only (on a CPU torch computes it 2.7x slower
+    than fp32; MPS is not measured). bf16: a CUDA GPU that has it (Ampere or later), or a
+    CPU with bf16 instructions (``cpu_has_bf16``), where it embeds 1.5x faster than fp32."""
+    flag = "(--precision, INDEXQ_PRECISION)"
     if precision == "fp16" and not device.startswith("cuda"):
         raise ConfigError(
-            f"precision 'fp16' was asked for (--precision, INDEXQ_PRECISION), but the model runs on {device!r}",
-            hint="fp16 is for CUDA GPUs; use --precision fp32 (the default) on this machine",
+            f"precision 'fp16' was asked for {flag}, but the model runs on {device!r}",
+            hint="fp16 is for CUDA GPUs; use --precision fp32 (the default), or bf16 on a CPU that has it",
+        )
+    if precision != "bf16":
+        return
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError(
+                f"precision 'bf16' was asked for {flag}, but GPU {device!r} does not compute bf16",
+                hint="use --precision fp16 on this GPU",
+            )
+    elif device != "cpu":
+        raise ConfigError(
+            f"precision 'bf16' was asked for {flag}, but the model runs on {device!r}",
+            hint="bf16 is for CUDA GPUs and CPUs with bf16 instructions; use --precision fp32 (the default)",
+        )
+    elif not cpu_has_bf16():
+        raise ConfigError(
+            f"precision 'bf16' was asked for {flag}, but this CPU has no bf16 instructions (avx512_bf16 or amx_bf16)",
+            hint="torch would emulate bf16 here; use --precision fp32 (the default)",
         )
 
 
@@ -201,6 +237,10 @@ class SentenceTransformerEmbedder:
             ) from None
         if precision == "fp16":
             self._model.half()
+        elif precision == "bf16":
+            import torch
+
+            self._model.to(torch.bfloat16)
         self.precision = precision
         # Texts per forward pass: bounded on a CPU (see _CPU_FORWARD_BYTES); a GPU takes
         # the whole micro-batch (its memory comes from torch's caching allocator).
@@ -225,21 +265,25 @@ class SentenceTransformerEmbedder:
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
-        # fp16 vectors are stored as float32 like the others (normalised in fp16: renormalise).
+        # fp16 and bf16 vectors are stored as float32 like the others (normalised in their
+        # own precision: renormalise).
         vectors = np.asarray(vectors, dtype=np.float32)
-        if self.precision == "fp16":
+        if self.precision != "fp32":
             vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors
 
 
 def _cpu_forward_batch(model: Any) -> int:
     """Texts per forward pass on a CPU: the feed-forward activations of that many texts of
-    the model's longest input fit in _CPU_FORWARD_BYTES (8 for all-MiniLM-L6-v2)."""
+    the model's longest input fit in _CPU_FORWARD_BYTES (all-MiniLM-L6-v2: 8 in fp32, 16 in
+    bf16, whose tensors are half the size; measured, 640 chunks: bf16 at 8, 16 and 32 texts
+    per pass 38.5, 40.4 and 36.1 chunks/s)."""
     config = getattr(getattr(model[0], "auto_model", None), "config", None)
     hidden = getattr(config, "hidden_size", None) or 1024
     width = getattr(config, "intermediate_size", None) or 4 * hidden
     tokens = getattr(model, "max_seq_length", None) or _FALLBACK_MAX_SEQ
-    return max(1, _CPU_FORWARD_BYTES // (int(tokens) * int(width) * 4))
+    size = next((p.element_size() for p in model.parameters()), 4)
+    return max(1, _CPU_FORWARD_BYTES // (int(tokens) * int(width) * size))
 
 
 class HashEmbedder:

@@ -223,7 +223,8 @@ class QueryServer:
             return text, f"this writer embeds with {self.embedder.name!r}, not {model!r}"
         if not same_device(device, self.embedder.device):
             return text, f"this writer embeds on {self.embedder.device!r}, not {device!r}"
-        # A search loads the model in fp32: an fp16 writer would give other vectors.
+        # A search embeds in fp32, or in bf16 when that is its setting: a writer in another
+        # precision would give other vectors.
         running = getattr(self.embedder, "precision", "fp32")
         if precision != running:
             return text, f"this writer embeds in {running}, not {precision}"

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline import embedder as embedder_module
 from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_TASK_CHUNKS, MICRO_BATCH_BY_DEVICE, Config
-from pipeline.embedder import HashEmbedder
+from pipeline.embedder import HashEmbedder, check_precision, cpu_has_bf16
 from pipeline.errors import BusyError, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.locks import GIVE_WAY_SECONDS, CommitLock
+from pipeline.queryserver import ask
 from pipeline.rows import Row
 from pipeline.writer import Writer
-from tests.conftest import run_cli
+from tests.conftest import BIN, Proc, run_cli, start_worker
 
 COLLECTION = "overlap-docs"
 FULL, NORMAL = 2, 1  # PRAGMA synchronous
@@ -44,8 +46,30 @@ def test_micro_batch_follows_the_device_unless_set() -> None:
 def test_precision_setting() -> None:
     assert Config().precision == "fp32"
     assert Config.from_env({"INDEXQ_PRECISION": "fp16"}).precision == "fp16"
-    with pytest.raises(ConfigError, match="precision must be one of fp32, fp16, got 'half'"):
+    assert Config.from_env({"INDEXQ_PRECISION": "bf16"}).precision == "bf16"
+    with pytest.raises(ConfigError, match="precision must be one of fp32, fp16, bf16, got 'half'"):
         Config(precision="half")
+
+
+def test_bf16_runs_only_where_the_cpu_has_bf16_instructions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\n")
+    assert embedder_module.cpu_has_bf16(cpuinfo) is False  # AVX-512 alone: torch would emulate bf16
+    for flag in ("avx512_bf16", "amx_bf16"):
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: fpu avx2 avx512f {flag} avx512_vnni\n")
+        assert embedder_module.cpu_has_bf16(cpuinfo) is True
+    assert embedder_module.cpu_has_bf16(tmp_path / "absent") is False  # no /proc (macOS)
+
+    monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: False)
+    with pytest.raises(ConfigError, match=r"^precision 'bf16' was asked for .* but this CPU has no bf16 instructions"):
+        check_precision("bf16", "cpu")
+    with pytest.raises(ConfigError, match="but the model runs on 'mps'"):
+        check_precision("bf16", "mps")
+    check_precision("fp32", "cpu")
+    monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: True)
+    check_precision("bf16", "cpu")
+    with pytest.raises(ConfigError, match="precision 'fp16' was asked for"):
+        check_precision("fp16", "cpu")  # fp16 stays CUDA-only whatever the CPU has
 
 
 def test_fp16_off_cuda_is_refused_with_one_line(tmp_path: Path) -> None:
@@ -211,6 +235,50 @@ def test_a_cpu_micro_batch_goes_through_the_model_a_few_texts_at_a_time() -> Non
     assert passes == [8, 8, 8, 8]
     whole = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
     np.testing.assert_allclose(vectors, whole, atol=1e-5)
+
+
+def test_a_search_in_bf16_falls_back_to_fp32_where_the_cpu_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no writer to ask, `search` loads the model for its query: in bf16 when that is
+    the setting and this CPU computes it, else in fp32 (a query's vector is as good)."""
+    from pipeline.api import _query_embedder
+
+    config = Config(model="all-MiniLM-L6-v2", device="cpu", precision="bf16")
+    monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: False)
+    assert _query_embedder(config, "bf16").precision == "fp32"
+    monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: True)
+    assert _query_embedder(config, "bf16").precision == "bf16"
+
+
+@pytest.mark.e2e
+def test_a_bf16_writer_embeds_and_answers_queries_in_bf16(tmp_path: Path, procs: list[Proc]) -> None:
+    """`indexq worker --precision bf16` on a CPU: where the CPU has bf16 instructions it runs
+    the model in bf16 (16 texts per forward pass, half the bytes) and answers bf16 queries
+    with vectors within 0.9998 in cosine of fp32's; where it has not, it refuses in one line."""
+    home = tmp_path / "home"
+    if not cpu_has_bf16():
+        result = run_cli(home, "worker", "--precision", "bf16", "--device", "cpu", INDEXQ_MODEL="all-MiniLM-L6-v2")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith(
+            "Error: precision 'bf16' was asked for (--precision, INDEXQ_PRECISION), but this CPU has no bf16"
+        )
+        assert "Traceback" not in result.stderr
+        return
+    from pipeline.embedder import load_embedder
+
+    writer = start_worker(
+        procs, home, str(BIN / "indexq"), "worker", "--precision", "bf16", "--device", "cpu",
+        INDEXQ_MODEL="all-MiniLM-L6-v2",
+    )  # fmt: skip
+    writer.wait_started(timeout=600)
+    assert "loaded on cpu (bf16, 16 texts per forward pass)" in writer.output()
+    texts = ["resume a bulk index where it stopped after a crash", "def upsert(ids, embeddings): ..."]
+    fp32 = load_embedder("all-MiniLM-L6-v2", "cpu").embed(texts)
+    for text, reference in zip(texts, fp32, strict=True):
+        vector = ask(home / "query.sock", text, "all-MiniLM-L6-v2", "cpu", "bf16")
+        assert vector is not None and vector.dtype == np.float32
+        assert abs(float(np.linalg.norm(vector)) - 1) < 1e-5
+        assert 0.9998 < float(vector @ reference) < 1 - 1e-7  # close to fp32, and not fp32
+    assert ask(home / "query.sock", texts[0], "all-MiniLM-L6-v2", "cpu", "fp32") is None  # another precision
 
 
 class _BackToBack:

@@ -36,7 +36,7 @@ from ops.backup import create_backup
 from ops.maintenance import run_check
 from ops.recovery import restore_backup
 from ops.tools.torture.procs import Child, wait_until
-from pipeline.config import DEFAULT_MICRO_BATCH, Config
+from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_PRECISION, PRECISIONS, Config
 from pipeline.ledger import Ledger
 
 QUICK_CHUNKS = 600
@@ -117,7 +117,7 @@ def build_corpus(target: Path, chunks: int, config: Config) -> tuple[int, list[A
 
 # The bare loop as a user would write it: its own process, importing only what it uses.
 # argv: chunks.jsonl, Chroma directory, model, device, micro-batch (empty: the writer's
-# default for the device), full text ("on", "off" or empty: Chroma's default).
+# default for the device), full text ("on", "off" or empty: Chroma's default), precision.
 BARE_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
@@ -126,10 +126,10 @@ from pipeline.config import Config
 from pipeline.embedder import load_embedder
 from pipeline.store import Store
 
-source, chroma, model, device, micro_batch, full_text = sys.argv[1:7]
+source, chroma, model, device, micro_batch, full_text, precision = sys.argv[1:8]
 chunks = [json.loads(line) for line in Path(source).read_text().splitlines()]
 loading = time.perf_counter()
-embedder = load_embedder(model, device)
+embedder = load_embedder(model, device, precision)
 if full_text:
     from pipeline.collection import CollectionSettings
     store = Store(Path(chroma), settings=CollectionSettings(full_text=full_text == "on"))
@@ -172,7 +172,7 @@ def bare_baseline(
         for c in chunks:
             handle.write(json.dumps({"text": c.text, "ordinal": c.ordinal}) + "\n")
     argv = [sys.executable, "-c", BARE_SCRIPT, str(source), str(work / f"{name}-chroma"), config.model, config.device]
-    argv += [str(config.micro_batch or ""), full_text]
+    argv += [str(config.micro_batch or ""), full_text, config.precision]
     started = time.perf_counter()
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
     wall = time.perf_counter() - started
@@ -346,7 +346,7 @@ def full_text(work: Path, size: int, env: dict[str, str]) -> dict[str, Any]:
 def _writer_settings(config: Config) -> dict[str, Any]:
     """The device the running writer embeds on and its micro-batch, as it publishes them in ``writer.state``."""
     settings = json.loads(config.writer_state_path.read_text())["settings"]
-    return {"device": settings["device"], "micro_batch": settings["micro_batch"]}
+    return {"device": settings["device"], "micro_batch": settings["micro_batch"], "precision": settings["precision"]}
 
 
 def resume_waste(corpus: Path, work: Path, env: dict[str, str], seed: int) -> dict[str, Any]:
@@ -403,7 +403,7 @@ def query_latency(home: Path, chunks: list[Any], config: Config) -> dict[str, An
     from pipeline.store import Store
 
     SharedSystemClient.clear_system_cache()
-    embedder = load_embedder(config.model, config.device)
+    embedder = load_embedder(config.model, config.device, config.precision)
     store = Store(home / "chroma")
     rng = random.Random(1)
     samples = [" ".join(rng.choice(chunks).text.split()[:12]) for _ in range(QUERIES + 5)]
@@ -488,7 +488,7 @@ def report(results: dict[str, Any]) -> str:
     size = get("query", "collection_size")
     lines = [
         f"indexq benchmark: {get('corpus_chunks')} chunks, {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}",
-        _row("model", get("model")),
+        _row("model", f"{get('model')} ({results.get('precision', 'fp32')})"),
         _row("device: writer / bare loop", f"{get('device', 'writer')} / {get('device', 'bare')}"),
         _row("bare loop, process start to exit (chunks/s)", get("bare", "wall_chunks_per_s")),
         _row("pipeline, worker start to index --wait (chunks/s)", get("pipeline", "chunks_per_s")),
@@ -576,13 +576,27 @@ def report(results: dict[str, Any]) -> str:
     "--model", default=None, help="Model of the bare loop and the writer [the default model]; hash:384 for a smoke run."
 )
 @click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default=DEFAULT_PRECISION,
+    show_default=True,
+    help="Precision of the bare loop, the writer and the queries (bf16: a CPU or GPU that has it).",
+)
+@click.option(
     "--stages",
     default=",".join(STAGES),
     show_default=True,
     help="The stages to run, comma-separated (the ratios and the device come with bare and pipeline).",
 )
 def main(
-    quick: bool, chunks: int | None, output: Path | None, seed: int, keep: bool, model: str | None, stages: str
+    quick: bool,
+    chunks: int | None,
+    output: Path | None,
+    seed: int,
+    keep: bool,
+    model: str | None,
+    precision: str,
+    stages: str,
 ) -> None:
     """Measure the pipeline against a bare loop on the same corpus and machine.
 
@@ -598,10 +612,12 @@ def main(
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if model:
         env["INDEXQ_MODEL"] = model
+    env["INDEXQ_PRECISION"] = precision
     config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
     work = Path(tempfile.mkdtemp(prefix="indexq-bench-"))
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.tools.bench", *sys.argv[1:]])}
     results["model"] = config.model
+    results["precision"] = config.precision
     results["revision"] = _revision()
     output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
