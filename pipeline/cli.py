@@ -490,8 +490,10 @@ def _echo_writer(writer: dict[str, Any]) -> None:
     if not settings:
         click.echo("settings:    not published yet (the writer is starting)")
         return
+    precision = settings.get("precision", "fp32")  # shown when it is not the default
     click.echo(
-        f"settings:    model {settings['model']} on {settings.get('device', 'cpu')},"
+        f"settings:    model {settings['model']} on {settings.get('device', 'cpu')}"
+        f"{'' if precision == 'fp32' else f' in {precision}'},"
         f" memory threshold {settings['memory_threshold']:g} %,"
         f" min free disk {settings['min_free_mb']} MB, micro-batch {settings['micro_batch']},"
         f" commit batch {settings['commit_batch']}"

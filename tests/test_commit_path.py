@@ -271,6 +271,9 @@ def test_a_bf16_writer_embeds_and_answers_queries_in_bf16(tmp_path: Path, procs:
     )  # fmt: skip
     writer.wait_started(timeout=600)
     assert "loaded on cpu (bf16, 16 texts per forward pass)" in writer.output()
+    shown = run_cli(home, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "settings:    model all-MiniLM-L6-v2 on cpu in bf16, memory threshold" in shown.stdout
     texts = ["resume a bulk index where it stopped after a crash", "def upsert(ids, embeddings): ..."]
     fp32 = load_embedder("all-MiniLM-L6-v2", "cpu").embed(texts)
     for text, reference in zip(texts, fp32, strict=True):
