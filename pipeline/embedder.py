@@ -199,9 +199,12 @@ def check_precision(precision: str, device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        if not torch.cuda.is_bf16_supported():
+        # Not torch.cuda.is_bf16_supported(): it says yes to any GPU that can emulate bf16,
+        # and it looks at the current GPU, not the one named. ROCm GPUs all compute it.
+        if torch.version.hip is None and torch.cuda.get_device_capability(device)[0] < 8:
             raise ConfigError(
-                f"precision 'bf16' was asked for {flag}, but GPU {device!r} does not compute bf16",
+                f"precision 'bf16' was asked for {flag}, but GPU {device!r} does not compute bf16"
+                " (compute capability under 8.0, before Ampere)",
                 hint="use --precision fp16 on this GPU",
             )
     elif device != "cpu":

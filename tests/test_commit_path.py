@@ -72,6 +72,22 @@ def test_bf16_runs_only_where_the_cpu_has_bf16_instructions(tmp_path: Path, monk
         check_precision("fp16", "cpu")  # fp16 stays CUDA-only whatever the CPU has
 
 
+def test_bf16_on_cuda_needs_a_gpu_that_computes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ampere (compute capability 8.0) or later, judged for the GPU named: a Turing GPU, which
+    torch.cuda.is_bf16_supported() accepts because it can emulate bf16, is refused."""
+    import torch
+
+    asked: list[str] = []
+    capability = {"cuda:0": (7, 5), "cuda:1": (8, 6)}
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability[d])
+    with pytest.raises(ConfigError, match=r"but GPU 'cuda:0' does not compute bf16 \(compute capability under 8.0"):
+        check_precision("bf16", "cuda:0")
+    check_precision("bf16", "cuda:1")
+    check_precision("fp16", "cuda:0")  # fp16 runs on any CUDA GPU
+    assert asked == ["cuda:0", "cuda:1"]
+
+
 def test_fp16_off_cuda_is_refused_with_one_line(tmp_path: Path) -> None:
     home = tmp_path / "home"
     result = run_cli(home, "worker", "--precision", "fp16", "--device", "cpu", INDEXQ_MODEL="all-MiniLM-L6-v2")
