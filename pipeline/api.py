@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
-from pipeline.errors import ConfigError, IndexqError, NotFoundError, StoreError, first_line
+from pipeline.errors import IndexqError, NotFoundError, StoreError, first_line
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
@@ -264,17 +265,25 @@ def _maintenance(config: Config, ledger: Ledger) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _query_embedder(cfg: Config, precision: str) -> Embedder:
-    """The model, loaded here for one query: in bf16 only where this machine computes it
-    (a bf16 query is 0.99995 in cosine from an fp32 one, so fp32 serves as well, slower)."""
-    from pipeline.embedder import check_precision, load_embedder, pick_device
+# The query model of this process: (model, device, precision, runtime, export folder) -> it.
+_query_embedders: dict[tuple[str, ...], Embedder] = {}
+_query_embedders_lock = threading.Lock()
 
-    if precision != "fp32":
-        try:
-            check_precision(precision, pick_device(cfg.device))
-        except ConfigError:
-            precision = "fp32"
-    return load_embedder(cfg.model, cfg.device, precision)
+
+def _query_embedder(cfg: Config, precision: str) -> Embedder:
+    """The model for this process's queries, loaded on the first and kept for the next
+    (ONNX Runtime on a CPU in fp32 unless INDEXQ_QUERY_RUNTIME=torch; pipeline.queryembed)."""
+    from pipeline.queryembed import load_query_embedder, query_precision
+
+    precision = query_precision(precision, cfg.device)
+    key = (cfg.model, cfg.device, precision, cfg.query_runtime, str(cfg.models_path))
+    with _query_embedders_lock:
+        embedder = _query_embedders.get(key)
+        if embedder is None:
+            embedder = load_query_embedder(cfg.model, cfg.device, precision, cfg.models_path, cfg.query_runtime)
+            _query_embedders.clear()  # one model kept: a script that changes settings frees the old
+            _query_embedders[key] = embedder
+        return embedder
 
 
 @private_umask()

@@ -44,6 +44,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["resume"]["chunks_embedded_twice"] <= 32
     assert data["query"]["collection_size"] == data["corpus_chunks"]
     assert data["query"]["chroma_p50_ms"] > 0
+    assert data["query"]["embed_runtime"] == "hash"
     assert data["operations"]["restore_replay_chunks"] == data["corpus_chunks"]
     assert data["memory"]["small_chunks"] < data["memory"]["large_chunks"]
     for key in ("bare", "producer"):

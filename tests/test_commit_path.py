@@ -258,7 +258,7 @@ def test_a_search_in_bf16_falls_back_to_fp32_where_the_cpu_cannot(monkeypatch: p
     the setting and this CPU computes it, else in fp32 (a query's vector is as good)."""
     from pipeline.api import _query_embedder
 
-    config = Config(model="all-MiniLM-L6-v2", device="cpu", precision="bf16")
+    config = Config(model="all-MiniLM-L6-v2", device="cpu", precision="bf16", query_runtime="torch")
     monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: False)
     assert _query_embedder(config, "bf16").precision == "fp32"
     monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: True)

@@ -22,6 +22,7 @@ import pytest
 from pipeline import api
 from pipeline.config import MAX_QUERY_CHARS, Config
 from pipeline.embedder import HashEmbedder
+from pipeline.queryembed import OnnxQueryEmbedder
 from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
 
@@ -84,7 +85,10 @@ def test_search_through_the_writer_equals_an_in_process_search(tmp_path: Path, p
     assert not (home / "query.sock").exists()
     # No writer: this process loads the model itself.
     local = api.search(QUERY, "code", 5, Config(home=home))
-    assert "sentence_transformers" in sys.modules
+    # Through ONNX Runtime, the model exported to the data home (owner-only) on this first use.
+    (export,) = (home / "models").glob("*.onnx")
+    assert stat.S_IMODE(export.stat().st_mode) == 0o600
+    assert isinstance(api._query_embedder(Config(home=home), "fp32"), OnnxQueryEmbedder)
     assert _ids(local) == _ids(through["hits"])
     for mine, theirs in zip(local, through["hits"], strict=True):
         assert mine["distance"] == pytest.approx(theirs["distance"], abs=1e-5)

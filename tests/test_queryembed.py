@@ -1,0 +1,218 @@
+"""A query embedded outside the writer runs through ONNX Runtime (pipeline.queryembed):
+the real model exported, checked against torch, kept owner-only in the data home, made
+again when damaged, and never used when it does not match or could not be written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import embedder as embedder_module
+from pipeline import queryembed
+from pipeline.config import Config
+from pipeline.embedder import HashEmbedder, SentenceTransformerEmbedder, load_embedder
+from pipeline.errors import ConfigError
+from pipeline.queryembed import OnnxQueryEmbedder, load_query_embedder
+from tests.conftest import env_for
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "all-MiniLM-L6-v2"
+TEXTS = [
+    "decode a JSON document into a Python object",
+    "   leading and trailing spaces\t\n",
+    "def upsert(self, ids, vectors):\n    return self._collection.upsert(ids=ids, embeddings=vectors)",
+    "Größenänderung: naïve café, 東京, 🚀",
+    " ".join(f"word{n}" for n in range(2000)),  # far past the model's 256 tokens
+]
+
+
+@pytest.fixture(scope="module")
+def torch_vectors() -> np.ndarray:
+    return load_embedder(MODEL, "cpu").embed(TEXTS)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> OnnxQueryEmbedder:
+    models = tmp_path_factory.mktemp("home") / "models"
+    embedder = load_query_embedder(MODEL, "cpu", "fp32", models)
+    assert isinstance(embedder, OnnxQueryEmbedder)
+    return embedder
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_a_query_embeds_in_onnx_runtime_as_in_torch(exported: OnnxQueryEmbedder, torch_vectors: np.ndarray) -> None:
+    vectors = exported.embed(TEXTS)
+    assert vectors.dtype == np.float32 and vectors.shape == (len(TEXTS), 384) == torch_vectors.shape
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)
+    cosines = np.sum(vectors * torch_vectors, axis=1)
+    assert cosines.min() > 0.99999, cosines
+    # Owner-only, one file, no temporary file left beside it.
+    folder = exported.path.parent
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(exported.path.stat().st_mode) == 0o600
+    assert [p.name for p in folder.iterdir()] == [exported.path.name]
+
+
+def _damage(path: Path, at: int, seed: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(np.random.default_rng(seed).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes())
+
+
+def _load_logged(folder: Path, caplog: pytest.LogCaptureFixture) -> OnnxQueryEmbedder:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.queryembed"):
+        embedder = load_query_embedder(MODEL, "cpu", "fp32", folder)
+    assert isinstance(embedder, OnnxQueryEmbedder)
+    return embedder
+
+
+def test_the_export_is_reused_and_a_damaged_one_made_again(
+    exported: OnnxQueryEmbedder, torch_vectors: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder, before = exported.path.parent, exported.path.stat()
+    again = _load_logged(folder, caplog)
+    assert again.path == exported.path and caplog.text == ""
+    assert (exported.path.stat().st_ino, exported.path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    # Cut in half, as a full disk under some copy would leave it; then bytes overwritten in
+    # the middle (the rows of tokens no probe uses: the file still loads and embeds).
+    for damage in (lambda p: os.truncate(p, before.st_size // 2), lambda p: _damage(p, before.st_size // 2, 7)):
+        damage(exported.path)
+        mended = _load_logged(folder, caplog)
+        assert "its content is not the content it was written with" in caplog.text
+        assert "exporting it again" in caplog.text
+        assert [p.name for p in folder.iterdir()] == [exported.path.name] == [mended.path.name]
+        assert np.sum(mended.embed(TEXTS) * torch_vectors, axis=1).min() > 0.99999
+
+
+def test_an_export_that_embeds_otherwise_than_when_it_was_made_is_made_again(
+    exported: OnnxQueryEmbedder, torch_vectors: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The content check passes (the file is renamed to its new digest), but the weights
+    no longer give the vector torch gave at export, as under another ONNX Runtime that
+    computed otherwise: the probe stamped into the file catches it."""
+    folder = exported.path.parent
+    path = _load_logged(folder, caplog).path
+    # [CLS]'s row of the word embeddings, every probe's first token, negated in place.
+    st_model = load_embedder(MODEL, "cpu")._model  # type: ignore[attr-defined]
+    row = st_model[0].auto_model.embeddings.word_embeddings.weight[101].detach().numpy()
+    data = path.read_bytes()
+    at = data.find(row.tobytes())
+    assert at > 0 and data.find(row.tobytes(), at + 1) == -1
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write((-row).tobytes())
+    renamed = path.with_name(f"{path.stem.rsplit('-', 1)[0]}-{queryembed._digest(path)}.onnx")
+    path.rename(renamed)
+    mended = _load_logged(folder, caplog)
+    assert "in cosine from torch's vector" in caplog.text and "exporting it again" in caplog.text
+    assert [p.name for p in folder.iterdir()] == [mended.path.name]
+    assert np.sum(mended.embed(TEXTS) * torch_vectors, axis=1).min() > 0.99999
+
+
+@pytest.mark.parametrize("mismatch", ["vectors", "tokens"])
+def test_an_export_that_does_not_match_torch_is_not_used(
+    mismatch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if mismatch == "vectors":
+        monkeypatch.setattr(queryembed, "_MIN_COSINE", 1.5)  # no export can pass this
+        said = "in cosine from torch"
+    else:  # a tokenizer.json that cuts text otherwise than sentence-transformers
+        monkeypatch.setattr(OnnxQueryEmbedder, "token_ids", lambda self, text: [101, 102])
+        said = "differently from sentence-transformers"
+    models = tmp_path / "models"
+    with caplog.at_level(logging.WARNING, logger="pipeline.queryembed"):
+        embedder = load_query_embedder(MODEL, "cpu", "fp32", models)
+    assert isinstance(embedder, SentenceTransformerEmbedder)
+    assert "queries embedded in torch" in caplog.text and said in caplog.text
+    assert list(models.iterdir()) == []  # neither the export nor its temporary file
+
+
+# Writes past 20 MB fail (EFBIG, as on a full disk) in this process only.
+FULL_DISK = """
+import json, resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
+from pipeline.queryembed import load_query_embedder
+embedder = load_query_embedder("all-MiniLM-L6-v2", "cpu", "fp32", Path(sys.argv[1]))
+print(json.dumps({"kind": type(embedder).__name__, "vector": embedder.embed(["a query"])[0][:4].tolist()}))
+"""
+
+
+def test_no_room_for_the_export_leaves_nothing_and_the_query_runs_in_torch(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(models)],
+        env=env_for(tmp_path / "home"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["kind"] == "SentenceTransformerEmbedder"
+    assert "queries embedded in torch: the model could not be exported to ONNX" in done.stderr
+    assert list(models.iterdir()) == []
+
+
+def test_where_onnx_runtime_does_not_apply_the_query_stays_in_torch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    assert isinstance(load_query_embedder("hash:384", "cpu", "fp32", models), HashEmbedder)
+    assert isinstance(load_query_embedder(MODEL, "cpu", "fp32", models, runtime="torch"), SentenceTransformerEmbedder)
+    monkeypatch.setattr(embedder_module, "cpu_has_bf16", lambda: True)
+    bf16 = load_query_embedder(MODEL, "cpu", "bf16", models)
+    assert isinstance(bf16, SentenceTransformerEmbedder) and bf16.precision == "bf16"
+    assert not models.exists()
+    with pytest.raises(ConfigError, match="query runtime must be one of onnx, torch"):
+        load_query_embedder(MODEL, "cpu", "fp32", models, runtime="tensorrt")
+
+
+def _model_dir(root: Path, modules: list[str], prompts: dict[str, object] | None = None) -> str:
+    root.mkdir()
+    (root / "tokenizer.json").write_text("{}")
+    types = [f"sentence_transformers.models.{m}" for m in modules]
+    (root / "modules.json").write_text(json.dumps([{"idx": i, "type": t} for i, t in enumerate(types)]))
+    if prompts is not None:
+        (root / "config_sentence_transformers.json").write_text(json.dumps(prompts))
+    return str(root)
+
+
+def test_models_the_export_does_not_cover_are_named(tmp_path: Path) -> None:
+    assert queryembed._unsupported(_model_dir(tmp_path / "plain", ["Transformer", "Pooling", "Normalize"])) is None
+    assert queryembed._unsupported(_model_dir(tmp_path / "unnormalised", ["Transformer", "Pooling"])) is None
+    dense = queryembed._unsupported(_model_dir(tmp_path / "dense", ["Transformer", "Pooling", "Dense", "Normalize"]))
+    assert dense == "its modules (Transformer, Pooling, Dense, Normalize) are not Transformer, Pooling and Normalize"
+    prompted = _model_dir(tmp_path / "prompted", ["Transformer", "Pooling"], {"prompts": {"query": "query: "}})
+    assert queryembed._unsupported(prompted) == "the model declares prompts"
+    bare = _model_dir(tmp_path / "bare", ["Transformer", "Pooling"])
+    os.remove(Path(bare) / "tokenizer.json")
+    assert queryembed._unsupported(bare) == "the model has no tokenizer.json"
+    assert queryembed._unsupported("some-org/some-model") == "some-org/some-model is not a local model directory"
+
+
+def test_the_export_name_follows_the_model_files(tmp_path: Path) -> None:
+    model = Path(_model_dir(tmp_path / "m", ["Transformer", "Pooling"]))
+    first = queryembed.export_prefix(tmp_path / "models", "org/m", str(model))
+    assert first.parent == tmp_path / "models" and first.name.startswith("m-") and len(first.name) == 18
+    assert queryembed.export_prefix(tmp_path / "models", "org/m", str(model)) == first
+    (model / "tokenizer.json").write_text('{"changed": true}')
+    assert queryembed.export_prefix(tmp_path / "models", "org/m", str(model)) != first
+
+
+def test_the_query_runtime_setting() -> None:
+    assert Config().query_runtime == "onnx"
+    assert Config.from_env({"INDEXQ_QUERY_RUNTIME": " torch "}).query_runtime == "torch"
+    with pytest.raises(ConfigError, match="query runtime must be one of onnx, torch, got 'gpu'"):
+        Config.from_env({"INDEXQ_QUERY_RUNTIME": "gpu"})
+    assert Config(home=Path("/tmp/h")).models_path == Path("/tmp/h/models")
