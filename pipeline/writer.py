@@ -30,6 +30,7 @@ from pipeline.embedder import Embedder, load_embedder
 from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
+from pipeline.heap import HeapTrimmer
 from pipeline.intake import Intake
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
@@ -110,6 +111,8 @@ class Writer:
         self.stop = stop or threading.Event()
         # Set with a shared queue: job progress is published there for remote producers.
         self.publisher: Publisher | None = None
+        # The model's freed tensors handed back to the kernel every few seconds (glibc).
+        self.heap = HeapTrimmer()
 
     def publish(self, jobs: set[str]) -> None:
         """Mark jobs whose progress changed, for the publisher (remote producers only)."""
@@ -327,6 +330,7 @@ class Writer:
 
     def close(self) -> None:
         self._embedding.shutdown(wait=True)
+        self.heap.close()
         if self.publisher is not None:
             self.publisher.close()
         self.ledger.close()
