@@ -280,7 +280,9 @@ def _query_embedder(cfg: Config, precision: str) -> Embedder:
     with _query_embedders_lock:
         embedder = _query_embedders.get(key)
         if embedder is None:
-            embedder = load_query_embedder(cfg.model, cfg.device, precision, cfg.models_path, cfg.query_runtime)
+            embedder = load_query_embedder(
+                cfg.model, cfg.device, precision, cfg.models_path, cfg.query_runtime, cfg.min_free_mb
+            )
             _query_embedders.clear()  # one model kept: a script that changes settings frees the old
             _query_embedders[key] = embedder
         return embedder

@@ -57,6 +57,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # anything else through torch; "torch" always through torch.
 DEFAULT_QUERY_RUNTIME = "onnx"
 QUERY_RUNTIMES = ("onnx", "torch")
+# Seconds between the writer's malloc_trim(0) calls (pipeline.heap): the model's freed
+# tensors go back to the kernel instead of staying resident below live allocations.
+HEAP_TRIM_SECONDS = 5.0
 # None: the model's own maximum sequence length less its two special tokens.
 DEFAULT_CHUNK_TOKENS: int | None = None
 DEFAULT_CHUNK_OVERLAP = 32

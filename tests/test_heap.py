@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.embedder import HashEmbedder
 from pipeline.heap import HeapTrimmer
@@ -45,15 +48,21 @@ def test_freed_memory_below_live_blocks_is_handed_back() -> None:
     assert figures["released"] > 120 and figures["trims"] == 1
 
 
-def test_the_writer_trims_while_it_runs_and_stops_with_it(tmp_path: Path) -> None:
+def test_the_writer_trims_while_it_runs_and_stops_with_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module, "HEAP_TRIM_SECONDS", 0.05)
     config = Config(home=tmp_path / "home", model="hash:384")
     config.ensure_home()
     writer = Writer(config, embedder=HashEmbedder("hash:384"))
     try:
-        assert writer.heap.active and writer.heap.interval == 5.0
+        assert writer.heap.active and writer.heap.interval == 0.05
+        deadline = time.monotonic() + 30
+        while writer.heap.trims < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert writer.heap.trims >= 2
     finally:
         writer.close()
     assert not writer.heap.active
+    assert not any(t.name == "indexq-heap-trim" for t in threading.enumerate())
 
 
 def test_a_trimmer_with_no_interval_runs_no_thread() -> None:

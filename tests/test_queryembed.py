@@ -47,8 +47,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> OnnxQueryEmbedder:
     return embedder
 
 
-def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+def _names(folder: Path) -> list[str]:
+    """What the folder holds besides the lock file that serializes exports."""
+    return sorted(p.name for p in folder.iterdir() if p.name != ".export.lock")
 
 
 def test_a_query_embeds_in_onnx_runtime_as_in_torch(exported: OnnxQueryEmbedder, torch_vectors: np.ndarray) -> None:
@@ -61,7 +62,8 @@ def test_a_query_embeds_in_onnx_runtime_as_in_torch(exported: OnnxQueryEmbedder,
     folder = exported.path.parent
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(exported.path.stat().st_mode) == 0o600
-    assert [p.name for p in folder.iterdir()] == [exported.path.name]
+    assert _names(folder) == [exported.path.name]
+    assert stat.S_IMODE((folder / ".export.lock").stat().st_mode) == 0o600
 
 
 def _damage(path: Path, at: int, seed: int) -> None:
@@ -87,12 +89,17 @@ def test_the_export_is_reused_and_a_damaged_one_made_again(
     assert (exported.path.stat().st_ino, exported.path.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     # Cut in half, as a full disk under some copy would leave it; then bytes overwritten in
     # the middle (the rows of tokens no probe uses: the file still loads and embeds).
+    # A temporary folder left by an export that was killed is swept by the next export.
+    dead = folder / f".{exported.path.stem.rsplit('-', 2)[0]}-0123456789abcdef.killed"
+    dead.mkdir()
+    (dead / "model.onnx").write_bytes(b"half an export")
     for damage in (lambda p: os.truncate(p, before.st_size // 2), lambda p: _damage(p, before.st_size // 2, 7)):
         damage(exported.path)
         mended = _load_logged(folder, caplog)
+        assert not dead.exists()
         assert "its content is not the content it was written with" in caplog.text
         assert "exporting it again" in caplog.text
-        assert [p.name for p in folder.iterdir()] == [exported.path.name] == [mended.path.name]
+        assert _names(folder) == [exported.path.name] == [mended.path.name]
         assert np.sum(mended.embed(TEXTS) * torch_vectors, axis=1).min() > 0.99999
 
 
@@ -117,26 +124,35 @@ def test_an_export_that_embeds_otherwise_than_when_it_was_made_is_made_again(
     path.rename(renamed)
     mended = _load_logged(folder, caplog)
     assert "in cosine from torch's vector" in caplog.text and "exporting it again" in caplog.text
-    assert [p.name for p in folder.iterdir()] == [mended.path.name]
+    assert _names(folder) == [mended.path.name]
     assert np.sum(mended.embed(TEXTS) * torch_vectors, axis=1).min() > 0.99999
 
 
 @pytest.mark.parametrize("mismatch", ["vectors", "tokens"])
-def test_an_export_that_does_not_match_torch_is_not_used(
+def test_an_export_that_does_not_match_torch_is_not_used_nor_tried_again(
     mismatch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     if mismatch == "vectors":
         monkeypatch.setattr(queryembed, "_MIN_COSINE", 1.5)  # no export can pass this
-        said = "in cosine from torch"
+        said = "the ONNX export embeds"
     else:  # a tokenizer.json that cuts text otherwise than sentence-transformers
         monkeypatch.setattr(OnnxQueryEmbedder, "token_ids", lambda self, text: [101, 102])
-        said = "differently from sentence-transformers"
+        said = "the ONNX export tokenizes"
     models = tmp_path / "models"
-    with caplog.at_level(logging.WARNING, logger="pipeline.queryembed"):
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
         embedder = load_query_embedder(MODEL, "cpu", "fp32", models)
     assert isinstance(embedder, SentenceTransformerEmbedder)
-    assert "queries embedded in torch" in caplog.text and said in caplog.text
-    assert list(models.iterdir()) == []  # neither the export nor its temporary file
+    assert f"queries embedded in torch: {said}" in caplog.text
+    # Neither the export nor its temporary folder; the failure, remembered.
+    (failed,) = _names(models)
+    assert failed.endswith(".failed") and said.rsplit(" ", 1)[1] in json.loads((models / failed).read_text())["reason"]
+    # The next search does not pay for the attempt again (no export, no check: no time).
+    caplog.clear()
+    monkeypatch.setattr(queryembed, "_make", lambda *args: pytest.fail("exported again"))
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        again = load_query_embedder(MODEL, "cpu", "fp32", models)
+    assert isinstance(again, SentenceTransformerEmbedder)
+    assert "its export failed before" in caplog.text and f"delete {models / failed} to retry" in caplog.text
 
 
 # Writes past 20 MB fail (EFBIG, as on a full disk) in this process only.
@@ -161,7 +177,36 @@ def test_no_room_for_the_export_leaves_nothing_and_the_query_runs_in_torch(tmp_p
     result = json.loads(done.stdout)
     assert result["kind"] == "SentenceTransformerEmbedder"
     assert "queries embedded in torch: the model could not be exported to ONNX" in done.stderr
-    assert list(models.iterdir()) == []
+    assert _names(models) == []  # nothing half-written, and no failure remembered: the disk may be freed
+
+
+# Two searches of a fresh data home at once, in two processes: one exports, the other
+# waits for it and loads what it published.
+RACE = """
+import json, sys
+from pathlib import Path
+from pipeline.queryembed import load_query_embedder
+embedder = load_query_embedder("all-MiniLM-L6-v2", "cpu", "fp32", Path(sys.argv[1]))
+print(json.dumps({"kind": type(embedder).__name__, "path": str(getattr(embedder, "path", ""))}))
+"""
+
+
+def test_two_processes_exporting_at_once_make_one_export(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    argv = [sys.executable, "-c", RACE, str(models)]
+    env = env_for(tmp_path / "home")
+    procs = [
+        subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out))
+    assert [r["kind"] for r in results] == ["OnnxQueryEmbedder"] * 2
+    assert results[0]["path"] == results[1]["path"]
+    assert _names(models) == [Path(results[0]["path"]).name]
 
 
 def test_where_onnx_runtime_does_not_apply_the_query_stays_in_torch(
@@ -199,6 +244,11 @@ def test_models_the_export_does_not_cover_are_named(tmp_path: Path) -> None:
     os.remove(Path(bare) / "tokenizer.json")
     assert queryembed._unsupported(bare) == "the model has no tokenizer.json"
     assert queryembed._unsupported("some-org/some-model") == "some-org/some-model is not a local model directory"
+    # Weights over one ONNX file's 2 GB (a sparse file: no disk used).
+    large = Path(_model_dir(tmp_path / "large", ["Transformer", "Pooling", "Normalize"]))
+    with open(large / "model.safetensors", "wb") as f:
+        f.truncate(2 * 2**30)
+    assert queryembed._unsupported(str(large)) == "its weights are larger than one ONNX file holds (2 GB)"
 
 
 def test_the_export_name_follows_the_model_files(tmp_path: Path) -> None:
@@ -210,9 +260,9 @@ def test_the_export_name_follows_the_model_files(tmp_path: Path) -> None:
     assert queryembed.export_prefix(tmp_path / "models", "org/m", str(model)) != first
 
 
-def test_the_query_runtime_setting() -> None:
+def test_the_query_runtime_setting(tmp_path: Path) -> None:
     assert Config().query_runtime == "onnx"
     assert Config.from_env({"INDEXQ_QUERY_RUNTIME": " torch "}).query_runtime == "torch"
     with pytest.raises(ConfigError, match="query runtime must be one of onnx, torch, got 'gpu'"):
         Config.from_env({"INDEXQ_QUERY_RUNTIME": "gpu"})
-    assert Config(home=Path("/tmp/h")).models_path == Path("/tmp/h/models")
+    assert Config(home=tmp_path / "h").models_path == tmp_path / "h" / "models"
