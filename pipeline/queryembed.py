@@ -321,6 +321,7 @@ def _export(model: str, location: str, prefix: Path, min_free_mb: int) -> OnnxQu
             logger.warning("queries embedded in torch: the ONNX export %s", made)
             return None
         path = folder / f"{prefix.name}-{_digest(made.path)}.onnx"
+        os.chmod(made.path, 0o600)  # torch wrote it under the process's umask
         os.replace(made.path, path)
         fsync_dir(folder)
         made.path = path  # the session holds the graph already
