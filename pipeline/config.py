@@ -53,7 +53,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 DEFAULT_DEVICE = "auto"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 # How a process other than the writer embeds a query (pipeline.queryembed): "onnx" runs
-# an fp32 query on a CPU through ONNX Runtime (6 ms against torch's 14 here, same vector),
+# an fp32 query on a CPU through ONNX Runtime (7.5 ms against torch's 15.5 here, same vector),
 # anything else through torch; "torch" always through torch.
 DEFAULT_QUERY_RUNTIME = "onnx"
 QUERY_RUNTIMES = ("onnx", "torch")
