@@ -57,6 +57,9 @@ class Embedder(Protocol):
     dimension: int
     device: str  # where it runs: "cpu", "cuda", "cuda:1", "mps"
     precision: str  # "fp32", "fp16" or "bf16"
+    # True where embedding keeps every CPU core busy (a torch model on the CPU): the writer
+    # then embeds and commits in turn instead of at once (see pipeline.writer).
+    cpu_bound: bool
 
     def embed(self, texts: list[str]) -> np.ndarray: ...
 
@@ -254,6 +257,8 @@ class SentenceTransformerEmbedder:
         self.name = model
         # Where the model runs ("cpu", "cuda:0"), as the metrics report it (indexq_writer_info).
         self.device = str(self._model.device)
+        # torch's intra-op threads take every core on a CPU; a GPU leaves them to the commits.
+        self.cpu_bound = self.device == "cpu"
         dimension = self._model.get_embedding_dimension()
         if not dimension:
             raise ConfigError(f"model {model!r} does not report its embedding dimension")
@@ -300,6 +305,7 @@ class HashEmbedder:
         self.name = model
         self.device = "cpu"
         self.precision = DEFAULT_PRECISION  # pure numpy on fresh arrays: safe from any thread
+        self.cpu_bound = False  # microseconds per text: nothing for the commits to wait on
 
     def embed(self, texts: list[str]) -> np.ndarray:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)

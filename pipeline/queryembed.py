@@ -88,6 +88,7 @@ class OnnxQueryEmbedder:
 
     precision = "fp32"
     device = "cpu"
+    cpu_bound = True  # for the Embedder protocol: queries only, never the writer's bulk
 
     def __init__(self, name: str, path: Path, location: str, max_seq_length: int) -> None:
         import onnxruntime

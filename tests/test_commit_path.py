@@ -180,6 +180,61 @@ def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Pat
         writer.close()
 
 
+class CpuBoundEmbedder(HashEmbedder):
+    """A hash embedder that says it takes every CPU core (as torch on a CPU does), and
+    records the ledger's committed count, and its thread, each time it is called."""
+
+    def __init__(self, ledger_path: Path) -> None:
+        super().__init__("hash:32")
+        self.cpu_bound = True
+        self.watch = WatchingEmbedder(ledger_path)
+        self.seen: list[tuple[str, int]] = []
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.seen.append((threading.current_thread().name, self.watch.committed()))
+        return super().embed(texts)
+
+
+def test_a_model_that_takes_every_core_takes_turns_with_the_commits(tmp_path: Path) -> None:
+    """On a CPU each micro-batch is embedded only once the one before it is committed (the
+    model would compete with Chroma for the cores), on the one embedding thread, and a
+    stop starts no further embedding."""
+    config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
+    config.ensure_home()
+    embedder = CpuBoundEmbedder(config.ledger_path)
+    writer = Writer(config, embedder=embedder)
+    try:
+        assert not writer.overlap and writer.state.state["settings"]["overlap"] is False
+        ledger = writer.ledger
+        job = ledger.jobs.create(COLLECTION, "records", ["test"])
+        items = [
+            {"id": f"c{i}", "source": "s", "ordinal": i, "text": f"chunk {i}\n", "metadata": json.dumps({"n": i}),
+             "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
+            for i in range(40)
+        ]  # fmt: skip
+        ids = [str(r["id"]) for r in items]
+        ledger.sources.write(job, COLLECTION, items, ids, [])
+        assert writer.index(COLLECTION, ids[:24]) == 24
+        # Micro-batches of 8 committed in groups of 4: each embedding saw every chunk
+        # before it committed.
+        assert all(name.startswith("indexq-embed") for name, _ in embedder.seen)
+        assert [n for _, n in embedder.seen] == [0, 8, 16]
+        # A stop asked for during a commit: the group in hand is finished, nothing more is
+        # committed, and the next micro-batch is not begun.
+        commit = writer._commit
+
+        def stop_during_the_commit(collection: str, group: Sequence[Row]) -> int:
+            writer.stop.set()
+            return commit(collection, group)
+
+        writer._commit = stop_during_the_commit  # type: ignore[method-assign]
+        assert writer.index(COLLECTION, ids[24:]) == 4
+        assert [n for _, n in embedder.seen] == [0, 8, 16, 24]
+        assert ledger.embedded_more_than_once() == 0
+    finally:
+        writer.close()
+
+
 def test_only_the_writers_checkpoint_skips_its_fsync(tmp_path: Path) -> None:
     path = tmp_path / "ledger.db"
     ledger = Ledger(path)
@@ -241,6 +296,7 @@ def test_a_cpu_micro_batch_goes_through_the_model_a_few_texts_at_a_time() -> Non
     config = model[0].auto_model.config
     widest = embedder.forward_batch * model.max_seq_length * config.intermediate_size * 4  # type: ignore[attr-defined]
     assert embedder.forward_batch == 8 and widest <= _CPU_FORWARD_BYTES  # type: ignore[attr-defined]
+    assert embedder.cpu_bound  # so the writer takes turns between the model and the commits
     texts = [f"chunk {i}: " + "resume the bulk index where it stopped " * (i % 7 + 1) for i in range(32)]
     passes: list[int] = []
     hook = model[0].register_forward_hook(lambda _m, args, _out: passes.append(len(args[0]["input_ids"])))
