@@ -9,10 +9,12 @@ before transformers or sentence-transformers, and with them the hub client, is i
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -155,9 +157,27 @@ def load_tokenizer(model: str) -> Tokenizer:
     return Tokenizer(model)
 
 
+def no_gpu_here() -> bool:
+    """True where torch plainly could not see a GPU, known without importing torch (over
+    a second and hundreds of MB, which a search outside the writer need not pay): Linux,
+    no CUDA driver library to load (torch's CUDA builds load ``libcuda.so.1`` the same
+    way) and no ROCm device. False wherever it cannot tell (macOS: MPS)."""
+    if sys.platform != "linux" or Path("/dev/kfd").exists():
+        return False
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return False
+    return True
+
+
 def pick_device(requested: str = "auto") -> str:
     """The torch device to embed on: ``auto`` takes CUDA, then MPS, then the CPU; a device
     asked for by name must exist (a writer told to use a GPU never falls back silently)."""
+    if requested == "cpu" or (requested == "auto" and no_gpu_here()):
+        return "cpu"
     import torch
 
     cuda = torch.cuda.is_available()

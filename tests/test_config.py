@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,32 @@ def test_the_device_setting_is_checked_and_read_from_the_environment() -> None:
     assert Config.from_env({"INDEXQ_DEVICE": "cpu"}).device == "cpu"
     with pytest.raises(ConfigError, match=r"device must be one of auto, cpu, cuda, mps or cuda:N, got 'gpu'"):
         Config(device="gpu")
+
+
+def test_no_gpu_is_told_without_torch_only_where_torch_would_see_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes
+
+    import torch
+
+    from pipeline import embedder
+
+    if embedder.no_gpu_here():
+        assert not torch.cuda.is_available() and embedder.pick_device("auto") == "cpu"
+    loaded: list[str] = []
+
+    def cdll(name: str) -> object:
+        loaded.append(name)
+        if name == "libcuda.so.1":
+            return object()  # a CUDA driver is installed
+        raise OSError(name)
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert not embedder.no_gpu_here()
+    assert loaded == (["libcuda.so.1"] if sys.platform == "linux" and not Path("/dev/kfd").exists() else [])
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert embedder.no_gpu_here() == (sys.platform == "linux" and not Path("/dev/kfd").exists())
+    monkeypatch.setattr(sys, "platform", "darwin")  # MPS is torch's to tell
+    assert not embedder.no_gpu_here()
 
 
 def test_auto_picks_the_cpu_without_a_gpu_and_a_missing_gpu_is_an_error() -> None:

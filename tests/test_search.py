@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import api
 from pipeline.config import MAX_QUERY_CHARS, Config
-from pipeline.embedder import HashEmbedder
+from pipeline.embedder import HashEmbedder, no_gpu_here
 from pipeline.queryembed import OnnxQueryEmbedder
 from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
@@ -93,6 +93,11 @@ def test_search_through_the_writer_equals_an_in_process_search(tmp_path: Path, p
     for mine, theirs in zip(local, through["hits"], strict=True):
         assert mine["distance"] == pytest.approx(theirs["distance"], abs=1e-5)
         assert (mine["document"], mine["metadata"]) == (theirs["document"], theirs["metadata"])
+    # A fresh process with the export in place, on a machine without a GPU: no torch at all.
+    alone = _search_subprocess(home)
+    if no_gpu_here():
+        assert alone["loaded"] == [], "a search with the model exported still imported torch"
+    assert _ids(alone["hits"]) == _ids(through["hits"])
 
 
 def test_a_socket_left_by_a_killed_writer_does_not_break_search(tmp_path: Path, procs: list[Proc]) -> None:
