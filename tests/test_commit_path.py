@@ -135,6 +135,19 @@ class WatchingEmbedder(HashEmbedder):
         return super().embed(texts)
 
 
+def _pending_chunks(ledger: Ledger, count: int) -> list[str]:
+    """``count`` chunks of one job recorded as pending (as a producer leaves them); their ids."""
+    job = ledger.jobs.create(COLLECTION, "records", ["test"])
+    items = [
+        {"id": f"c{i}", "source": "s", "ordinal": i, "text": f"chunk {i}\n", "metadata": json.dumps({"n": i}),
+         "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
+        for i in range(count)
+    ]  # fmt: skip
+    ids = [str(r["id"]) for r in items]
+    ledger.sources.write(job, COLLECTION, items, ids, [])
+    return ids
+
+
 def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Path) -> None:
     config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
     config.ensure_home()
@@ -157,14 +170,7 @@ def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Pat
     writer._commit_wave = after_the_next_embedding_began  # type: ignore[method-assign]
     try:
         ledger = writer.ledger
-        job = ledger.jobs.create(COLLECTION, "records", ["test"])
-        items = [
-            {"id": f"c{i}", "source": "s", "ordinal": i, "text": f"chunk {i}\n", "metadata": json.dumps({"n": i}),
-             "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
-            for i in range(40)
-        ]  # fmt: skip
-        ids = [str(r["id"]) for r in items]
-        ledger.sources.write(job, COLLECTION, items, ids, [])
+        ids = _pending_chunks(ledger, 40)
         assert writer.index(COLLECTION, ids) == 40
         # Five micro-batches; each after the first was embedded on the embedding thread
         # while the one before it was being committed.
@@ -206,14 +212,7 @@ def test_a_model_that_takes_every_core_takes_turns_with_the_commits(tmp_path: Pa
     try:
         assert not writer.overlap and writer.state.state["settings"]["overlap"] is False
         ledger = writer.ledger
-        job = ledger.jobs.create(COLLECTION, "records", ["test"])
-        items = [
-            {"id": f"c{i}", "source": "s", "ordinal": i, "text": f"chunk {i}\n", "metadata": json.dumps({"n": i}),
-             "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
-            for i in range(40)
-        ]  # fmt: skip
-        ids = [str(r["id"]) for r in items]
-        ledger.sources.write(job, COLLECTION, items, ids, [])
+        ids = _pending_chunks(ledger, 40)
         assert writer.index(COLLECTION, ids[:24]) == 24
         # Micro-batches of 8 committed in groups of 4: each embedding saw every chunk
         # before it committed.
