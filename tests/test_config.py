@@ -198,11 +198,15 @@ def test_no_gpu_is_told_without_torch_only_where_torch_would_see_none(monkeypatc
             return object()  # a CUDA driver is installed
         raise OSError(name)
 
+    def no_driver(name: str) -> object:
+        raise OSError(name)
+
+    linux_without_rocm = sys.platform == "linux" and not Path("/dev/kfd").exists()
     monkeypatch.setattr(ctypes, "CDLL", cdll)
     assert not embedder.no_gpu_here()
-    assert loaded == (["libcuda.so.1"] if sys.platform == "linux" and not Path("/dev/kfd").exists() else [])
-    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
-    assert embedder.no_gpu_here() == (sys.platform == "linux" and not Path("/dev/kfd").exists())
+    assert loaded == (["libcuda.so.1"] if linux_without_rocm else [])
+    monkeypatch.setattr(ctypes, "CDLL", no_driver)
+    assert embedder.no_gpu_here() == linux_without_rocm
     monkeypatch.setattr(sys, "platform", "darwin")  # MPS is torch's to tell
     assert not embedder.no_gpu_here()
 
