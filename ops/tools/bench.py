@@ -273,15 +273,24 @@ def pipeline_run(corpus: Path, home: Path, env: dict[str, str], expected: int) -
     started = time.perf_counter()
     writer = Child("writer", [indexq, "worker"], run_env, home.parent / f"{home.name}-writer.log")
     try:
-        with (home.parent / f"{home.name}-index.log").open("w") as log:
-            proc = subprocess.run(
+        index_out = home.parent / f"{home.name}-index.json"
+        with (home.parent / f"{home.name}-index.log").open("w") as log, index_out.open("w") as out:
+            proc = subprocess.Popen(
                 [indexq, "index", str(corpus), "--collection", COLLECTION, "--wait", "--json"],
-                env=run_env, stdout=subprocess.PIPE, stderr=log, text=True,
+                env=run_env, stdout=out, stderr=log, text=True,
             )  # fmt: skip
+            # `index --wait` waits for a writer however long it takes: one that refused to
+            # start (a precision its device lacks) would hold the benchmark for ever.
+            while proc.poll() is None and writer.alive():
+                time.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                raise click.ClickException(f"the writer exited while indexing; see {writer.log}")
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
             raise click.ClickException(f"indexq index --wait exited {proc.returncode}; see {log.name}")
-        job = json.loads(proc.stdout.strip().splitlines()[0])["job"]
+        job = json.loads(index_out.read_text().strip().splitlines()[0])["job"]
         ledger = Ledger(home / "ledger.db")
         progress = ledger.jobs.progress(job)
         assert progress is not None
@@ -458,6 +467,7 @@ def machine() -> dict[str, Any]:
         "chromadb": chromadb.__version__,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -495,6 +505,8 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"indexq benchmark: {get('corpus_chunks')} chunks, {m['cores']} cores, {m['memory_gb']} GB, {m['cpu']}",
         _row("model", f"{get('model')} ({results.get('precision', 'fp32')})"),
+        _row("Chroma's full-text index", results.get("full_text_index", "default")),
+        _row("GPU", m.get("gpu")),
         _row("device: writer / bare loop", f"{get('device', 'writer')} / {get('device', 'bare')}"),
         _row("bare loop, process start to exit (chunks/s)", get("bare", "wall_chunks_per_s")),
         _row("pipeline, worker start to index --wait (chunks/s)", get("pipeline", "chunks_per_s")),
@@ -594,6 +606,13 @@ def report(results: dict[str, Any]) -> str:
     show_default=True,
     help="The stages to run, comma-separated (the ratios and the device come with bare and pipeline).",
 )
+@click.option(
+    "--full-text",
+    "full_text_index",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="Chroma's full-text index for the bare loop and the pipeline [indexq's default, on].",
+)
 def main(
     quick: bool,
     chunks: int | None,
@@ -603,6 +622,7 @@ def main(
     model: str | None,
     precision: str,
     stages: str,
+    full_text_index: str | None,
 ) -> None:
     """Measure the pipeline against a bare loop on the same corpus and machine.
 
@@ -619,11 +639,14 @@ def main(
     if model:
         env["INDEXQ_MODEL"] = model
     env["INDEXQ_PRECISION"] = precision
+    if full_text_index:
+        env["INDEXQ_FULL_TEXT"] = str(full_text_index == "on").lower()
     config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
     work = Path(tempfile.mkdtemp(prefix="indexq-bench-"))
     results: dict[str, Any] = {"machine": machine(), "command": " ".join(["python -m ops.tools.bench", *sys.argv[1:]])}
     results["model"] = config.model
     results["precision"] = config.precision
+    results["full_text_index"] = full_text_index or "default"
     results["revision"] = _revision()
     output = output or Path("bench-results") / time.strftime("bench-%Y%m%d-%H%M%S.json")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -648,7 +671,7 @@ def main(
         small_total, small_chunks = build_corpus(work / "corpus-small", max(1, size // 10), config)
         results["corpus_chunks"] = total
         stage("producer", "producer rate", lambda: producer_rate(work / "corpus", work, env))
-        stage("bare", "bare baseline", lambda: bare_baseline(corpus_chunks, work, config, env))
+        stage("bare", "bare baseline", lambda: bare_baseline(corpus_chunks, work, config, env, full_text_index or ""))
         stage("pipeline", "pipeline", lambda: pipeline_run(work / "corpus", work / "pipeline-home", env, total))
         stage("device", "device", lambda: {"writer": results["pipeline"]["device"], "bare": results["bare"]["device"]})
         stage(
