@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import numpy as np
 from pipeline.config import DEFAULT_QUERY_RUNTIME, QUERY_RUNTIMES
 from pipeline.embedder import (
     Embedder,
+    already,
     check_precision,
     is_hash_model,
     load_embedder,
@@ -89,6 +90,7 @@ class OnnxQueryEmbedder:
     precision = "fp32"
     device = "cpu"
     cpu_bound = True  # for the Embedder protocol: queries only, never the writer's bulk
+    launches = False
 
     def __init__(self, name: str, path: Path, location: str, max_seq_length: int) -> None:
         import onnxruntime
@@ -134,6 +136,9 @@ class OnnxQueryEmbedder:
             out[row] = self._vector(text)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
+
+    def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
+        return already(self.embed(texts))
 
 
 def load_query_embedder(

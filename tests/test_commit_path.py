@@ -8,7 +8,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ import pytest
 
 from pipeline import embedder as embedder_module
 from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_TASK_CHUNKS, MICRO_BATCH_BY_DEVICE, Config
-from pipeline.embedder import HashEmbedder, check_precision, cpu_has_bf16
+from pipeline.embedder import HashEmbedder, check_precision, cpu_has_bf16, no_gpu_here
 from pipeline.errors import BusyError, ConfigError
 from pipeline.ledger import Ledger
 from pipeline.locks import GIVE_WAY_SECONDS, CommitLock
@@ -232,6 +232,85 @@ def test_a_model_that_takes_every_core_takes_turns_with_the_commits(tmp_path: Pa
         assert ledger.embedded_more_than_once() == 0
     finally:
         writer.close()
+
+
+class LaunchingEmbedder(HashEmbedder):
+    """A hash embedder that says its ``start`` only queues the work (as the model on a CUDA
+    GPU does); records the thread and the ledger's committed count at each start and wait."""
+
+    def __init__(self, ledger_path: Path) -> None:
+        super().__init__("hash:32")
+        self.launches = True
+        self.watch = WatchingEmbedder(ledger_path)
+        self.started: list[tuple[str, int]] = []
+        self.waited: list[tuple[str, int]] = []
+
+    def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
+        self.started.append((threading.current_thread().name, self.watch.committed()))
+        vectors = self.embed(texts)
+
+        def wait() -> np.ndarray:
+            self.waited.append((threading.current_thread().name, self.watch.committed()))
+            return vectors
+
+        return wait
+
+
+def test_a_gpu_model_is_queued_from_the_committing_thread_before_each_commit(tmp_path: Path) -> None:
+    """On a GPU the next micro-batch is queued before the current one commits and collected
+    after, all from the task's thread (a second thread would wait on every commit for the
+    GIL); a stop during a commit still stores the micro-batch queued, and queues no more."""
+    config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
+    config.ensure_home()
+    embedder = LaunchingEmbedder(config.ledger_path)
+    writer = Writer(config, embedder=embedder)
+    try:
+        assert writer.overlap and writer.state.state["settings"]["overlap"] is True
+        ledger = writer.ledger
+        ids = _pending_chunks(ledger, 40)
+        here = threading.current_thread().name
+        assert writer.index(COLLECTION, ids[:24]) == 24
+        # Wave n + 1 is queued while wave n's 8 rows are not yet committed, and waited for
+        # once they are.
+        assert embedder.started == [(here, 0), (here, 0), (here, 8)]
+        assert embedder.waited == [(here, 0), (here, 8), (here, 16)]
+        commit = writer._commit
+
+        def stop_during_the_commit(collection: str, group: Sequence[Row]) -> int:
+            writer.stop.set()
+            return commit(collection, group)
+
+        writer._commit = stop_during_the_commit  # type: ignore[method-assign]
+        assert writer.index(COLLECTION, ids[24:]) == 4
+        # The second wave had been queued before the stop: it is collected and stored,
+        # and no third is queued.
+        assert [n for _, n in embedder.started[3:]] == [24, 24]
+        assert len(embedder.waited) == 5
+        states = ledger.ids_by_state(COLLECTION)
+        assert [states[i] for i in ids[24:]] == ["committed"] * 4 + ["embedded"] * 12
+        assert ledger.embedded_more_than_once() == 0
+    finally:
+        writer.close()
+
+
+def _cuda() -> bool:
+    if no_gpu_here():
+        return False  # known without importing torch
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_micro_batch_queued_on_the_gpu_gives_the_vectors_embed_gives(precision: str) -> None:
+    from pipeline.embedder import load_embedder
+
+    embedder = load_embedder("all-MiniLM-L6-v2", "cuda", precision)
+    assert embedder.launches and not embedder.cpu_bound
+    texts = [f"chunk {i}: " + "resume the bulk index where it stopped " * (i % 9 + 1) for i in range(300)]
+    wait = embedder.start(texts)
+    np.testing.assert_allclose(wait(), embedder.embed(texts), atol=2e-3 if precision == "fp16" else 1e-5)
 
 
 def test_only_the_writers_checkpoint_skips_its_fsync(tmp_path: Path) -> None:

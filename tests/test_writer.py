@@ -115,7 +115,7 @@ def test_a_tripped_guard_holds_work_back_and_drops_nothing(config: Config) -> No
 def test_text_replaced_while_in_flight_is_not_marked_committed(writer: Writer) -> None:
     ids = seed(writer.ledger, rows(writer.ledger, 1))
     row = writer.ledger.load(COLLECTION, ids, ("pending",))[0]
-    writer._embed(COLLECTION, [row])
+    writer._embed(COLLECTION, [row])()  # embedded and stored
     # A producer re-submits new text for the same id before the commit.
     writer.ledger.conn.execute("UPDATE chunks SET text='new text', hash='h-new', state='pending' WHERE id='c0'")
     writer._commit(COLLECTION, [row])
