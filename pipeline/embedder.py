@@ -321,7 +321,7 @@ class SentenceTransformerEmbedder:
         tens of milliseconds: run from a second thread during commits, the pass waited on
         them op after op (on an H100, 59 % of that thread's time went to the model for 197
         chunks/s, a quarter of what the GPU embeds alone). Queued from the committing thread
-        between two commits, it takes a few milliseconds of the GIL, and the GPU computes
+        between two commits, it has the GIL to itself while it queues, and the GPU computes
         while the commits run. Elsewhere ``embed``, at once."""
         if not self.launches:
             return already(self.embed(texts))
