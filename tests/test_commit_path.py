@@ -148,6 +148,17 @@ def _pending_chunks(ledger: Ledger, count: int) -> list[str]:
     return ids
 
 
+def _stop_during_the_next_commit(writer: Writer) -> None:
+    """A stop asked for while the writer's next commit runs (as SIGTERM would)."""
+    commit = writer._commit
+
+    def stop_during_the_commit(collection: str, group: Sequence[Row]) -> int:
+        writer.stop.set()
+        return commit(collection, group)
+
+    writer._commit = stop_during_the_commit  # type: ignore[method-assign]
+
+
 def test_the_next_micro_batch_embeds_while_the_current_one_commits(tmp_path: Path) -> None:
     config = Config(home=tmp_path / "home", model="hash:32", micro_batch=8, commit_batch=4)
     config.ensure_home()
@@ -220,13 +231,7 @@ def test_a_model_that_takes_every_core_takes_turns_with_the_commits(tmp_path: Pa
         assert [n for _, n in embedder.seen] == [0, 8, 16]
         # A stop asked for during a commit: the group in hand is finished, nothing more is
         # committed, and the next micro-batch is not begun.
-        commit = writer._commit
-
-        def stop_during_the_commit(collection: str, group: Sequence[Row]) -> int:
-            writer.stop.set()
-            return commit(collection, group)
-
-        writer._commit = stop_during_the_commit  # type: ignore[method-assign]
+        _stop_during_the_next_commit(writer)
         assert writer.index(COLLECTION, ids[24:]) == 4
         assert [n for _, n in embedder.seen] == [0, 8, 16, 24]
         assert ledger.embedded_more_than_once() == 0
@@ -274,13 +279,7 @@ def test_a_gpu_model_is_queued_from_the_committing_thread_before_each_commit(tmp
         # once they are.
         assert embedder.started == [(here, 0), (here, 0), (here, 8)]
         assert embedder.waited == [(here, 0), (here, 8), (here, 16)]
-        commit = writer._commit
-
-        def stop_during_the_commit(collection: str, group: Sequence[Row]) -> int:
-            writer.stop.set()
-            return commit(collection, group)
-
-        writer._commit = stop_during_the_commit  # type: ignore[method-assign]
+        _stop_during_the_next_commit(writer)
         assert writer.index(COLLECTION, ids[24:]) == 4
         # The second wave had been queued before the stop: it is collected and stored,
         # and no third is queued.
