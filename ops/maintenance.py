@@ -35,6 +35,9 @@ BACKUP_RETRY = 3600.0
 # still takes it, and status cannot go on saying "healthy" while checks cannot run.
 CHECK_STATE = "check.state"
 CHECK_STATE_SIZE = 4096
+# When this process (a maintenance consumer) started: a check that found damage before
+# it, with no recovery after, is run again by its first tick (see _due).
+STARTED = time.time()
 
 
 def run_check(config: Config, deep: bool = False) -> Report:
@@ -151,7 +154,7 @@ class _Due:
     requeue: bool
 
 
-def _due(config: Config, now: float) -> _Due:
+def _due(config: Config, now: float, started: float = STARTED) -> _Due:
     ledger = Ledger(config.ledger_path)
     try:
         newest = newest_verified(config)
@@ -162,6 +165,7 @@ def _due(config: Config, now: float) -> _Due:
         last_requeue = _last(ledger, "requeue")
         failed = ledger.events.last("backup", ok=False)
         last_failure = float(failed["time"]) if failed else 0.0
+        unrepaired = _unrepaired(ledger, started) if config.auto_recover else None
     finally:
         ledger.close()
     # Due when the newest verified backup is older than the interval; after a failed
@@ -170,9 +174,23 @@ def _due(config: Config, now: float) -> _Due:
     if backup and not config.chroma_url and nothing_written(config.chroma_dir, config.ledger_path):
         backup = False  # a fresh home: the writer has not written anything to protect yet
     backup = backup and now - last_failure >= min(BACKUP_RETRY, config.backup_interval)
-    deep = now - last_deep >= config.deep_check_interval
-    quick = not deep and now - last_quick >= config.quick_check_interval
+    deep = now - last_deep >= config.deep_check_interval or unrepaired is True
+    quick = not deep and (now - last_quick >= config.quick_check_interval or unrepaired is False)
     return _Due(backup, deep, quick, now - last_requeue >= config.requeue_interval)
+
+
+def _unrepaired(ledger: Ledger, started: float) -> bool | None:
+    """Whether the last check, if it found damage before ``started`` and no recovery came
+    after it, was deep (None otherwise). Its consumer was killed between the check and
+    the recovery, and the check is not due again for a whole interval: the next consumer
+    runs it again at once (once: its own check is after ``started``)."""
+    check = ledger.events.last("check")
+    if check is None or check["ok"] or check["time"] >= started or (check.get("detail") or {}).get("cannot_check"):
+        return None
+    recovery = ledger.events.last("recovery")
+    if recovery is not None and recovery["time"] >= check["time"]:
+        return None
+    return bool((check.get("detail") or {}).get("deep"))
 
 
 def tick(config: Config, now: float | None = None) -> list[str]:

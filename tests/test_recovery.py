@@ -330,6 +330,38 @@ def test_maintenance_consumer_catches_up_on_a_missed_backup(home: Path, procs: l
     assert status["last_check"]["ok"] is True
 
 
+def test_a_check_whose_recovery_never_ran_is_run_again_by_the_next_consumer(tmp_path: Path) -> None:
+    """A maintenance consumer killed between a check that found damage and the recovery:
+    the next consumer's first tick checks again at once (and so recovers), not after a
+    whole interval; once, and not when a recovery followed the check or auto-recover is off."""
+    from ops.maintenance import _due
+    from pipeline.ledger import Ledger
+
+    config = Config(home=tmp_path / "home", model="hash:384")
+    config.ensure_home()
+    ledger = Ledger(config.ledger_path)
+    try:
+        ledger.events.add("check", True, "deep check healthy", {"deep": True})
+        ledger.events.add("check", False, "quick check found damage", {"deep": False})
+        killed_at = time.time()
+        due = _due(config, killed_at, started=killed_at + 1)  # a consumer started after the kill
+        assert due.quick_check and not due.deep_check
+        # Its own check comes after it started: the usual intervals again.
+        assert not _due(config, killed_at, started=killed_at - 10).quick_check
+        assert not _due(
+            Config(home=config.home, model="hash:384", auto_recover=False), killed_at, killed_at + 1
+        ).quick_check
+        # A deep check's damage is looked for by a deep check.
+        ledger.events.add("check", False, "deep check found damage", {"deep": True})
+        assert _due(config, time.time(), started=time.time() + 1).deep_check
+        # A recovery after the check (even a failed one) leaves it to the intervals.
+        ledger.events.add("recovery", False, "recovery failed", {})
+        again = _due(config, time.time(), started=time.time() + 1)
+        assert not again.quick_check and not again.deep_check
+    finally:
+        ledger.close()
+
+
 def test_a_fresh_home_is_not_damage_before_the_writer_wrote_anything(tmp_path: Path) -> None:
     """Maintenance started beside a writer that has not created chroma.sqlite3 yet: no
     false damage, no rebuild, no failed backup, no alert."""
