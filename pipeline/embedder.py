@@ -74,6 +74,12 @@ class Embedder(Protocol):
         ...
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to length 1 (in place; an all-zero row stays zero)."""
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
 def already(vectors: np.ndarray) -> Callable[[], np.ndarray]:
     """``start`` for an embedder that computes at once: the vectors are there."""
     return lambda: vectors
@@ -307,12 +313,11 @@ class SentenceTransformerEmbedder:
                 normalize_embeddings=True,
                 show_progress_bar=False,
             )
-        # fp16 and bf16 vectors are stored as float32 like the others (normalised in their
-        # own precision: renormalise).
-        vectors = np.asarray(vectors, dtype=np.float32)
-        if self.precision != "fp32":
-            vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        return vectors
+        return self._stored(np.asarray(vectors, dtype=np.float32))
+
+    def _stored(self, vectors: np.ndarray) -> np.ndarray:
+        """float32 vectors as stored: fp16 and bf16 ones renormalised (normalised in their own precision)."""
+        return vectors if self.precision == "fp32" else unit_rows(vectors)
 
     def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
         """On CUDA: queue the forward pass and the copy of its vectors to pinned host memory,
@@ -342,10 +347,7 @@ class SentenceTransformerEmbedder:
 
         def wait() -> np.ndarray:
             copied.synchronize()
-            vectors = host.numpy()
-            if self.precision != "fp32":  # normalised in their own precision (see embed)
-                vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-            return vectors
+            return self._stored(host.numpy())
 
         return wait
 

@@ -48,6 +48,7 @@ from pipeline.embedder import (
     offline,
     pick_device,
     resolve_model,
+    unit_rows,
 )
 from pipeline.errors import ConfigError, first_line
 from pipeline.fsync import fsync_dir
@@ -134,8 +135,7 @@ class OnnxQueryEmbedder:
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         for row, text in enumerate(texts):  # one at a time: no padding, no attention to pads
             out[row] = self._vector(text)
-        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return unit_rows(out)
 
     def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
         return already(self.embed(texts))
