@@ -31,9 +31,9 @@ POLL_COST_FACTOR = 20
 POLL_CEILING = 10.0
 
 
-def poll_interval(floor: float, counted_seconds: float) -> float:
+def poll_interval(floor: float, counted_seconds: float, factor: float = POLL_COST_FACTOR) -> float:
     """Seconds until the next count of a job's progress: ``floor``, longer for a big job."""
-    return max(floor, min(POLL_CEILING, counted_seconds * POLL_COST_FACTOR))
+    return max(floor, min(POLL_CEILING, counted_seconds * factor))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +117,27 @@ class Jobs:
         if state == "queued":
             state = "running" if pending else ("failed" if failed else "done")
         return JobProgress(job, collection, state, chunks, committed, pending, failed, created, skipped_files)
+
+    def running(self, job: str) -> bool:
+        """Whether the job is still being submitted, or queued with a chunk still to commit or
+        delete. Cheap while it runs, unlike ``progress``: one outstanding chunk is found among
+        the first few of the job's (ids are hashes, so commits fall all over its index)
+        instead of every chunk counted."""
+        row = self.conn.execute("SELECT state, created, pid, host FROM jobs WHERE id=?", (job,)).fetchone()
+        if row is None:
+            return False
+        state, created, pid, host = row
+        if state == "submitting":
+            return not _producer_gone(pid, host, created)
+        if state != "queued":
+            return False
+        (outstanding,) = self.conn.execute(
+            "SELECT EXISTS(SELECT 1 FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
+            " WHERE j.job=? AND c.state IN ('pending', 'embedded'))"
+            " OR EXISTS(SELECT 1 FROM chunks WHERE job=? AND state='deleting')",
+            (job, job),
+        ).fetchone()
+        return bool(outstanding)
 
     def recent(self, limit: int = 20) -> list[str]:
         """Ids of the ``limit`` newest jobs, newest first."""

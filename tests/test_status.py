@@ -361,7 +361,8 @@ def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A producer waiting on a big job must not take the writer's CPU: a count that takes
-    0.2 s (a job of ~80,000 chunks) is repeated every 4 s, not every half second."""
+    0.2 s (a job of ~80,000 chunks) is repeated every 10 s (100 times its duration, at most
+    10 s), not every half second."""
     import time
 
     from pipeline import api
@@ -383,3 +384,73 @@ def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
     assert progress.pending > 0 and progress.state == "running"
     # One count at the start, the next at the deadline (3 s): a half-second poll would count 5 times.
     assert len(counts) == 2, counts
+
+
+def test_waiting_on_a_job_sees_it_done_between_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between two counts of a big job, the wait looks only whether a chunk is still
+    outstanding: a job finished right after a count returns then, not at the next count."""
+    import time
+
+    from pipeline import api
+    from pipeline.jobs import Jobs
+
+    (tmp_path / "doc.txt").write_text("a line of text to index\n" * 40)
+    config = Config(home=tmp_path / "home", model="hash:384")
+    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)  # no writer: it stays pending
+    counts: list[float] = []
+    real = Jobs.progress
+
+    def slow(self: Jobs, job_id: str) -> object:
+        counts.append(time.monotonic())
+        time.sleep(0.2)  # the next count is 10 s after this one
+        return real(self, job_id)
+
+    def commit_all() -> None:
+        with sqlite3.connect(config.ledger_path, timeout=30) as conn:
+            conn.execute("UPDATE chunks SET state='committed', committed_at=? WHERE state='pending'", (time.time(),))
+
+    monkeypatch.setattr(Jobs, "progress", slow)
+    finisher = threading.Timer(0.5, commit_all)
+    finisher.start()
+    try:
+        progress = api.wait(job, config, timeout=30)
+    finally:
+        finisher.join()
+    assert progress.state == "done" and progress.pending == 0 and progress.committed > 0
+    assert len(counts) == 2 and counts[1] - counts[0] < 5, counts  # not the count due 10 s later
+
+
+def test_a_job_runs_while_its_producer_submits_or_a_chunk_is_outstanding(tmp_path: Path) -> None:
+    import socket
+
+    from pipeline import api
+    from pipeline.ledger import Ledger
+
+    text = "".join(f"line {n} of a text to index, about topic {n % 7}\n" for n in range(2000))
+    (tmp_path / "doc.txt").write_text(text)
+    config = Config(home=tmp_path / "home", model="hash:384")
+    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)
+    ledger = Ledger(config.ledger_path)
+    try:
+        assert ledger.jobs.running(job)  # queued, every chunk pending
+        assert ledger.jobs.progress(job).chunks > 2  # type: ignore[union-attr]
+        ledger.conn.execute("UPDATE chunks SET state='committed' WHERE rowid > 1")
+        assert ledger.jobs.running(job)  # one left
+        ledger.conn.execute("UPDATE chunks SET state='committed'")
+        assert not ledger.jobs.running(job)
+        ledger.conn.execute("UPDATE chunks SET state='deleting', job=? WHERE rowid = 1", (job,))
+        assert ledger.jobs.running(job)  # a stale chunk still to delete
+        ledger.conn.execute("UPDATE chunks SET state='committed'")
+        ledger.conn.execute(
+            "UPDATE jobs SET state='submitting', pid=?, host=? WHERE id=?", (os.getpid(), socket.gethostname(), job)
+        )
+        assert ledger.jobs.running(job)  # its producer (this process) still submits
+        dead = psutil.Popen(["true"])
+        dead.wait()
+        ledger.conn.execute("UPDATE jobs SET pid=? WHERE id=?", (dead.pid, job))
+        assert not ledger.jobs.running(job)  # abandoned
+        ledger.conn.execute("UPDATE jobs SET state='failed' WHERE id=?", (job,))
+        assert not ledger.jobs.running(job)
+        assert not ledger.jobs.running("no-such-job")
+    finally:
+        ledger.close()
