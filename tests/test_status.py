@@ -357,12 +357,9 @@ def test_the_writer_runs_on_the_device_picked_and_refuses_one_torch_does_not_see
     assert "Traceback" not in refused.stderr
 
 
-def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A producer waiting on a big job must not take the writer's CPU: a count that takes
-    0.2 s (a job of ~80,000 chunks) is repeated every 10 s (100 times its duration, at most
-    10 s), not every half second."""
+def pending_job_counted_slowly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Config, str, list[float]]:
+    """A submitted job no writer takes (it stays pending) whose every count takes 0.2 s, as
+    a job of ~80,000 chunks does; the moments of its counts are appended to the list."""
     import time
 
     from pipeline import api
@@ -370,7 +367,7 @@ def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
 
     (tmp_path / "doc.txt").write_text("a line of text to index\n" * 40)
     config = Config(home=tmp_path / "home", model="hash:384")
-    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)  # no writer: it stays pending
+    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)
     counts: list[float] = []
     real = Jobs.progress
 
@@ -380,6 +377,17 @@ def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
         return real(self, job_id)
 
     monkeypatch.setattr(Jobs, "progress", slow)
+    return config, job, counts
+
+
+def test_waiting_on_a_job_counts_its_progress_less_often_when_counting_is_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A producer waiting on a big job must not take the writer's CPU: a count that takes
+    0.2 s is repeated every 10 s (100 times its duration, at most 10 s), not every half second."""
+    from pipeline import api
+
+    config, job, counts = pending_job_counted_slowly(tmp_path, monkeypatch)
     progress = api.wait(job, config, timeout=3)
     assert progress.pending > 0 and progress.state == "running"
     # One count at the start, the next at the deadline (3 s): a half-second poll would count 5 times.
@@ -392,24 +400,13 @@ def test_waiting_on_a_job_sees_it_done_between_counts(tmp_path: Path, monkeypatc
     import time
 
     from pipeline import api
-    from pipeline.jobs import Jobs
 
-    (tmp_path / "doc.txt").write_text("a line of text to index\n" * 40)
-    config = Config(home=tmp_path / "home", model="hash:384")
-    job = api.submit_paths([tmp_path / "doc.txt"], "docs", config=config)  # no writer: it stays pending
-    counts: list[float] = []
-    real = Jobs.progress
-
-    def slow(self: Jobs, job_id: str) -> object:
-        counts.append(time.monotonic())
-        time.sleep(0.2)  # the next count is 10 s after this one
-        return real(self, job_id)
+    config, job, counts = pending_job_counted_slowly(tmp_path, monkeypatch)
 
     def commit_all() -> None:
         with sqlite3.connect(config.ledger_path, timeout=30) as conn:
             conn.execute("UPDATE chunks SET state='committed', committed_at=? WHERE state='pending'", (time.time(),))
 
-    monkeypatch.setattr(Jobs, "progress", slow)
     finisher = threading.Timer(0.5, commit_all)
     finisher.start()
     try:
