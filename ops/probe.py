@@ -24,7 +24,8 @@ from pipeline.batches import batched
 from pipeline.ledger import Ledger
 from pipeline.rows import COMMITTED
 
-# Stored vectors whose nearest neighbour must be themselves.
+# How many stored vectors the deep check searches for, and among how many nearest
+# neighbours each must find itself (or a duplicate of its text, at distance zero).
 RECALL_SAMPLE = 50
 RECALL_DEPTH = 50
 # Tolerance for an embedding read back from Chroma against the ledger's copy.
@@ -86,19 +87,7 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
                 mismatched.append(id_)
         missing_back = set(part) - set(got["ids"])
         mismatched.extend(sorted(missing_back))
-    sample = random.Random(0).sample(sorted(vectors), min(RECALL_SAMPLE, len(vectors)))
-    recall_failures = []
-    # HNSW is approximate: with one result asked for, its search keeps Chroma's default 10
-    # candidates and now and then misses an exact vector of a healthy index (seen once in
-    # CI at 485 records). Asking for RECALL_DEPTH makes it search that many: a healthy
-    # index finds the vector, a damaged one still does not.
-    depth = min(RECALL_DEPTH, len(vectors))
-    for id_ in sample:
-        hit = col.query(query_embeddings=vectors[id_].reshape(1, -1), n_results=depth, include=["distances"])
-        # A duplicate text has the same vector: distance zero to another id is a pass.
-        found = [i for i, d in zip(hit["ids"][0], hit["distances"][0], strict=True) if i == id_ or d <= 1e-4]
-        if not found:
-            recall_failures.append(id_)
+    sample, recall_failures = recall(col, vectors)
     return {
         "mismatched": len(mismatched),
         "mismatched_ids": mismatched[:_SHOWN],
@@ -106,6 +95,27 @@ def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, An
         "recall_failures": len(recall_failures),
         "recall_failure_ids": recall_failures[:_SHOWN],
     }
+
+
+def recall(
+    col: Any, vectors: dict[str, np.ndarray], sample_size: int = RECALL_SAMPLE, depth: int = RECALL_DEPTH
+) -> tuple[list[str], list[str]]:
+    """Search the collection for a sample of ``vectors`` (its own, read back and checked
+    against the ledger); return the sample and the ids not among their own ``depth``
+    nearest neighbours: vectors its index lost or cannot reach."""
+    sample = random.Random(0).sample(sorted(vectors), min(sample_size, len(vectors)))
+    # HNSW is approximate: with one result asked for, its search keeps Chroma's default 10
+    # candidates and now and then misses an exact vector of a healthy index (seen once in
+    # CI at 485 records). Asking for RECALL_DEPTH makes it search that many: a healthy
+    # index finds the vector, a damaged one still does not.
+    depth = min(depth, len(vectors))
+    failures = []
+    for id_ in sample:
+        hit = col.query(query_embeddings=vectors[id_].reshape(1, -1), n_results=depth, include=["distances"])
+        # A duplicate text has the same vector: distance zero to another id is a pass.
+        if not any(i == id_ or d <= 1e-4 for i, d in zip(hit["ids"][0], hit["distances"][0], strict=True)):
+            failures.append(id_)
+    return sample, failures
 
 
 @click.command()

@@ -141,9 +141,10 @@ def wait(
     count_at = 0.0  # when the job is counted next (the bar's figures); done is seen sooner
     try:
         while True:
-            if ledger is not None and state is not None and time.monotonic() < count_at:
+            now = time.monotonic()
+            if ledger is not None and state is not None and now < count_at and (deadline is None or now < deadline):
                 # Between counts, only whether it is still running: nothing to report yet.
-                if ledger.jobs.running(job_id) and (deadline is None or time.monotonic() < deadline):
+                if ledger.jobs.running(job_id):
                     time.sleep(POLL_SECONDS)
                     continue
             counting = time.perf_counter()

@@ -20,7 +20,13 @@ from typing import Any
 import psutil
 
 from pipeline.ids import new_job_id
-from pipeline.rows import Transaction, id_lists
+from pipeline.rows import DELETING, EMBEDDED, PENDING, Transaction, id_lists
+
+# What `progress` counts as still to do and `running` looks for, in one place: a chunk
+# still to embed or commit (reached through the job's list), and a stale row still to
+# delete (reached through the job that marked it).
+_TO_COMMIT = f"c.state IN ('{PENDING}', '{EMBEDDED}')"
+_TO_DELETE = f"job=? AND state='{DELETING}'"
 
 # Counting a job looks at every chunk it has: 0.1 s of CPU for 40,000 chunks on a 2-core
 # machine, which a producer polling every half second would take from the writer beside
@@ -106,13 +112,11 @@ class Jobs:
             state = "abandoned"
         chunks, committed, pending, failed = self.conn.execute(
             "SELECT count(*), coalesce(sum(c.state='committed'), 0),"
-            " coalesce(sum(c.state IN ('pending', 'embedded')), 0), coalesce(sum(c.state='failed'), 0)"
+            f" coalesce(sum({_TO_COMMIT}), 0), coalesce(sum(c.state='failed'), 0)"
             " FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id WHERE j.job=?",
             (job,),
         ).fetchone()
-        (deleting,) = self.conn.execute(
-            "SELECT count(*) FROM chunks WHERE job=? AND state='deleting'", (job,)
-        ).fetchone()
+        (deleting,) = self.conn.execute(f"SELECT count(*) FROM chunks WHERE {_TO_DELETE}", (job,)).fetchone()
         pending += deleting
         if state == "queued":
             state = "running" if pending else ("failed" if failed else "done")
@@ -133,8 +137,7 @@ class Jobs:
             return False
         (outstanding,) = self.conn.execute(
             "SELECT EXISTS(SELECT 1 FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
-            " WHERE j.job=? AND c.state IN ('pending', 'embedded'))"
-            " OR EXISTS(SELECT 1 FROM chunks WHERE job=? AND state='deleting')",
+            f" WHERE j.job=? AND {_TO_COMMIT}) OR EXISTS(SELECT 1 FROM chunks WHERE {_TO_DELETE})",
             (job, job),
         ).fetchone()
         return bool(outstanding)
