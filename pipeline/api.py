@@ -285,7 +285,7 @@ _query_embedders_lock = threading.Lock()
 
 def _query_embedder(cfg: Config, precision: str) -> Embedder:
     """The model for this process's queries, loaded on the first and kept for the next
-    (ONNX Runtime on a CPU in fp32 unless INDEXQ_QUERY_RUNTIME=torch; pipeline.queryembed)."""
+    (ONNX Runtime on a CPU in fp32, or int8 with INDEXQ_QUERY_RUNTIME=onnx-int8, or torch; pipeline.queryembed)."""
     from pipeline.queryembed import load_query_embedder, query_precision
 
     precision = query_precision(precision, cfg.device)

@@ -73,10 +73,10 @@ def _damage(path: Path, at: int, seed: int) -> None:
         f.write(np.random.default_rng(seed).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes())
 
 
-def _load_logged(folder: Path, caplog: pytest.LogCaptureFixture) -> OnnxQueryEmbedder:
+def _load_logged(folder: Path, caplog: pytest.LogCaptureFixture, runtime: str = "onnx") -> OnnxQueryEmbedder:
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.queryembed"):
-        embedder = load_query_embedder(MODEL, "cpu", "fp32", folder)
+        embedder = load_query_embedder(MODEL, "cpu", "fp32", folder, runtime)
     assert isinstance(embedder, OnnxQueryEmbedder)
     return embedder
 
@@ -153,7 +153,7 @@ def test_an_export_that_does_not_match_torch_is_not_used_nor_tried_again(
     with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
         again = load_query_embedder(MODEL, "cpu", "fp32", models)
     assert isinstance(again, SentenceTransformerEmbedder)
-    assert "exporting the model failed before" in caplog.text and f"delete {models / failed} to retry" in caplog.text
+    assert "the ONNX export failed before" in caplog.text and f"delete {models / failed} to retry" in caplog.text
 
 
 # Writes past 20 MB fail (EFBIG, as on a full disk) in this process only.
@@ -220,7 +220,7 @@ def test_where_onnx_runtime_does_not_apply_the_query_stays_in_torch(
     bf16 = load_query_embedder(MODEL, "cpu", "bf16", models)
     assert isinstance(bf16, SentenceTransformerEmbedder) and bf16.precision == "bf16"
     assert not models.exists()
-    with pytest.raises(ConfigError, match="query runtime must be one of onnx, torch"):
+    with pytest.raises(ConfigError, match="query runtime must be one of onnx, onnx-int8, torch"):
         load_query_embedder(MODEL, "cpu", "fp32", models, runtime="tensorrt")
 
 
@@ -264,6 +264,61 @@ def test_the_export_name_follows_the_model_files(tmp_path: Path) -> None:
 def test_the_query_runtime_setting(tmp_path: Path) -> None:
     assert Config().query_runtime == "onnx"
     assert Config.from_env({"INDEXQ_QUERY_RUNTIME": " torch "}).query_runtime == "torch"
-    with pytest.raises(ConfigError, match="query runtime must be one of onnx, torch, got 'gpu'"):
+    assert Config.from_env({"INDEXQ_QUERY_RUNTIME": "onnx-int8"}).query_runtime == "onnx-int8"
+    with pytest.raises(ConfigError, match="query runtime must be one of onnx, onnx-int8, torch, got 'gpu'"):
         Config.from_env({"INDEXQ_QUERY_RUNTIME": "gpu"})
     assert Config(home=tmp_path / "h").models_path == tmp_path / "h" / "models"
+
+
+def _beside_export(exported: OnnxQueryEmbedder, folder: Path) -> Path:
+    """A models folder holding a copy of the module's fp32 export (found by its name)."""
+    folder.mkdir(mode=0o700)
+    (folder / exported.path.name).write_bytes(exported.path.read_bytes())
+    return folder
+
+
+def test_int8_queries_are_made_once_from_the_export_and_checked(
+    exported: OnnxQueryEmbedder, torch_vectors: np.ndarray, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = _beside_export(exported, tmp_path / "models")
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        int8 = load_query_embedder(MODEL, "cpu", "fp32", folder, "onnx-int8")
+    assert isinstance(int8, OnnxQueryEmbedder) and int8.precision == "int8"
+    assert int8.path.name.startswith(exported.path.stem + "-int8-") and "query model published" in caplog.text
+    assert _names(folder) == sorted([exported.path.name, int8.path.name])
+    assert stat.S_IMODE(int8.path.stat().st_mode) == 0o600
+    assert int8.path.stat().st_size < exported.path.stat().st_size / 3  # int8 weights: a quarter
+    cosines = np.sum(int8.embed(TEXTS) * torch_vectors, axis=1)
+    assert cosines.min() > 0.97 and cosines.max() < 0.99999, cosines  # near torch's vector, not it
+    # Found again, not made again; damaged, made again from the export.
+    again = _load_logged(folder, caplog, "onnx-int8")
+    assert again.path == int8.path and again.precision == "int8" and caplog.text == ""
+    _damage(int8.path, int8.path.stat().st_size // 2, 3)
+    mended = _load_logged(folder, caplog, "onnx-int8")
+    assert "its content is not the content it was written with" in caplog.text
+    assert mended.precision == "int8" and _names(folder) == sorted([exported.path.name, mended.path.name])
+    # The fp32 runtime beside it still loads the export, and leaves the int8 model alone.
+    fp32 = _load_logged(folder, caplog, "onnx")
+    assert fp32.precision == "fp32" and fp32.path.name == exported.path.name and caplog.text == ""
+    assert _names(folder) == sorted([exported.path.name, mended.path.name])
+
+
+def test_an_int8_model_too_far_from_fp32_is_not_used_nor_made_again(
+    exported: OnnxQueryEmbedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As on a CPU whose int8 arithmetic saturates: the queries stay in fp32, and the next
+    search does not quantize again."""
+    folder = _beside_export(exported, tmp_path / "models")
+    monkeypatch.setattr(queryembed, "_INT8_COSINE", 1.5)  # no int8 model can pass this
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        embedder = load_query_embedder(MODEL, "cpu", "fp32", folder, "onnx-int8")
+    assert isinstance(embedder, OnnxQueryEmbedder) and embedder.precision == "fp32"
+    assert "queries embedded in fp32: the int8 model embeds" in caplog.text
+    failed = f"{exported.path.stem}-int8.failed"
+    assert _names(folder) == sorted([exported.path.name, failed])
+    caplog.clear()
+    monkeypatch.setattr(queryembed, "_quantize", lambda *args: pytest.fail("quantized again"))
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        again = load_query_embedder(MODEL, "cpu", "fp32", folder, "onnx-int8")
+    assert isinstance(again, OnnxQueryEmbedder) and again.precision == "fp32"
+    assert "the int8 model failed before" in caplog.text

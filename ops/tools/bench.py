@@ -414,7 +414,7 @@ def query_latency(home: Path, chunks: list[Any], config: Config) -> dict[str, An
 
     SharedSystemClient.clear_system_cache()
     # As pipeline.search embeds a query when no writer runs (ONNX Runtime unless
-    # INDEXQ_QUERY_RUNTIME=torch), exported into this data home on first use.
+    # INDEXQ_QUERY_RUNTIME=torch; in int8 with onnx-int8), exported into this data home on first use.
     embedder = load_query_embedder(config.model, config.device, config.precision, home / "models", config.query_runtime)
     store = Store(home / "chroma")
     rng = random.Random(1)
@@ -442,7 +442,11 @@ def query_latency(home: Path, chunks: list[Any], config: Config) -> dict[str, An
         "chroma_p50_ms": round(statistics.median(searches), 2),
         "chroma_p95_ms": round(searches[int(len(searches) * 0.95) - 1], 2),
         "embed_runtime": (
-            "onnx" if isinstance(embedder, OnnxQueryEmbedder) else "hash" if is_hash_model(config.model) else "torch"
+            ("onnx" if embedder.precision == "fp32" else f"onnx-{embedder.precision}")
+            if isinstance(embedder, OnnxQueryEmbedder)
+            else "hash"
+            if is_hash_model(config.model)
+            else "torch"
         ),
     }
 
