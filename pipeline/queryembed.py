@@ -88,6 +88,9 @@ _INT8_COSINE = 0.97
 _HEX = "[0-9a-f]" * 16
 # Errors of the moment (the disk, its permissions): not remembered as a failed export.
 _PASSING_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+# The same in words, from code that does not raise OSError. The last: a model file just
+# written and read back cut short, as ONNX's C++ writer leaves it on a full disk, silently.
+_PASSING_TEXTS = ("No space left", "File too large", "Disk quota", "Wire format was corrupt")
 
 
 class OnnxQueryEmbedder:
@@ -392,7 +395,8 @@ def _int8_embedder(fp32: OnnxQueryEmbedder, min_free_mb: int) -> OnnxQueryEmbedd
     try:
         with _export_lock, _locked(prefix.parent):
             return _published(fp32.name, prefix, fp32.location, fp32.max_seq_length, "int8") or _build(
-                prefix, fp32.path.stat().st_size + min_free_mb * 2**20, lambda target: _quantize(fp32, target),
+                # The quantizer's full-size copy (see _quantize) and the int8 model, a quarter.
+                prefix, fp32.path.stat().st_size * 1.3 + min_free_mb * 2**20, lambda target: _quantize(fp32, target),
                 "the int8 model", "queries embedded in fp32", stale=f"{prefix.name}-{_HEX}.onnx",
             )  # fmt: skip
     except Exception as exc:
@@ -413,8 +417,12 @@ def _quantize(fp32: OnnxQueryEmbedder, target: Path) -> OnnxQueryEmbedder | str:
     # logger itself: held back there, and only its, while it runs.
     root = logging.getLogger()
     root.addFilter(_quantizer_advice)
+    # Its shape inference writes a full-size copy beside the file it is given and reads it
+    # back: given a link in the temporary folder, that copy is made there, and swept with it.
+    source = target.with_name("fp32.onnx")
+    source.symlink_to(fp32.path)
     try:
-        quantize_dynamic(str(fp32.path), str(target), weight_type=QuantType.QInt8, per_channel=True)
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.removeFilter(_quantizer_advice)
     _stamp(target, fp32.stamp)  # torch's vector, not fp32's: the check at load is against torch
@@ -472,7 +480,7 @@ def _passing(exc: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in _PASSING_ERRNOS:
             return True
-        if any(text in str(seen) for text in ("No space left", "File too large", "Disk quota")):
+        if any(text in str(seen) for text in _PASSING_TEXTS):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -163,15 +163,15 @@ from pathlib import Path
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 2**20, 20 * 2**20))
 from pipeline.queryembed import load_query_embedder
-embedder = load_query_embedder("all-MiniLM-L6-v2", "cpu", "fp32", Path(sys.argv[1]))
-print(json.dumps({"kind": type(embedder).__name__, "vector": embedder.embed(["a query"])[0][:4].tolist()}))
+embedder = load_query_embedder("all-MiniLM-L6-v2", "cpu", "fp32", Path(sys.argv[1]), sys.argv[2])
+print(json.dumps({"kind": type(embedder).__name__, "precision": embedder.precision}))
 """
 
 
 def test_no_room_for_the_export_leaves_nothing_and_the_query_runs_in_torch(tmp_path: Path) -> None:
     models = tmp_path / "models"
     done = subprocess.run(
-        [sys.executable, "-c", FULL_DISK, str(models)],
+        [sys.executable, "-c", FULL_DISK, str(models), "onnx"],
         env=env_for(tmp_path / "home"), cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -322,3 +322,17 @@ def test_an_int8_model_too_far_from_fp32_is_not_used_nor_made_again(
         again = load_query_embedder(MODEL, "cpu", "fp32", folder, "onnx-int8")
     assert isinstance(again, OnnxQueryEmbedder) and again.precision == "fp32"
     assert "the int8 model failed before" in caplog.text
+
+
+def test_no_room_for_the_int8_model_leaves_the_export_alone_and_queries_run_in_fp32(
+    exported: OnnxQueryEmbedder, tmp_path: Path
+) -> None:
+    folder = _beside_export(exported, tmp_path / "models")  # 90 MB, made before the limit
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK, str(folder), "onnx-int8"],  # the int8 model is 23 MB
+        env=env_for(tmp_path / "home"), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"kind": "OnnxQueryEmbedder", "precision": "fp32"}
+    assert "queries embedded in fp32: the int8 model could not be made" in done.stderr
+    assert _names(folder) == [exported.path.name]  # nothing half-written, no failure remembered
