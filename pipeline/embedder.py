@@ -106,8 +106,36 @@ def resolve_model(name: str) -> str:
     return name
 
 
+# tokenizer.json parts after which no token spans white space, a line end included: a
+# pre-tokenizer that splits there (later ones only split further) and normalizers that
+# change characters one by one. A text cut at line starts then tokenizes, piece by piece,
+# into exactly the tokens its lines had in the whole (see ``Tokenizer.line_exact``).
+# BertNormalizer also removes control characters, some of which str.splitlines takes for
+# line ends: chunk_text still counts a text that holds one again.
+_WHITESPACE_SPLITTERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit"})
+_LOCAL_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"})
+
+
+def _line_exact(spec: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json's tokens never span white space (see _WHITESPACE_SPLITTERS)."""
+
+    def parts(node: Any, key: str) -> list[str]:
+        if not isinstance(node, dict):
+            return [] if node is None else ["?"]
+        if node.get("type") == "Sequence":
+            return [t for child in node.get(key, []) for t in parts(child, key)]
+        return [str(node.get("type"))]
+
+    normalizers = parts(spec.get("normalizer"), "normalizers")
+    splitters = parts(spec.get("pre_tokenizer"), "pretokenizers")
+    return all(n in _LOCAL_NORMALIZERS for n in normalizers) and any(p in _WHITESPACE_SPLITTERS for p in splitters)
+
+
 class Tokenizer:
-    """Token offsets and counts with the model's own tokenizer (no special tokens)."""
+    """Token offsets and counts with the model's own tokenizer (no special tokens).
+
+    ``line_exact``: its tokens never span white space, so a chunk cut at line starts counts
+    exactly what its lines counted in the whole text, and need not be counted again."""
 
     def __init__(self, model: str) -> None:
         location = resolve_model(model)
@@ -124,11 +152,16 @@ class Tokenizer:
             self._fast.no_truncation()
             self._fast.no_padding()
             self._hf = None
+            try:
+                self.line_exact = _line_exact(json.loads(tokenizer_file.read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                self.line_exact = False
         else:
             offline()
             from transformers import AutoTokenizer
 
             self._fast = None
+            self.line_exact = False
             try:
                 self._hf = AutoTokenizer.from_pretrained(location)
             except (OSError, ValueError) as exc:
@@ -153,7 +186,8 @@ class Tokenizer:
 
     def counts(self, texts: list[str]) -> list[int]:
         if self._fast is not None:
-            return [len(e.ids) for e in self._fast.encode_batch(texts, add_special_tokens=False)]
+            encode = getattr(self._fast, "encode_batch_fast", self._fast.encode_batch)  # no offsets: 0.8 of the time
+            return [len(e.ids) for e in encode(texts, add_special_tokens=False)]
         return [len(ids) for ids in self._hf(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 

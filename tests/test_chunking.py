@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import sysconfig
 from pathlib import Path
 
@@ -65,3 +66,31 @@ def test_an_inserted_line_changes_only_nearby_chunks(tokenizer: Tokenizer) -> No
     after = chunk_text("".join(lines), tokenizer)
     old = {c.hash for c in before}
     assert sum(c.hash not in old for c in after) <= 2
+
+
+def test_which_tokenizers_count_a_chunk_as_its_lines() -> None:
+    from pipeline.embedder import _line_exact
+
+    bert = {"normalizer": {"type": "BertNormalizer"}, "pre_tokenizer": {"type": "BertPreTokenizer"}}
+    assert load_tokenizer("all-MiniLM-L6-v2").line_exact and _line_exact(bert)
+    split_further = {"type": "Sequence", "pretokenizers": [{"type": "Digits"}, {"type": "WhitespaceSplit"}]}
+    assert _line_exact({"normalizer": None, "pre_tokenizer": split_further})
+    # SentencePiece's Metaspace keeps a line end inside a piece; a Precompiled normalizer may
+    # change white space; a byte-level BPE without a splitter at white space.
+    assert not _line_exact({"normalizer": None, "pre_tokenizer": {"type": "Metaspace"}})
+    assert not _line_exact({"normalizer": {"type": "Precompiled"}, "pre_tokenizer": {"type": "WhitespaceSplit"}})
+    assert not _line_exact({"normalizer": None, "pre_tokenizer": {"type": "ByteLevel"}})
+
+
+@pytest.mark.parametrize("line_end", ["\n", "\r\n", "\r", "\u2028", "\x0c", "\x85", "\x1c"])
+def test_chunks_fit_counted_alone_whatever_ends_their_lines(tokenizer: Tokenizer, line_end: str) -> None:
+    """Chunks are not counted again for this tokenizer, except where a line ends in a
+    control character that its normalizer removes: the words on both sides then join into
+    one token, and without the count a chunk came out one token over (measured)."""
+    rng = random.Random(1)
+    words = ["alpha", "unbelievable", "tokenization", "x", "zz", "über", "東京", "e\u0301", "🚀", "\t"]
+    text = "".join(rng.choice(words) + (line_end if rng.random() < 0.5 else " ") for _ in range(3000))
+    for budget in (32, 64):
+        chunks = chunk_text(text, tokenizer, max_tokens=budget, overlap=4)
+        assert len(chunks) > 40
+        assert max(tokenizer.counts([c.text])[0] for c in chunks) <= budget
