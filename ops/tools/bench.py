@@ -36,7 +36,14 @@ from ops.backup import create_backup
 from ops.maintenance import run_check
 from ops.recovery import restore_backup
 from ops.tools.torture.procs import Child, wait_until
-from pipeline.config import DEFAULT_MICRO_BATCH, DEFAULT_PRECISION, PRECISIONS, Config
+from pipeline.config import (
+    DEFAULT_MICRO_BATCH,
+    DEFAULT_PRECISION,
+    DEFAULT_QUERY_RUNTIME,
+    PRECISIONS,
+    QUERY_RUNTIMES,
+    Config,
+)
 from pipeline.ledger import Ledger
 
 QUICK_CHUNKS = 600
@@ -605,6 +612,13 @@ def report(results: dict[str, Any]) -> str:
     help="Precision of the bare loop, the writer and the queries (bf16: a CPU or GPU that has it).",
 )
 @click.option(
+    "--query-runtime",
+    type=click.Choice(QUERY_RUNTIMES),
+    default=DEFAULT_QUERY_RUNTIME,
+    show_default=True,
+    help="How the query stage embeds its queries (INDEXQ_QUERY_RUNTIME).",
+)
+@click.option(
     "--stages",
     default=",".join(STAGES),
     show_default=True,
@@ -625,6 +639,7 @@ def main(
     keep: bool,
     model: str | None,
     precision: str,
+    query_runtime: str,
     stages: str,
     full_text_index: str | None,
 ) -> None:
@@ -643,6 +658,7 @@ def main(
     if model:
         env["INDEXQ_MODEL"] = model
     env["INDEXQ_PRECISION"] = precision
+    env["INDEXQ_QUERY_RUNTIME"] = query_runtime
     if full_text_index:
         env["INDEXQ_FULL_TEXT"] = str(full_text_index == "on").lower()
     config = Config.from_env(env, home=Path(tempfile.gettempdir()) / "unused")
