@@ -55,7 +55,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 # How a process other than the writer embeds a query (pipeline.queryembed): "onnx" runs
 # an fp32 query on a CPU through ONNX Runtime (7.5 ms against torch's 15.5 here, same vector),
 # anything else through torch; "onnx-int8" the same with the linear layers in int8 (about
-# half the time again, the vector moved by about half a percent); "torch" always torch.
+# 0.6 of fp32's time, the vector moved by about half a percent); "torch" always torch.
 DEFAULT_QUERY_RUNTIME = "onnx"
 QUERY_RUNTIMES = ("onnx", "onnx-int8", "torch")
 # Seconds between the writer's malloc_trim(0) calls (pipeline.heap): the model's freed
