@@ -157,6 +157,9 @@ class OnnxQueryEmbedder:
     def start(self, texts: list[str]) -> Callable[[], np.ndarray]:
         return already(self.embed(texts))
 
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [0] * len(texts)  # one text at a time: nothing is padded
+
 
 def load_query_embedder(
     model: str,

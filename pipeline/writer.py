@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import numpy as np
 
 from pipeline import alerts
-from pipeline.batches import batched
+from pipeline.batches import batched, longest_first
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
 from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
@@ -150,9 +150,8 @@ class Writer:
             self.publish(jobs)
 
     def _index(self, collection: str, ids: Sequence[str]) -> int:
-        rows = self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED)))
-        # Waves of one micro-batch, in the task's order (the order of commits is the order
-        # of ids, as without the overlap); rows embedded before (a resumed task) ride along.
+        rows = self._longest_first(self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED))))
+        # Waves of one micro-batch, in that order: rows embedded before (a resumed task) first.
         waves = list(batched(rows, self.micro_batch))
         committed = 0
         ready: list[Row] = []
@@ -193,6 +192,22 @@ class Writer:
         if self.stop.is_set() and committed < len(rows):
             logger.info("stopping with chunks of %s left for the next start", collection)
         return committed
+
+    def _longest_first(self, rows: list[Row]) -> list[Row]:
+        """Rows embedded before first (they only need committing), then the pending ones by the
+        model's length of their text, longest first, ties in the task's order.
+
+        A forward pass pads its texts to the longest among them, and a task in the order of
+        its files mixes full chunks with the short last chunks of files: on the benchmark's
+        corpus, 14 % of the tokens the model computed were padding, 0.4 % in this order. A
+        micro-batch is still the most a kill can waste, and which rows are committed is still
+        the ledger's to say, whatever the order they went in.
+        """
+        pending = [r for r in rows if r.state == PENDING]
+        if len(pending) < 2:
+            return rows
+        order = longest_first(self.embedder.lengths([r.text for r in pending]))
+        return [r for r in rows if r.state != PENDING] + [pending[i] for i in order]
 
     def _embed_later(self, collection: str, wave: Sequence[Row]) -> Future[None] | _Launched | None:
         """Embed the pending rows of ``wave``: queued on the GPU from this thread where the model

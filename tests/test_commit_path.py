@@ -292,6 +292,103 @@ def test_a_gpu_model_is_queued_from_the_committing_thread_before_each_commit(tmp
         writer.close()
 
 
+class LengthEmbedder(HashEmbedder):
+    """A hash embedder whose texts are as long as their characters, recording each micro-batch."""
+
+    def __init__(self) -> None:
+        super().__init__("hash:32")
+        self.batches: list[list[str]] = []
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        return [len(t) for t in texts]
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        self.batches.append(list(texts))
+        return super().embed(texts)
+
+
+def test_a_task_is_embedded_longest_first_after_the_rows_a_kill_left_embedded(tmp_path: Path) -> None:
+    """Pending rows go through the model longest first, ties in the task's order, in
+    micro-batches that still bound what a kill wastes; rows embedded before the task
+    started (a resumed task) are committed first and not embedded again."""
+    config = Config(home=tmp_path / "home", model="hash:32", micro_batch=4, commit_batch=4)
+    config.ensure_home()
+    embedder = LengthEmbedder()
+    writer = Writer(config, embedder=embedder)
+    try:
+        ledger = writer.ledger
+        job = ledger.jobs.create(COLLECTION, "records", ["test"])
+        sizes = [3, 9, 1, 9, 5, 12, 2, 7, 9, 4]
+        items = [
+            {"id": f"c{i}", "source": "s", "ordinal": i, "text": "x" * n + f"{i:02d}", "metadata": json.dumps({"n": i}),
+             "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
+            for i, n in enumerate(sizes)
+        ]  # fmt: skip
+        ids = [str(r["id"]) for r in items]
+        ledger.sources.write(job, COLLECTION, items, ids, [])
+        # c2 and c6 (short ones) were embedded by a writer killed before it committed them.
+        vector = np.full(32, 1 / np.sqrt(32), dtype=np.float32)
+        ledger.begin_embedding(COLLECTION, ["c2", "c6"])
+        ledger.store_embeddings(COLLECTION, [("c2", "h2", vector.tobytes()), ("c6", "h6", vector.tobytes())], "hash:32")
+        assert writer.index(COLLECTION, ids) == 10
+        order = [text[-2:] for batch in embedder.batches for text in batch]
+        # 12, then the three 9s in their task order, 7, 5, 4, 3; the embedded two never again.
+        assert order == ["05", "01", "03", "08", "07", "04", "09", "00"]
+        assert [len(b) for b in embedder.batches] == [2, 4, 2]  # the first wave carried c2 and c6
+        assert ledger.embedded_more_than_once() == 0
+        first = {i for (i,) in ledger.conn.execute("SELECT id FROM chunks WHERE seq = 1")}
+        assert first == {"c2", "c6", "c5", "c1"}
+        assert sorted(writer.store.dump(COLLECTION)) == sorted(ids)
+    finally:
+        writer.close()
+
+
+def test_the_model_pads_less_when_a_task_goes_longest_first(tmp_path: Path) -> None:
+    """The real model's lengths are its token counts ([CLS] and [SEP] included, at most its
+    input length, read quickly from a huge text); a task mixing long chunks with short ones
+    then computes fewer padded tokens than the same task in its own order, same vectors."""
+    from pipeline.embedder import load_embedder, load_tokenizer
+
+    embedder = load_embedder("all-MiniLM-L6-v2", "cpu")
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    texts = [("def resume(ledger, chunk):\n    return ledger.pending(chunk)\n" * (1 if i % 2 else 20)) + str(i)
+             for i in range(32)]  # fmt: skip
+    counts = tokenizer.counts(texts)
+    assert embedder.lengths(texts) == [min(n + 2, 256) for n in counts] and min(counts) < 40 < 254 < max(counts)
+    assert embedder.lengths(["word " * 2_000_000]) == [256]
+    model = embedder._model  # type: ignore[attr-defined]
+    computed: list[int] = []
+    hook = model[0].register_forward_hook(lambda _m, args, _out: computed.append(args[0]["input_ids"].numel()))
+    dumps = {}
+    try:
+        for order in ("task", "longest"):
+            config = Config(home=tmp_path / order, model="all-MiniLM-L6-v2", micro_batch=8, commit_batch=4)
+            config.ensure_home()
+            writer = Writer(config, embedder=embedder)
+            if order == "task":
+                writer._longest_first = lambda rows: rows  # type: ignore[method-assign]
+            try:
+                job = writer.ledger.jobs.create(COLLECTION, "records", ["test"])
+                items = [
+                    {"id": f"c{i}", "source": "s", "ordinal": i, "text": t, "metadata": json.dumps({"n": i}),
+                     "hash": f"h{i}", "state": "pending", "embedding": None, "model": None}
+                    for i, t in enumerate(texts)
+                ]  # fmt: skip
+                writer.ledger.sources.write(job, COLLECTION, items, [f"c{i}" for i in range(32)], [])
+                assert writer.index(COLLECTION, [f"c{i}" for i in range(32)]) == 32
+                dumps[order] = writer.store.dump(COLLECTION)
+            finally:
+                writer.close()
+            computed.append(-1)  # the end of this order's passes
+    finally:
+        hook.remove()
+    end = computed.index(-1)
+    in_task_order, longest = sum(computed[:end]), sum(computed[end + 1 : -1])
+    assert longest < 0.75 * in_task_order
+    for id_, record in dumps["task"].items():
+        np.testing.assert_allclose(dumps["longest"][id_]["embedding"], record["embedding"], atol=1e-5)
+
+
 def _cuda() -> bool:
     if no_gpu_here():
         return False  # known without importing torch

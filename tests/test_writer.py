@@ -148,14 +148,17 @@ def test_stale_chunks_are_deleted_from_chroma_then_the_ledger(config: Config, tm
 def test_a_record_chroma_refuses_is_failed_and_its_neighbours_commit(writer: Writer) -> None:
     import numpy as np
 
-    items = rows(writer.ledger, 3)
-    # A stored embedding of another dimension (say, from another model): Chroma refuses it.
-    items[1].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other")
+    items = rows(writer.ledger, 4)
+    # A stored embedding of another dimension (say, from another model) in a collection that
+    # has vectors already: Chroma refuses it. (It goes first in its task: rows embedded
+    # before only need committing.)
+    items[2].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other")
     ids = seed(writer.ledger, items)
-    assert writer.index(COLLECTION, ids) == 2
+    assert writer.index(COLLECTION, ids[:1]) == 1
+    assert writer.index(COLLECTION, ids[1:]) == 2
     (error,) = [e for (e,) in writer.ledger.conn.execute("SELECT error FROM chunks WHERE state='failed'")]
     assert error.startswith("refused by Chroma: ")
-    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c1", "c3"]
 
 
 def test_a_stop_mid_wave_counts_the_groups_committed_before_it(writer: Writer) -> None:
