@@ -199,7 +199,8 @@ class Writer:
 
         A forward pass pads its texts to the longest among them, and a task in the order of
         its files mixes full chunks with the short last chunks of files: on the benchmark's
-        corpus, 14 % of the tokens the model computed were padding, 0.4 % in this order. A
+        corpus, 13.8 % of the tokens the model computed were padding, 1.3 % in this order
+        (``python -m ops.tools.padding``), for 0.18 ms of tokenizing a chunk here. A
         micro-batch is still the most a kill can waste, and which rows are committed is still
         the ledger's to say, whatever the order they went in.
         """
