@@ -162,7 +162,7 @@ class Producer:
                         doc.text, self.tokenizer, self.config.chunk_tokens, self.config.chunk_overlap,
                         starts=next(starts), headings=doc.headings,
                     )  # fmt: skip
-                    records = [_file_record(source, c, doc.place(c.start_line, c.end_line)) for c in chunks]
+                    records = [file_record(source, c, doc.place(c.start_line, c.end_line)) for c in chunks]
                     spool.add(source, source, records)
             if prune:
                 spec = {"roots": [str(r) for r in roots], "include": list(include), "exclude": list(exclude)}
@@ -384,7 +384,9 @@ class _LazyJob:
         return self._id
 
 
-def _file_record(source: str, chunk: Chunk, place: dict[str, Any] | None = None) -> dict[str, Any]:
+def file_record(source: str, chunk: Chunk, place: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A file's chunk as the writer will upsert it: its id, text and metadata (where it lies,
+    its hashes, and LlamaIndex's copy of the node)."""
     metadata = {
         "source": source, "ordinal": chunk.ordinal, "start_line": chunk.start_line,
         "end_line": chunk.end_line, "content_hash": chunk.hash, "document_id": document_id(source),

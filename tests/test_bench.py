@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import env_for
+from tests.conftest import dump_collection, env_for
 
 pytestmark = pytest.mark.e2e
 
 
 def test_bench_smoke(tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
+    argv = ["--chunks", "40", "--model", "hash:384", "--output", str(output), "--keep"]
     result = subprocess.run(
-        [sys.executable, "-m", "ops.tools.bench", "--chunks", "40", "--model", "hash:384", "--output", str(output)],
+        [sys.executable, "-m", "ops.tools.bench", *argv],
         env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
@@ -52,6 +53,19 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["producer_memory"]["max_file_one_line_mb"] > data["producer_memory"]["tiny_file_mb"] > 0
     assert "end-to-end ratio pipeline/bare" in result.stdout
     assert "device: writer / bare loop" in result.stdout
+    # The bare loop with indexq's records wrote what the writer wrote: the same ids, the
+    # same metadata (the plain bare loop, positions and one key).
+    assert data["bare_records"]["chunks"] == data["corpus_chunks"]
+    assert "throughput ratio pipeline/bare loop with indexq's records" in result.stdout
+    (work,) = tmp_path.glob("indexq-bench-*")
+    pipeline = dump_collection(work / "pipeline-home" / "chroma", "bench")
+    records = dump_collection(work / "bare-records-chroma", "bench")
+    plain = dump_collection(work / "bare-chroma", "bench")
+    assert len(pipeline) == data["corpus_chunks"]
+    assert {k: v["metadata"] for k, v in records.items()} == {k: v["metadata"] for k, v in pipeline.items()}
+    assert {k: v["document"] for k, v in records.items()} == {k: v["document"] for k, v in pipeline.items()}
+    assert sorted(plain) == sorted(map(str, range(len(pipeline))))
+    assert {tuple(v["metadata"]) for v in plain.values()} == {("ordinal",)}
 
 
 def test_tenths_give_the_rate_over_each_tenth_of_a_run() -> None:

@@ -52,8 +52,8 @@ COLLECTION = "bench"
 QUERIES = 60
 # The stages main runs, in order (--stages picks some).
 STAGES = (
-    "producer", "bare", "pipeline", "query", "memory", "commit_path", "full_text", "resume", "producer_memory",
-    "operations",
+    "producer", "bare", "bare_records", "pipeline", "query", "memory", "commit_path", "full_text", "resume",
+    "producer_memory", "operations",
 )  # fmt: skip
 # Figures computed from bare and pipeline: run when both are.
 DERIVED = ("device", "end_to_end_ratio", "throughput_ratio")
@@ -95,8 +95,9 @@ def corpus_files() -> Iterator[tuple[Path, Path]]:
             yield path, Path(label) / rel
 
 
-def build_corpus(target: Path, chunks: int, config: Config) -> tuple[int, list[Any]]:
-    """Copy Python sources (``corpus_files``) into ``target`` until they make ``chunks`` chunks."""
+def build_corpus(target: Path, chunks: int, config: Config, sources: list[str] | None = None) -> tuple[int, list[Any]]:
+    """Copy Python sources (``corpus_files``) into ``target`` until they make ``chunks`` chunks;
+    ``sources``, if given, gets each chunk's file as the producer names it."""
     from pipeline.chunking import chunk_text
     from pipeline.corpus import read_text
     from pipeline.embedder import load_tokenizer
@@ -114,6 +115,8 @@ def build_corpus(target: Path, chunks: int, config: Config) -> tuple[int, list[A
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
         kept.extend(pieces)
+        if sources is not None:
+            sources.extend([str(dest.resolve())] * len(pieces))
         total += len(pieces)
         if total >= chunks:
             break
@@ -125,6 +128,8 @@ def build_corpus(target: Path, chunks: int, config: Config) -> tuple[int, list[A
 # The bare loop as a user would write it: its own process, importing only what it uses.
 # argv: chunks.jsonl, Chroma directory, model, device, micro-batch (empty: the writer's
 # default for the device), full text ("on", "off" or empty: Chroma's default), precision.
+# A chunk's record: its position as id and its ordinal as metadata, unless the line gives
+# an id and metadata (indexq's, for the stage "bare_records").
 BARE_SCRIPT = """
 import json, os, sys, time
 from pathlib import Path
@@ -152,10 +157,10 @@ for start in range(0, len(chunks), size):
     for offset in range(0, len(batch), 10):
         group = batch[offset : offset + 10]
         collection.upsert(
-            ids=[str(start + offset + i) for i in range(len(group))],
+            ids=[c.get("id") or str(start + offset + i) for i, c in enumerate(group)],
             embeddings=np.asarray(vectors[offset : offset + 10]),
             documents=[c["text"] for c in group],
-            metadatas=[{"ordinal": c["ordinal"]} for c in group],
+            metadatas=[c.get("metadata") or {"ordinal": c["ordinal"]} for c in group],
         )
     done.extend([time.perf_counter() - started] * len(batch))
 seconds = time.perf_counter() - started
@@ -169,15 +174,30 @@ print(json.dumps({
 
 
 def bare_baseline(
-    chunks: list[Any], work: Path, config: Config, env: dict[str, str], full_text: str = "", name: str = "bare"
+    chunks: list[Any],
+    work: Path,
+    config: Config,
+    env: dict[str, str],
+    full_text: str = "",
+    name: str = "bare",
+    sources: list[str] | None = None,
 ) -> dict[str, Any]:
     """As a user runs it: one process (its start and the model's load included) that embeds
     micro-batches and upserts 10 at a time. No queue, ledger or guards. The chunks are made
-    here and handed over as JSON: the pipeline's chunking is counted, the bare loop's is not."""
+    here and handed over as JSON: the pipeline's chunking is counted, the bare loop's is not.
+    With ``sources`` (each chunk's file), it upserts the ids and metadata indexq's writer gives
+    them (``pipeline.producer.file_record``: eight keys, the LlamaIndex node among them)
+    instead of one key."""
+    from pipeline.producer import file_record
+
     source = work / f"{name}-chunks.jsonl"
     with source.open("w") as handle:
-        for c in chunks:
-            handle.write(json.dumps({"text": c.text, "ordinal": c.ordinal}) + "\n")
+        for n, c in enumerate(chunks):
+            line: dict[str, Any] = {"text": c.text, "ordinal": c.ordinal}
+            if sources is not None:
+                record = file_record(sources[n], c)
+                line.update(id=record["id"], metadata=record["metadata"])
+            handle.write(json.dumps(line) + "\n")
     argv = [sys.executable, "-c", BARE_SCRIPT, str(source), str(work / f"{name}-chroma"), config.model, config.device]
     argv += [str(config.micro_batch or ""), full_text, config.precision]
     started = time.perf_counter()
@@ -502,6 +522,14 @@ def _listed(values: Any) -> str:
     return " ".join(f"{v:g}" for v in values) if isinstance(values, list) else str(values)
 
 
+def _ratio(results: dict[str, Any], bare: str) -> Any:
+    """The writer's first-to-last-commit rate over a bare loop's rate (its loop alone)."""
+    try:
+        return round(results["pipeline"]["commit_chunks_per_s"] / results[bare]["chunks_per_s"], 3)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return "n/a"
+
+
 def report(results: dict[str, Any]) -> str:
     def get(*path: str) -> Any:
         value: Any = results
@@ -525,6 +553,11 @@ def report(results: dict[str, Any]) -> str:
         _row("bare loop, loop only (chunks/s)", get("bare", "chunks_per_s")),
         _row("pipeline, first to last commit (chunks/s)", get("pipeline", "commit_chunks_per_s")),
         _row("throughput ratio pipeline/bare", get("throughput_ratio"), TARGETS["throughput_ratio"]),
+        _row(
+            "bare loop with indexq's records, start to exit / loop only (chunks/s)",
+            f"{get('bare_records', 'wall_chunks_per_s')} / {get('bare_records', 'chunks_per_s')}",
+        ),
+        _row("throughput ratio pipeline/bare loop with indexq's records", _ratio(results, "bare_records")),
         _row("  bare loop by tenths of the corpus (chunks/s)", _listed(get("bare", "tenths_chunks_per_s"))),
         _row("  pipeline by tenths of the corpus (chunks/s)", _listed(get("pipeline", "tenths_chunks_per_s"))),
         _row(
@@ -687,11 +720,19 @@ def main(
 
     try:
         click.echo(f"building a corpus of ~{size} chunks in {work}", err=True)
-        total, corpus_chunks = build_corpus(work / "corpus", size, config)
+        corpus_sources: list[str] = []
+        total, corpus_chunks = build_corpus(work / "corpus", size, config, corpus_sources)
         small_total, small_chunks = build_corpus(work / "corpus-small", max(1, size // 10), config)
         results["corpus_chunks"] = total
         stage("producer", "producer rate", lambda: producer_rate(work / "corpus", work, env))
         stage("bare", "bare baseline", lambda: bare_baseline(corpus_chunks, work, config, env, full_text_index or ""))
+        stage(
+            "bare_records",
+            "bare baseline with indexq's records",
+            lambda: bare_baseline(
+                corpus_chunks, work, config, env, full_text_index or "", name="bare-records", sources=corpus_sources
+            ),
+        )
         stage("pipeline", "pipeline", lambda: pipeline_run(work / "corpus", work / "pipeline-home", env, total))
         stage("device", "device", lambda: {"writer": results["pipeline"]["device"], "bare": results["bare"]["device"]})
         stage(

@@ -4,9 +4,11 @@
     python -m ops.tools.chroma_cost --upserts 300 --rounds 5
 
 Upserts of 10 records (random unit vectors of 384 floats, ~800-character code-like
-documents, indexq's five metadata keys) into fresh persistent directories, one variant
-at a time and interleaved over rounds: ids and vectors only, with metadata, with
-documents, with documents and the full-text index off (``--no-full-text``). Then the
+documents, the ids and metadata indexq's writer gives a file's chunks: eight keys, the
+LlamaIndex node among them) into fresh persistent directories, one variant at a time and
+interleaved over rounds: ids and vectors only, with metadata, with documents and one
+metadata key (the records of the benchmark's bare loop), with documents (indexq's records),
+with documents and the full-text index off. Then the
 parts of a commit measured apart with plain SQLite: a rollback-journal transaction of
 ten rows (the log), and ten documents into an FTS5 trigram table (the full-text index).
 Last, whether Python's other threads can run while Chroma upserts: a thread that only
@@ -31,7 +33,10 @@ from typing import Any
 import click
 import numpy as np
 
+from pipeline.chunking import Chunk
 from pipeline.collection import CollectionSettings
+from pipeline.ids import content_hash
+from pipeline.producer import file_record
 from pipeline.store import Store
 
 BATCH = 10
@@ -39,12 +44,13 @@ DIM = 384
 DOC_CHARS = 800
 WORDS = ("def", "return", "self", "import", "class", "value", "for", "in", "if", "else", "None", "list",
          "config", "path", "commit", "ledger", "chunk", "write", "read", "error", "raise", "with")  # fmt: skip
-# (name, metadata, documents, full-text index)
+# (name, metadata: none, "one" key or "indexq"'s, documents, full-text index)
 VARIANTS = (
-    ("ids + vectors", False, False, True),
-    ("+ metadata", True, False, True),
-    ("+ documents (indexq default)", True, True, True),
-    ("+ documents, full-text off", True, True, False),
+    ("ids + vectors", "", False, True),
+    ("+ metadata", "indexq", False, True),
+    ("+ documents, one key (bare loop)", "one", True, True),
+    ("+ documents (indexq default)", "indexq", True, True),
+    ("+ documents, full-text off", "indexq", True, False),
 )
 
 
@@ -56,19 +62,21 @@ def _document(rng: random.Random) -> str:
 
 
 def _records(n: int, seed: int) -> list[tuple[str, np.ndarray, str, dict[str, Any]]]:
+    """(id, vector, document, metadata) as the writer upserts a file's chunks (seven a file)."""
     rng = random.Random(seed)
     vectors = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return [
-        (f"r{seed}-{i}", vectors[i], _document(rng),
-         {"source": f"/src/file{i // 7}.py", "ordinal": i % 7, "start_line": i * 20, "end_line": i * 20 + 19,
-          "content_hash": f"{rng.getrandbits(64):016x}"})
-        for i in range(n)
-    ]  # fmt: skip
+    out = []
+    for i in range(n):
+        text = _document(rng)
+        chunk = Chunk(i % 7, text, (i % 7) * 20 + 1, (i % 7) * 20 + 20, content_hash(text))
+        record = file_record(f"/src/r{seed}/file{i // 7}.py", chunk)
+        out.append((record["id"], vectors[i], text, record["metadata"]))
+    return out
 
 
 def _variant(
-    work: Path, name: str, metadata: bool, documents: bool, full_text: bool, upserts: int, seed: int
+    work: Path, name: str, metadata: str, documents: bool, full_text: bool, upserts: int, seed: int
 ) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="cost-", dir=work))
     store = Store(folder, settings=CollectionSettings(full_text=full_text))
@@ -78,7 +86,9 @@ def _variant(
     for n in range(upserts + 5):
         group = records[n * BATCH : (n + 1) * BATCH]
         kwargs: dict[str, Any] = {"ids": [r[0] for r in group], "embeddings": np.stack([r[1] for r in group])}
-        if metadata:
+        if metadata == "one":
+            kwargs["metadatas"] = [{"ordinal": r[3]["ordinal"]} for r in group]
+        elif metadata:
             kwargs["metadatas"] = [r[3] for r in group]
         if documents:
             kwargs["documents"] = [r[2] for r in group]
@@ -220,11 +230,11 @@ def main(upserts: int, rounds: int, as_json: bool) -> None:
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"Upserts of {BATCH} records, {upserts} per variant x {rounds} rounds (ms per upsert):")
-    click.echo(f"{'variant':<30} {'p50':>7} {'mean':>7} {'max':>7} {'rec/s':>6} {'B/rec':>6} {'fts rows':>8} "
+    click.echo(f"{'variant':<34} {'p50':>7} {'mean':>7} {'max':>7} {'rec/s':>6} {'B/rec':>6} {'fts rows':>8} "
                f"{'meta/rec':>8} {'log rows':>8}")  # fmt: skip
     for row in table:
         click.echo(
-            f"{row['variant']:<30} {row['ms_per_upsert_p50']:>7} {row['ms_per_upsert_mean']:>7}"
+            f"{row['variant']:<34} {row['ms_per_upsert_p50']:>7} {row['ms_per_upsert_mean']:>7}"
             f" {row['ms_per_upsert_max']:>7} {row['records_per_s']:>6} {row['bytes_per_record']:>6}"
             f" {row['fts_rows']:>8} {row['metadata_rows_per_record']:>8} {row['log_rows']:>8}"
         )

@@ -8,8 +8,8 @@
 #   cp py-spy .whl/   (optional: a profile of the writer)
 # There, from the repository root, with .whl carried:
 #   bash ops/tools/device_bench.sh [chunks]       # results under $OUT
-# It runs the benchmark's bare loop and pipeline on the GPU (fp32, then with Chroma's
-# full-text index off), compares fp16 with fp32 vectors, profiles the writer with py-spy
+# It runs the benchmark's bare loop and pipeline on the GPU (fp32, with the bare loop
+# upserting indexq's records too; then with Chroma's full-text index off), compares fp16 with fp32 vectors, profiles the writer with py-spy
 # if time is left, and runs the benchmark once more in fp16. Random weights: the speed is the model's, the
 # search results are not.
 set -u
@@ -63,7 +63,7 @@ for precision in ("fp32", "fp16"):
 EOF
   ;;
 pipeline|bare) bench "gpu-$step" --stages "$step" ;;
-fp32) bench gpu-fp32 ;;
+fp32) bench gpu-fp32 --stages bare,bare_records,pipeline ;;  # the last --stages wins
 full-text-off) bench gpu-fp32-full-text-off --full-text off ;;
 precision)
   echo "== precision at $(elapsed) s"
@@ -102,9 +102,10 @@ import json, sys
 from pathlib import Path
 for path in sorted(Path(sys.argv[1]).glob("gpu-*.json")):
     r = json.loads(path.read_text())
-    b, p = r.get("bare", {}), r.get("pipeline", {})
+    b, p, rec = r.get("bare", {}), r.get("pipeline", {}), r.get("bare_records", {})
     print(f"{path.stem:<26} device {p.get('device')}/{b.get('device')} mb {p.get('micro_batch')}"
           f" bare wall {b.get('wall_chunks_per_s')} loop {b.get('chunks_per_s')}"
+          f" | with indexq's records loop {rec.get('chunks_per_s')}"
           f" | pipeline e2e {p.get('chunks_per_s')} commits {p.get('commit_chunks_per_s')}"
           f" | ratios {r.get('end_to_end_ratio')} {r.get('throughput_ratio')}")
 EOF
