@@ -77,3 +77,23 @@ def test_tenths_give_the_rate_over_each_tenth_of_a_run() -> None:
     assert tenths(times[: TENTHS_MIN - 1]) == []
     # A bare loop stamps a whole micro-batch with one time: 1,200 chunks in batches of 256.
     assert tenths([float(i // 256) for i in range(1200)]) == []
+
+
+def test_padding_tool_orders_as_the_writer_and_pads_less(tmp_path: Path) -> None:
+    """`python -m ops.tools.padding` runs (the real model, the benchmark's corpus) and the
+    writer's order pads no more than the corpus's order."""
+    output = tmp_path / "padding.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.tools.padding", "--chunks", "80", "--rounds", "1", "--output", str(output)],
+        env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(output.read_text())
+    assert data["chunks"] >= 80 and data["device"] == "cpu" and data["micro_batch"] == 32
+    assert 0 <= data["longest first"]["padding_share"] < data["file order"]["padding_share"]
+    assert all(len(data[k]["chunks_per_s"]) == 1 for k in ("file order", "longest first"))
+    assert "padding" in result.stdout

@@ -66,7 +66,8 @@ def main(chunks: int, rounds: int, model: str, device: str, output: Path | None)
     }  # fmt: skip
     for name, order in (("file order", files), ("longest first", longest)):
         padded = _padded(texts, lengths, order, micro_batch, forward)
-        results[name] = {"padding_share": round(1 - useful / padded, 4), "chunks_per_s": [], "cpu_seconds": []}
+        share = round(1 - useful / padded, 4) if padded else 0.0  # hash: models pad nothing
+        results[name] = {"padding_share": share, "chunks_per_s": [], "cpu_seconds": []}
     embedder.embed(texts[:8])  # the first pass's one-off costs
     for _ in range(rounds):
         for name, order in (("file order", files), ("longest first", longest)):
