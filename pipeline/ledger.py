@@ -203,6 +203,28 @@ class Ledger:
                 [(blob, model, now, collection, id_, hash_) for id_, hash_, blob in items],
             )
 
+    def drop_foreign_embeddings(self, collection: str, ids: Sequence[str], model: str) -> dict[str, int]:
+        """Rows of ``ids`` whose stored, uncommitted embedding another model made go back to
+        pending, embedding dropped: {that model: rows}. (A writer restarted with another
+        model, or a producer that reused another model's embedding, left them.)"""
+        found: dict[str, int] = {}
+        for part, marks in id_lists(ids):
+            for other, n in self.conn.execute(
+                f"SELECT coalesce(model, '?'), count(*) FROM chunks WHERE collection=? AND id IN ({marks})"
+                " AND state='embedded' AND model IS NOT ? GROUP BY model",
+                (collection, *part, model),
+            ):
+                found[other] = found.get(other, 0) + n
+        if found:
+            with self._tx() as conn:
+                for part, marks in id_lists(ids):
+                    conn.execute(
+                        "UPDATE chunks SET state='pending', embedding=NULL, model=NULL, updated=?"
+                        f" WHERE collection=? AND id IN ({marks}) AND state='embedded' AND model IS NOT ?",
+                        (time.time(), collection, *part, model),
+                    )
+        return found
+
     def checkpoint(self, collection: str, items: Sequence[tuple[str, str]]) -> int:
         """Mark (id, hash) committed under one new commit sequence number.
 

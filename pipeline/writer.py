@@ -150,6 +150,12 @@ class Writer:
             self.publish(jobs)
 
     def _index(self, collection: str, ids: Sequence[str]) -> int:
+        # Vectors of another model must never reach the collection: embedded again here.
+        for other, n in self.ledger.drop_foreign_embeddings(collection, ids, self.embedder.name).items():
+            logger.warning(
+                "%d chunks of %s were embedded with %r, not this writer's %r: embedding them again",
+                n, collection, other, self.embedder.name,
+            )  # fmt: skip
         rows = self._longest_first(self._valid(collection, self.ledger.load(collection, ids, (PENDING, EMBEDDED))))
         # Waves of one micro-batch, in that order: rows embedded before (a resumed task) first.
         waves = list(batched(rows, self.micro_batch))

@@ -149,10 +149,10 @@ def test_a_record_chroma_refuses_is_failed_and_its_neighbours_commit(writer: Wri
     import numpy as np
 
     items = rows(writer.ledger, 4)
-    # A stored embedding of another dimension (say, from another model) in a collection that
-    # has vectors already: Chroma refuses it. (It goes first in its task: rows embedded
-    # before only need committing.)
-    items[2].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other")
+    # A stored embedding of another dimension (a damaged ledger) in a collection that has
+    # vectors already: Chroma refuses it. (It goes first in its task: rows embedded before
+    # only need committing.)
+    items[2].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="hash:32")
     ids = seed(writer.ledger, items)
     assert writer.index(COLLECTION, ids[:1]) == 1
     assert writer.index(COLLECTION, ids[1:]) == 2
@@ -176,3 +176,27 @@ def test_a_stop_mid_wave_counts_the_groups_committed_before_it(writer: Writer) -
     assert writer.index(COLLECTION, ids) == 4
     assert sorted(states(writer.ledger).values()) == ["committed"] * 4 + ["embedded"] * 4
     assert len(writer.store.dump(COLLECTION)) == 4
+
+
+def test_rows_embedded_by_another_model_are_embedded_again(writer: Writer, caplog: pytest.LogCaptureFixture) -> None:
+    """A row left embedded by another model (a writer restarted with another INDEXQ_MODEL)
+    is embedded again with this writer's model before it is committed: its vector never
+    reaches the collection, and in a fresh collection it cannot set the dimension."""
+    import numpy as np
+
+    items = rows(writer.ledger, 3)
+    items[0].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other-model")
+    items[1].update(state="embedded", embedding=writer.embedder.embed(["chunk number 1\n"])[0].tobytes(),
+                    model="hash:32")  # fmt: skip
+    ids = seed(writer.ledger, items)
+    assert writer.index(COLLECTION, ids) == 3
+    assert set(states(writer.ledger).values()) == {"committed"}
+    assert "1 chunks of unit-docs were embedded with 'other-model', not this writer's 'hash:32'" in caplog.text
+    dumped = writer.store.dump(COLLECTION)
+    expected = writer.embedder.embed(["chunk number 0\n"])[0]
+    np.testing.assert_allclose(dumped["c0"]["embedding"], expected, atol=1e-6)
+    models = dict(writer.ledger.conn.execute("SELECT id, model FROM chunks"))
+    assert models == {"c0": "hash:32", "c1": "hash:32", "c2": "hash:32"}
+    # Embedded once each by this writer (c1's own stored vector was used as it was).
+    embeds = dict(writer.ledger.conn.execute("SELECT id, embeds FROM chunks"))
+    assert embeds == {"c0": 1, "c1": 0, "c2": 1}
