@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,11 +17,12 @@ from tests.conftest import dump_collection, env_for
 pytestmark = pytest.mark.e2e
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
-    output = tmp_path / "bench.json"
-    argv = ["--chunks", "40", "--model", "hash:384", "--output", str(output), "--keep"]
+def run_tool(tmp_path: Path, module: str, *argv: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``python -m MODULE ARGV --output JSON`` from the repository root, its temporary files
+    in tmp_path: the finished process (it must have succeeded) and the JSON it wrote."""
+    output = tmp_path / "out.json"
     result = subprocess.run(
-        [sys.executable, "-m", "ops.tools.bench", *argv],
+        [sys.executable, "-m", module, *argv, "--output", str(output)],
         env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
         capture_output=True,
         text=True,
@@ -28,7 +30,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parent.parent,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(output.read_text())
+    return result, json.loads(output.read_text())
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    result, data = run_tool(tmp_path, "ops.tools.bench", "--chunks", "40", "--model", "hash:384", "--keep")
     # A stage that fails is recorded and the others still run: none may have failed here.
     assert {k: v["error"] for k, v in data.items() if isinstance(v, dict) and "error" in v} == {}
     assert data["corpus_chunks"] >= 40
@@ -81,18 +87,8 @@ def test_tenths_give_the_rate_over_each_tenth_of_a_run() -> None:
 
 def test_padding_tool_orders_as_the_writer_and_pads_less(tmp_path: Path) -> None:
     """`python -m ops.tools.padding` runs (the real model, the benchmark's corpus) and the
-    writer's order pads no more than the corpus's order."""
-    output = tmp_path / "padding.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "ops.tools.padding", "--chunks", "80", "--rounds", "1", "--output", str(output)],
-        env={**env_for(tmp_path / "unused"), "TMPDIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads(output.read_text())
+    writer's order pads less than the corpus's order."""
+    result, data = run_tool(tmp_path, "ops.tools.padding", "--chunks", "80", "--rounds", "1")
     assert data["chunks"] >= 80 and data["device"] == "cpu" and data["micro_batch"] == 32
     assert 0 <= data["longest first"]["padding_share"] < data["file order"]["padding_share"]
     assert all(len(data[k]["chunks_per_s"]) == 1 for k in ("file order", "longest first"))
