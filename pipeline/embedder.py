@@ -346,16 +346,17 @@ class SentenceTransformerEmbedder:
         if not dimension:
             raise ConfigError(f"model {model!r} does not report its embedding dimension")
         self.dimension = int(dimension)
-        # The model's tokenizer, an instance of its own (the model's is reconfigured by each
-        # call of its encode, from whichever thread embeds).
-        self._tokenizer = load_tokenizer(model)
 
     def lengths(self, texts: list[str]) -> list[int]:
-        # Only the order matters: a text's first _LENGTH_CHARS_PER_TOKEN characters per input
-        # token say whether it fills the input, and a huge one costs no more than that.
-        longest = self._tokenizer.max_seq_length
+        # The model's tokenizer, an instance of its own (the model's is reconfigured by each
+        # call of its encode, from whichever thread embeds), loaded by the first call: a
+        # search that embeds one query never needs it. Only the order matters: a text's first
+        # _LENGTH_CHARS_PER_TOKEN characters per input token say whether it fills the input,
+        # and a huge one costs no more than that.
+        tokenizer = load_tokenizer(self.name)
+        longest = tokenizer.max_seq_length
         cut = longest * _LENGTH_CHARS_PER_TOKEN
-        counts = self._tokenizer.counts([t if len(t) <= cut else t[:cut] for t in texts])
+        counts = tokenizer.counts([t if len(t) <= cut else t[:cut] for t in texts])
         return [min(n + 2, longest) for n in counts]  # [CLS] and [SEP] count too
 
     def embed(self, texts: list[str]) -> np.ndarray:
