@@ -263,6 +263,7 @@ def worker(
       indexq worker --home ./indexq-data
     Exits 3 if another writer already holds the data home.
     """
+    from pipeline.embedder import check_writer_settings
     from workers.consumer import LOG_FORMAT
     from workers.writer import WriterHuey
 
@@ -270,6 +271,7 @@ def worker(
         home=home, model=model, memory_threshold=memory_threshold, commit_batch=commit_batch,
         micro_batch=micro_batch, device=device, precision=precision,
     )  # fmt: skip
+    check_writer_settings(config.model, config.device, config.precision)  # before the data home is made
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for handler in root.handlers:

@@ -449,10 +449,22 @@ class HashEmbedder:
         return [0] * len(texts)  # no padding here: the task's order stays
 
 
+def check_writer_settings(model: str, device: str, precision: str) -> str:
+    """The device a writer of these settings embeds on; ConfigError, before any model is
+    loaded or anything written, for a device torch does not see or a precision it cannot
+    compute there (a ``hash:`` model computes on the CPU in no precision, but the device
+    asked for must exist all the same)."""
+    picked = pick_device(device)
+    if not is_hash_model(model):
+        check_precision(precision, picked)
+    return picked
+
+
 def load_embedder(model: str, device: str = "auto", precision: str = DEFAULT_PRECISION) -> Embedder:
     if is_hash_model(model):
+        pick_device(device)  # a GPU asked for by name must exist, as for any model
         return HashEmbedder(model)
     embedder = SentenceTransformerEmbedder(model, device, precision)
-    passes = f", {embedder.forward_batch} texts per forward pass" if embedder.forward_batch else ""
+    passes = f", {embedder.forward_batch} texts at most per forward pass" if embedder.forward_batch else ""
     logger.info("embedding model %s loaded on %s (%s%s)", model, embedder.device, precision, passes)
     return embedder

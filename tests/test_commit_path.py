@@ -96,6 +96,19 @@ def test_fp16_off_cuda_is_refused_with_one_line(tmp_path: Path) -> None:
         "Error: precision 'fp16' was asked for (--precision, INDEXQ_PRECISION), but the model runs on 'cpu'"
     )
     assert "Traceback" not in result.stderr
+    assert not home.exists()  # refused before the data home is made
+
+
+@pytest.mark.skipif(not no_gpu_here(), reason="this machine may have a GPU")
+@pytest.mark.parametrize("model", ["all-MiniLM-L6-v2", "hash:384"])
+def test_a_writer_asked_for_a_gpu_there_is_not_makes_nothing(tmp_path: Path, model: str) -> None:
+    """A device torch does not see: one line, exit 2, before the data home is made; a hash:
+    model, which computes on the CPU, is no exception."""
+    home = tmp_path / "home"
+    result = run_cli(home, "worker", "--device", "cuda:1", INDEXQ_MODEL=model)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("Error: device 'cuda:1' was asked for (--device, INDEXQ_DEVICE), but torch sees")
+    assert not home.exists()
 
 
 class WatchingEmbedder(HashEmbedder):
@@ -516,7 +529,7 @@ def test_a_bf16_writer_embeds_and_answers_queries_in_bf16(tmp_path: Path, procs:
         INDEXQ_MODEL="all-MiniLM-L6-v2",
     )  # fmt: skip
     writer.wait_started(timeout=600)
-    assert "loaded on cpu (bf16, 16 texts per forward pass)" in writer.output()
+    assert "loaded on cpu (bf16, 16 texts at most per forward pass)" in writer.output()
     shown = run_cli(home, "status")
     assert shown.returncode == 0, shown.stderr
     assert "settings:    model all-MiniLM-L6-v2 on cpu in bf16, memory threshold" in shown.stdout
