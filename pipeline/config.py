@@ -232,11 +232,12 @@ def parse_duration(setting: str, value: str | float) -> float:
     return seconds
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_TRUE, _FALSE = ("1", "true", "yes", "on", "t", "y"), ("0", "false", "no", "off", "f", "n")
 
 
 def parse_flag(setting: str, value: str) -> bool:
-    """True from ``1``, ``true``, ``yes`` or ``on``; False from ``0``, ``false``, ``no`` or ``off`` (any case)."""
+    """True from ``1``, ``true``, ``yes``, ``on``, ``t`` or ``y``; False from ``0``, ``false``, ``no``, ``off``,
+    ``f`` or ``n`` (any case): what click accepts for the same variables on the command line."""
     flag = value.strip().lower()
     if flag not in _TRUE + _FALSE:
         raise ConfigError(f"{setting} must be true or false, got {value!r}")

@@ -45,12 +45,14 @@ _CPU_FORWARD_BYTES = 12 * 2**20
 _LENGTH_CHARS_PER_TOKEN = 16
 # The hub client and transformers read these once, when first imported: set by the
 # loaders just before that import, not by importing this module (a process that never
-# loads a model keeps its environment). A value the operator set is kept.
-_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# loads a model keeps its environment). A value the operator set is kept. Progress bars
+# off: transformers draws one on stderr while it loads weights, in a search's output too.
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def offline() -> None:
-    """Keep Hugging Face offline: call before importing transformers or sentence-transformers."""
+    """Keep Hugging Face offline (and its progress bars off): call before importing transformers
+    or sentence-transformers."""
     for name, value in _OFFLINE.items():
         os.environ.setdefault(name, value)
 

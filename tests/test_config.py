@@ -71,8 +71,9 @@ def test_bad_values_name_the_setting(tmp_path: Path, env: dict[str, str], messag
     ("variable", "field"), [("INDEXQ_AUTO_RECOVER", "auto_recover"), ("INDEXQ_FULL_TEXT", "full_text")]
 )
 def test_true_false_variables_share_one_parser(tmp_path: Path, variable: str, field: str) -> None:
-    for raw, value in (("1", True), ("On", True), ("yes", True), ("TRUE", True), ("0", False), ("off", False),
-                       ("No", False), ("false", False)):  # fmt: skip
+    cases = [(raw, True) for raw in ("1", "On", "yes", "TRUE", "t", "Y")]
+    cases += [(raw, False) for raw in ("0", "off", "No", "false", "f", "n")]  # as click reads them
+    for raw, value in cases:
         assert getattr(Config.from_env({variable: raw}, home=tmp_path), field) is value
         assert parse_flag(variable, raw) is value
     with pytest.raises(ConfigError) as info:
