@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
-from pipeline.errors import IndexqError, NotFoundError, StoreError, first_line
+from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, first_line
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
@@ -119,6 +119,19 @@ def job(job_id: str, config: Config | None = None) -> JobProgress:
     if progress is None:
         raise NotFoundError(f"no job {job_id!r}", hint="indexq status lists the jobs")
     return progress
+
+
+def failure_reasons(job_id: str, config: Config | None = None) -> list[tuple[str, int]]:
+    """(reason, chunks) for the failed chunks of a job of this data home, the most frequent
+    first (a few); none for a job submitted to a writer elsewhere."""
+    cfg = _config(config)
+    if cfg.remote_producers:
+        return []
+    ledger = _existing_ledger(cfg)
+    try:
+        return ledger.jobs.failure_reasons(job_id)
+    finally:
+        ledger.close()
 
 
 def wait(
@@ -309,8 +322,14 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.queryserver import ask
     from pipeline.writer import open_store
 
+    if not text.strip():
+        raise BadInputError("the search text is empty", hint="search for some words")
     cfg = _config(config)
-    _existing_ledger(cfg).close()
+    ledger = _existing_ledger(cfg)
+    try:  # a query embedded by another model than the collection's ranks nonsense
+        ledger.sources.settings(collection, model=cfg.model)
+    finally:
+        ledger.close()
     # The running writer embeds the query with the model it holds (no torch imported
     # here, no second copy of the model); with no writer to ask, the model is loaded here.
     # In fp32, or bf16 when that is the setting (fp16 is for a GPU's bulk work; a hash: model

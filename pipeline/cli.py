@@ -232,7 +232,13 @@ def index(
         result = api.wait(sub.job, config, progress=True)
         summary = f"job {result.id} {result.state}: {result.committed} committed, {result.failed} failed"
         if result.state == "failed":
-            raise JobFailedError(summary, hint="each failed chunk keeps its reason in the ledger (chunks.error)")
+            reasons = api.failure_reasons(sub.job, config)
+            if reasons:
+                summary += "; " + "; ".join(f"{n} chunk{'' if n == 1 else 's'}: {reason}" for reason, n in reasons)
+            raise JobFailedError(
+                summary,
+                hint="each failed chunk keeps its reason in the ledger (chunks.error); indexing again retries it",
+            )
         click.echo(summary, err=True)
 
 

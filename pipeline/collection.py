@@ -7,6 +7,10 @@ a remote part's ingest), and every path that creates the collection (the writer,
 recovery's rebuild, a replay after a restore) reads it back from there. A collection
 the ledger has rows for but no setting was made before the setting existed: it has the
 defaults. Asking for another setting later is refused before anything is written.
+
+The model whose vectors a collection holds is recorded beside, by the writer's first
+task for the collection (``claim_model``): vectors of two models in one collection
+rank nonsense, so a writer, a submission or a search with another model is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import sqlite3
 from pathlib import Path
 
 from pipeline.config import DEFAULT_FULL_TEXT
+from pipeline.embedder import model_identity
 from pipeline.errors import ConfigError
 
 TABLE = "collection_settings"
@@ -26,42 +31,55 @@ class CollectionSettings:
     # Chroma's full-text (FTS5 trigram) index on documents: ``where_document`` needs it.
     # Off, documents are still stored and returned.
     full_text: bool = DEFAULT_FULL_TEXT
+    # The model whose vectors it holds (``embedder.model_identity``); None until the
+    # writer's first task for it records one.
+    model: str | None = None
 
-    def as_dict(self) -> dict[str, bool]:
+    def as_dict(self) -> dict[str, bool | str | None]:
         return dataclasses.asdict(self)
 
 
 def _create(conn: sqlite3.Connection) -> None:
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL)")
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {TABLE} (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL, model TEXT)"
+    )
+    if "model" not in _columns(conn):  # made before the model was recorded
+        conn.execute(f"ALTER TABLE {TABLE} ADD COLUMN model TEXT")
 
 
-def _rows(conn: sqlite3.Connection, collection: str | None = None) -> list[tuple[str, int]]:
-    """(collection, full_text) as recorded, for ``collection`` or for all; none in a ledger
-    that no submission with settings has touched yet (the table is made by the first)."""
-    sql, params = f"SELECT collection, full_text FROM {TABLE}", []
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({TABLE})")}
+
+
+def _rows(conn: sqlite3.Connection, collection: str | None = None) -> list[tuple[str, int, str | None]]:
+    """(collection, full_text, model) as recorded, for ``collection`` or for all; none in a
+    ledger that no submission with settings has touched yet (the table is made by the first)."""
+    columns = _columns(conn)
+    if not columns:
+        return []
+    model = "model" if "model" in columns else "NULL"
+    sql, params = f"SELECT collection, full_text, {model} FROM {TABLE}", []
     if collection is not None:
         sql, params = f"{sql} WHERE collection=?", [collection]
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.OperationalError as exc:
-        if "no such table" not in str(exc):
-            raise
-        return []
+    return conn.execute(sql, params).fetchall()
 
 
 def recorded(conn: sqlite3.Connection, collection: str) -> CollectionSettings | None:
     """The settings recorded for ``collection``; defaults for one indexed before settings were
     recorded; None for a collection the ledger does not know yet."""
-    for _, full_text in _rows(conn, collection):
-        return CollectionSettings(full_text=bool(full_text))
+    for _, full_text, model in _rows(conn, collection):
+        return CollectionSettings(full_text=bool(full_text), model=model)
     if conn.execute("SELECT 1 FROM chunks WHERE collection=? LIMIT 1", (collection,)).fetchone():
         return CollectionSettings()
     return None
 
 
-def check(conn: sqlite3.Connection, collection: str, full_text: bool | None) -> CollectionSettings:
+def check(
+    conn: sqlite3.Connection, collection: str, full_text: bool | None, model: str | None = None
+) -> CollectionSettings:
     """The settings a submission to ``collection`` gets; ConfigError if it asked for others
-    than the collection already has (``full_text`` None: whatever it has, else the default)."""
+    than the collection already has (``full_text`` None: whatever it has, else the default),
+    or embeds with another ``model`` than the one whose vectors it holds."""
     have = recorded(conn, collection)
     if have is None:
         return CollectionSettings() if full_text is None else CollectionSettings(full_text=full_text)
@@ -71,7 +89,43 @@ def check(conn: sqlite3.Connection, collection: str, full_text: bool | None) -> 
             f" it cannot be turned {'on' if full_text else 'off'} now",
             hint="leave out --full-text/--no-full-text (and INDEXQ_FULL_TEXT), or index into a new collection",
         )
+    if model is not None:
+        check_model(have, collection, model)
     return have
+
+
+def check_model(have: CollectionSettings, collection: str, model: str) -> None:
+    """ConfigError if the collection holds the vectors of another model than ``model``."""
+    if have.model is not None and model_identity(model) != have.model:
+        raise ConfigError(
+            f"collection {collection!r} holds vectors of the model {have.model}, not of {model}",
+            hint=f"set INDEXQ_MODEL={have.model} (or --model), or index into a new collection",
+        )
+
+
+def claim_model(conn: sqlite3.Connection, collection: str, model: str) -> str | None:
+    """In the caller's transaction, before a writer's first commit to ``collection``: None if
+    its vectors are ``model``'s, recording the model when none was recorded yet (the
+    collection's committed rows tell, for a ledger from before models were recorded);
+    else the model, or models, whose vectors it holds."""
+    want = model_identity(model)
+    have = recorded(conn, collection)
+    if have is not None and have.model is not None:
+        return None if have.model == want else have.model
+    committed = conn.execute(
+        "SELECT DISTINCT model FROM chunks WHERE collection=? AND state='committed' AND model IS NOT NULL",
+        (collection,),
+    )
+    others = {model_identity(name) for (name,) in committed} - {want}
+    if others:
+        return ", ".join(sorted(others))
+    _create(conn)
+    conn.execute(
+        f"INSERT INTO {TABLE}(collection, full_text, model) VALUES (?, ?, ?)"
+        " ON CONFLICT(collection) DO UPDATE SET model=excluded.model WHERE model IS NULL",
+        (collection, int((have or CollectionSettings()).full_text), want),
+    )
+    return None
 
 
 def record(conn: sqlite3.Connection, collection: str, full_text: bool | None) -> None:
@@ -98,6 +152,6 @@ def read(ledger_path: Path, collection: str) -> CollectionSettings:
 def all_recorded(conn: sqlite3.Connection) -> dict[str, CollectionSettings]:
     """collection -> settings, for every collection the ledger has rows or settings for (status)."""
     found = {c: CollectionSettings() for (c,) in conn.execute("SELECT DISTINCT collection FROM chunks")}
-    for collection, full_text in _rows(conn):
-        found[collection] = CollectionSettings(full_text=bool(full_text))
+    for collection, full_text, model in _rows(conn):
+        found[collection] = CollectionSettings(full_text=bool(full_text), model=model)
     return dict(sorted(found.items()))

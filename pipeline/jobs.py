@@ -122,6 +122,17 @@ class Jobs:
             state = "running" if pending else ("failed" if failed else "done")
         return JobProgress(job, collection, state, chunks, committed, pending, failed, created, skipped_files)
 
+    def failure_reasons(self, job: str, limit: int = 3) -> list[tuple[str, int]]:
+        """(reason, chunks) of the job's failed chunks, the most frequent first."""
+        return [
+            (reason or "no reason recorded", n)
+            for reason, n in self.conn.execute(
+                "SELECT c.error, count(*) FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
+                " WHERE j.job=? AND c.state='failed' GROUP BY c.error ORDER BY count(*) DESC, c.error LIMIT ?",
+                (job, limit),
+            )
+        ]
+
     def running(self, job: str) -> bool:
         """Whether the job is still being submitted, or queued with a chunk still to commit or
         delete. Cheap while it runs, unlike ``progress``: one outstanding chunk is found among

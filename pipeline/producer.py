@@ -137,7 +137,7 @@ class Producer:
     ) -> Submission:  # fmt: skip
         """Index the files under ``paths``; with ``prune``, remove files indexed from under
         them that no longer exist."""
-        validate_collection(collection)
+        self._check_collection(collection)
         roots = check_paths(paths)
         sub = Submission("", collection, remote=self.remote)
         # Files that exist but could not be read keep their chunks (and are not pruned).
@@ -174,18 +174,25 @@ class Producer:
             return self._write(spool, sub, "paths", [str(p) for p in roots], empty)
 
     def submit_jsonl(self, path: str | os.PathLike[str], collection: str) -> Submission:
-        validate_collection(collection)
+        self._check_collection(collection)
         (resolved,) = check_paths([path])
         return self._submit_records(jsonl_values(resolved), collection, str(resolved), "jsonl")
 
     def submit_records(self, records: Iterable[Any], collection: str, source: str = "records") -> Submission:
         """Records ``{"id"?, "text", "metadata"?}`` or LangChain/LlamaIndex documents (``check_record``);
         without an id, source and text make one."""
-        validate_collection(collection)
+        self._check_collection(collection)
         values = ((n, raw, f"record {n}") for n, raw in enumerate(records))
         return self._submit_records(values, collection, source, "records")
 
     # ---- internals ---------------------------------------------------------------
+
+    def _check_collection(self, collection: str) -> None:
+        """A bad name, or settings or a model other than the collection's, before any input is read
+        (checked again as the rows are written: another submission may settle them meanwhile)."""
+        validate_collection(collection)
+        if self.ledger is not None:
+            self.ledger.sources.settings(collection, self.config.full_text, self.config.model)
 
     @contextlib.contextmanager
     def _spool(self) -> Iterator[Spool]:
@@ -264,7 +271,7 @@ class Producer:
     def _write(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
         """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
         if self.ledger is not None:  # settings other than the collection's are refused before anything is written
-            self.ledger.sources.settings(sub.collection, self.config.full_text)
+            self.ledger.sources.settings(sub.collection, self.config.full_text, self.config.model)
         job = _LazyJob(self.ledger, sub.collection, kind, sources)
         batch = _Batch()
         try:

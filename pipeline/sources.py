@@ -76,9 +76,10 @@ class Sources:
     def plan(self, collection: str, source: str, chunks: Sequence[dict[str, Any]], model: str) -> SourcePlan:
         """Compare a source's chunks (id, ordinal, text, metadata, hash) with what the ledger has.
 
-        Unchanged chunks are not written again (but indexed if still outstanding); a
-        chunk whose text is unchanged but whose metadata is not (lines moved above it)
-        gets its metadata updated with its stored embedding; changed ones are reset;
+        Unchanged chunks are not written again (but indexed if still outstanding, and tried
+        again if the writer refused them); a chunk whose text is unchanged but whose
+        metadata is not (lines moved above it) gets its metadata updated with its stored
+        embedding; changed ones are reset;
         chunks past the source's end become stale. Text already embedded with the same
         model anywhere in the collection reuses that embedding. An id another source
         holds is never written over: it is listed in ``collisions``.
@@ -105,7 +106,9 @@ class Sources:
                     plan.to_index.append(id_)
                     continue
                 plan.unchanged += 1
-                if old[2] in (PENDING, EMBEDDED):
+                if old[2] == FAILED:  # refused before (by a writer of another model, say): tried again
+                    plan.retag.append((id_, metadata))
+                if old[2] in (PENDING, EMBEDDED, FAILED):
                     plan.to_index.append(id_)
                 continue
             if old and old[2] != DELETING:
@@ -152,10 +155,17 @@ class Sources:
         ).fetchone()
         return row[0] if row else None
 
-    def settings(self, collection: str, full_text: bool | None = None) -> CollectionSettings:
+    def settings(self, collection: str, full_text: bool | None = None, model: str | None = None) -> CollectionSettings:
         """What a submission to ``collection`` gets; ConfigError (before anything is written)
-        for settings other than those the collection was created with."""
-        return collection_settings.check(self.conn, collection, full_text)
+        for settings other than those the collection was created with, or for ``model`` when
+        the collection holds another model's vectors."""
+        return collection_settings.check(self.conn, collection, full_text, model)
+
+    def claim_model(self, collection: str, model: str) -> str | None:
+        """The writer's, before its first commit to ``collection``: None where the collection
+        holds ``model``'s vectors or none (recorded now), else the model whose vectors it holds."""
+        with self._tx() as conn:
+            return collection_settings.claim_model(conn, collection, model)
 
     # ---- writes ----------------------------------------------------------------------
 

@@ -142,6 +142,7 @@ class Store:
             assert path is not None
             self.client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
         self._collections: dict[str, Any] = {}
+        self._configured: set[str] = set()  # collections whose embedding function was checked
         self.model = model
         self._settings = settings if settings is not None else CollectionSettings()
 
@@ -166,6 +167,7 @@ class Store:
         from chromadb.errors import NotFoundError as ChromaNotFound
 
         self._collections.pop(collection, None)
+        self._configured.discard(collection)
         try:
             self.client.delete_collection(collection)
         except (ChromaNotFound, ValueError):
@@ -180,6 +182,7 @@ class Store:
         from chromadb.api.client import SharedSystemClient
 
         self._collections.clear()
+        self._configured.clear()
         SharedSystemClient.clear_system_cache()
 
     def collection(self, name: str, create: bool = True) -> Any:
@@ -193,9 +196,11 @@ class Store:
                 if not create:
                     return None
                 col = self._create(name)
-            if create:  # the writer's open: a collection made before the configuration named the model
-                self._configure(col)
             self._collections[name] = col
+        if create and name not in self._configured:
+            # The writer's open, to write: a collection made before the configuration named the model.
+            self._configure(self._collections[name])
+            self._configured.add(name)
         return self._collections[name]
 
     def settings_for(self, name: str) -> CollectionSettings:
@@ -270,7 +275,11 @@ class Store:
         return out
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
-        self.collection(collection).delete(ids=list(ids))
+        """Deletes neither create the collection nor name its embedding function: they are
+        not this model's vectors (a writer of another model removes stale chunks too)."""
+        col = self.collection(collection, create=False)
+        if col is not None:
+            col.delete(ids=list(ids))
 
     def query(self, collection: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
         col = self.collection(collection, create=False)

@@ -128,6 +128,8 @@ class Writer:
         self.publisher: Publisher | None = None
         # The model's freed tensors handed back to the kernel every few seconds (glibc).
         self.heap = HeapTrimmer()
+        # Collections found to hold this model's vectors (or none yet): checked once each.
+        self._claimed: set[str] = set()
 
     def publish(self, jobs: set[str]) -> None:
         """Mark jobs whose progress changed, for the publisher (remote producers only)."""
@@ -150,6 +152,8 @@ class Writer:
             self.publish(jobs)
 
     def _index(self, collection: str, ids: Sequence[str]) -> int:
+        if not self._holds_this_model(collection, ids):
+            return 0
         # Vectors of another model must never reach the collection: embedded again here.
         for other, n in self.ledger.drop_foreign_embeddings(collection, ids, self.embedder.name).items():
             logger.warning(
@@ -295,6 +299,26 @@ class Writer:
                 self.ledger.fail(collection, [(group[0].id, f"refused by Chroma: {first_line(exc)}")])
                 return 0
         return sum(self._commit_or_refuse(collection, [row]) for row in group)
+
+    def _holds_this_model(self, collection: str, ids: Sequence[str]) -> bool:
+        """Whether ``collection`` holds this writer's model's vectors, or none yet (then it is
+        recorded as this model's). Where it holds another's, the task's outstanding rows
+        are failed, saying which: two models' vectors in one collection rank nonsense, and
+        a resubmission with the right writer running tries them again."""
+        if collection in self._claimed:
+            return True
+        other = self.ledger.sources.claim_model(collection, self.embedder.name)
+        if other is None:
+            self._claimed.add(collection)
+            return True
+        reason = (
+            f"collection {collection} holds vectors of the model {other}; this writer embeds with {self.embedder.name}"
+        )
+        rows = self.ledger.load(collection, ids, (PENDING, EMBEDDED))
+        logger.error("%s: %d chunks failed (index into a new collection, or run the writer with that model)",
+                     reason, len(rows))  # fmt: skip
+        self.ledger.fail(collection, [(r.id, reason) for r in rows])
+        return False
 
     def _valid(self, collection: str, rows: list[Row]) -> list[Row]:
         good: list[Row] = []

@@ -197,3 +197,63 @@ def test_the_configured_embedding_function_never_loads_a_second_model(tmp_path: 
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "0"]
+
+
+def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs: list[Proc]) -> None:
+    """Vectors of two models in one collection rank nonsense: the writer's first task records
+    the collection's model; a submission or a search with another is refused (exit 2,
+    nothing written); a writer of another model of the same size fails the chunks, saying
+    why, and leaves Chroma as it was; indexing again with the right writer retries them."""
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", FILES)
+    writer = start_worker(procs, home, **HASH)
+    writer.wait_started()
+    first = run_cli(home, "index", str(corpus), "-c", "code", "--wait", **HASH)
+    assert first.returncode == 0, first.stderr
+    assert writer.terminate() == 0
+    assert ledger_query(home, "SELECT model FROM collection_settings WHERE collection='code'") == [("hash:384",)]
+    committed = dict(ledger_query(home, "SELECT id, embedding FROM chunks WHERE collection='code'"))
+
+    # Another model: the submission and the search are refused before anything is written or read.
+    before = ledger_query(home, "SELECT * FROM chunks ORDER BY id"), ledger_query(home, "SELECT * FROM jobs")
+    for other in ("hash:64", "all-MiniLM-L6-v2"):
+        refused = run_cli(home, "index", str(corpus), "-c", "code", INDEXQ_MODEL=other)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith("Error: collection 'code' holds vectors of the model hash:384, not of ")
+        search = run_cli(home, "search", "json decoder", "-c", "code", INDEXQ_MODEL=other)
+        assert search.returncode == 2 and "holds vectors of the model hash:384" in search.stderr, search.stderr
+    assert (ledger_query(home, "SELECT * FROM chunks ORDER BY id"), ledger_query(home, "SELECT * FROM jobs")) == before
+    # Another spelling of the same model is the same model.
+    assert run_cli(home, "search", "json decoder", "-c", "code", INDEXQ_MODEL="hash:0384").returncode == 0
+
+    # A writer of another model with vectors of the same size (all-MiniLM-L6-v2, 384): the
+    # changed chunks fail with the reason, the rest of the job is unchanged, Chroma keeps
+    # only hash:384's vectors.
+    (corpus / "json" / "decoder.py").write_text((corpus / "json" / "decoder.py").read_text() + "\n# an edit\n")
+    (corpus / "json" / "added.py").write_text("def added():\n    return 'a chunk this writer must not commit'\n")
+    writer = start_worker(procs, home)
+    writer.wait_started()
+    mixed = run_cli(home, "index", str(corpus), "-c", "code", "--wait", timeout=300, **HASH)
+    assert mixed.returncode == 1, mixed.stderr
+    assert "holds vectors of the model hash:384; this writer embeds with all-MiniLM-L6-v2" in mixed.stderr
+    assert "indexing again retries it" in mixed.stderr
+    assert writer.terminate() == 0
+    failed = ledger_query(home, "SELECT id FROM chunks WHERE collection='code' AND state='failed'")
+    assert len(failed) >= 2  # the edited file's last chunk and the new file's
+    records = dump_collection(home / "chroma", "code")
+    assert set(records) <= set(committed)
+    for id_, record in records.items():  # as committed by hash:384 (Chroma returns them to within float rounding)
+        assert np.allclose(record["embedding"], np.frombuffer(committed[id_], np.float32), atol=1e-6)
+
+    # Indexing again, unchanged, with the collection's model running: the failed chunks are
+    # tried again and committed; Chroma equals the ledger's committed set.
+    writer = start_worker(procs, home, **HASH)
+    writer.wait_started()
+    again = run_cli(home, "index", str(corpus), "-c", "code", "--wait", **HASH)
+    assert again.returncode == 0, again.stderr
+    assert writer.terminate() == 0
+    states = ledger_query(home, "SELECT state, count(*) FROM chunks WHERE collection='code' GROUP BY state")
+    assert [s for s, _ in states] == ["committed"]
+    rows = dict(ledger_query(home, "SELECT id, text FROM chunks WHERE collection='code'"))
+    assert {i: r["document"] for i, r in dump_collection(home / "chroma", "code").items()} == rows
+    assert any("a chunk this writer must not commit" in text for text in rows.values())

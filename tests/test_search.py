@@ -22,6 +22,7 @@ import pytest
 from pipeline import api
 from pipeline.config import MAX_QUERY_CHARS, Config
 from pipeline.embedder import HashEmbedder, no_gpu_here
+from pipeline.errors import BadInputError
 from pipeline.queryembed import OnnxQueryEmbedder
 from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
@@ -254,3 +255,14 @@ def test_no_thread_for_a_query_frees_its_slot_and_the_server_goes_on(
     assert [r.message for r in caplog.records].count(
         "query socket: cannot start a thread (can't start new thread); searches load the model"
     ) == 1
+
+
+def test_an_empty_search_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    home = tmp_path / "never-made"
+    for text in ("", "  \n\t"):
+        result = run_cli(home, "search", text, "-c", "docs")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("Error: the search text is empty"), result.stderr
+    assert not home.exists()
+    with pytest.raises(BadInputError):
+        api.search(" ", "docs", config=Config(home=home))

