@@ -200,8 +200,21 @@ class Store:
         if create and name not in self._configured:
             # The writer's open, to write: a collection made before the configuration named the model.
             self._configure(self._collections[name])
+            self._warn_full_text(name)
             self._configured.add(name)
         return self._collections[name]
+
+    def _warn_full_text(self, name: str) -> None:
+        """Say so when Chroma's collection has the full-text index otherwise than recorded (one
+        made by another client before indexq's first commit): Chroma cannot change it, and a
+        rebuild from the ledger would create the collection as recorded."""
+        have, want = self.full_text(name), self.settings_for(name).full_text
+        if have is not None and have != want:
+            logger.warning(
+                "collection %s has Chroma's full-text index %s, though it was recorded %s: it was made outside"
+                " indexq, and Chroma cannot change it; a rebuild from the ledger would make it %s",
+                name, "on" if have else "off", "on" if want else "off", "on" if want else "off",
+            )  # fmt: skip
 
     def settings_for(self, name: str) -> CollectionSettings:
         return self._settings(name) if callable(self._settings) else self._settings

@@ -257,3 +257,24 @@ def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs:
     rows = dict(ledger_query(home, "SELECT id, text FROM chunks WHERE collection='code'"))
     assert {i: r["document"] for i, r in dump_collection(home / "chroma", "code").items()} == rows
     assert any("a chunk this writer must not commit" in text for text in rows.values())
+
+
+def test_a_collection_made_outside_indexq_with_the_other_full_text_setting_is_reported(
+    tmp_path: Path, procs: list[Proc]
+) -> None:
+    """Chroma cannot change a collection's full-text index: one a plain client made before
+    indexq's first commit keeps its own, and the writer says so in its log."""
+    home = tmp_path / "home"
+    corpus = copy_corpus(tmp_path / "src", FILES[:1])
+    (home / "chroma").mkdir(parents=True)
+    plain_client(home / "chroma", """
+        client.create_collection("early", embedding_function=None, metadata={"hnsw:space": "cosine"})
+        print(json.dumps({}))
+    """)  # fmt: skip
+    writer = start_worker(procs, home, **HASH)
+    writer.wait_started()
+    result = run_cli(home, "index", str(corpus), "-c", "early", "--no-full-text", "--wait", **HASH)
+    assert result.returncode == 0, result.stderr
+    assert writer.terminate() == 0
+    assert full_text_enabled(home / "chroma", "early")  # as the plain client made it
+    assert "collection early has Chroma's full-text index on, though it was recorded off" in writer.output()
