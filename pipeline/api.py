@@ -317,7 +317,7 @@ def _query_embedder(cfg: Config, precision: str) -> Embedder:
 @private_umask()
 def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
-    from pipeline.embedder import is_hash_model
+    from pipeline.embedder import is_hash_model, model_identity
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
     from pipeline.writer import open_store
@@ -327,7 +327,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     cfg = _config(config)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense
-        ledger.sources.settings(collection, model=cfg.model)
+        ledger.sources.check_model(collection, cfg.model)
     finally:
         ledger.close()
     # The running writer embeds the query with the model it holds (no torch imported
@@ -335,7 +335,8 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     # In fp32, or bf16 when that is the setting (fp16 is for a GPU's bulk work; a hash: model
     # has no precision).
     precision = "bf16" if cfg.precision == "bf16" and not is_hash_model(cfg.model) else "fp32"
-    vector = ask(cfg.query_socket_path, text, cfg.model, cfg.device, precision)
+    # The model as one spelling: a relative path means this process's folder, not the writer's.
+    vector = ask(cfg.query_socket_path, text, model_identity(cfg.model), cfg.device, precision)
     if vector is None:
         vector = _query_embedder(cfg, precision).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between

@@ -9,8 +9,11 @@ the ledger has rows for but no setting was made before the setting existed: it h
 defaults. Asking for another setting later is refused before anything is written.
 
 The model whose vectors a collection holds is recorded beside, by the writer's first
-task for the collection (``claim_model``): vectors of two models in one collection
-rank nonsense, so a writer, a submission or a search with another model is refused.
+task for the collection (``claim_model``); until then, in a ledger from before models
+were recorded, the models of its committed rows tell (``models_of``). Vectors of two
+models in one collection rank nonsense, so a writer, a submission or a search with
+another model is refused, and so is any writer or submission to a collection that
+already holds two models' vectors (made before this check existed).
 """
 
 from __future__ import annotations
@@ -90,35 +93,62 @@ def check(
             hint="leave out --full-text/--no-full-text (and INDEXQ_FULL_TEXT), or index into a new collection",
         )
     if model is not None:
-        check_model(have, collection, model)
+        check_model(conn, collection, model)
     return have
 
 
-def check_model(have: CollectionSettings, collection: str, model: str) -> None:
-    """ConfigError if the collection holds the vectors of another model than ``model``."""
-    if have.model is not None and model_identity(model) != have.model:
-        raise ConfigError(
-            f"collection {collection!r} holds vectors of the model {have.model}, not of {model}",
-            hint=f"set INDEXQ_MODEL={have.model} (or --model), or index into a new collection",
-        )
-
-
-def claim_model(conn: sqlite3.Connection, collection: str, model: str) -> str | None:
-    """In the caller's transaction, before a writer's first commit to ``collection``: None if
-    its vectors are ``model``'s, recording the model when none was recorded yet (the
-    collection's committed rows tell, for a ledger from before models were recorded);
-    else the model, or models, whose vectors it holds."""
-    want = model_identity(model)
-    have = recorded(conn, collection)
-    if have is not None and have.model is not None:
-        return None if have.model == want else have.model
+def models_of(conn: sqlite3.Connection, collection: str) -> list[str]:
+    """The models (``model_identity``) whose vectors ``collection`` holds: the one recorded,
+    else, in a ledger from before models were recorded, those of its committed rows
+    (sorted); none for a collection with no vectors yet."""
+    for _, _, model in _rows(conn, collection):
+        if model is not None:
+            return [model]
     committed = conn.execute(
         "SELECT DISTINCT model FROM chunks WHERE collection=? AND state='committed' AND model IS NOT NULL",
         (collection,),
     )
-    others = {model_identity(name) for (name,) in committed} - {want}
-    if others:
-        return ", ".join(sorted(others))
+    return sorted({model_identity(name) for (name,) in committed})
+
+
+def mismatch(conn: sqlite3.Connection, collection: str, model: str, mixed_ok: bool = False) -> str | None:
+    """Why ``model`` cannot write to (or, with ``mixed_ok``, search) ``collection``: None
+    where the collection holds its vectors or none; else the models whose vectors it holds."""
+    have = models_of(conn, collection)
+    if not have or have == [model_identity(model)] or (mixed_ok and model_identity(model) in have):
+        return None
+    return " and ".join(have)
+
+
+def check_model(conn: sqlite3.Connection, collection: str, model: str, mixed_ok: bool = False) -> None:
+    """ConfigError if ``collection`` holds the vectors of another model than ``model``, or of
+    several (a search with one of them, ``mixed_ok``, is let through)."""
+    other = mismatch(conn, collection, model, mixed_ok)
+    if other is None:
+        return
+    if " and " in other:
+        raise ConfigError(
+            f"collection {collection!r} holds vectors of several models ({other}), made before indexq"
+            " checked this; they cannot be ranked together",
+            hint="index into a new collection with one model",
+        )
+    raise ConfigError(
+        f"collection {collection!r} holds vectors of the model {other}, not of {model}",
+        hint=f"set INDEXQ_MODEL={other} (or --model), or index into a new collection",
+    )
+
+
+def claim_model(conn: sqlite3.Connection, collection: str, model: str) -> str | None:
+    """In the caller's transaction, before a writer's first commit to ``collection``: None if
+    it holds ``model``'s vectors or none, recording the model when none was recorded yet;
+    else the model, or models, whose vectors it holds (``mismatch``)."""
+    other = mismatch(conn, collection, model)
+    if other is not None:
+        return other
+    have = recorded(conn, collection)
+    if have is not None and have.model is not None:
+        return None
+    want = model_identity(model)
     _create(conn)
     conn.execute(
         f"INSERT INTO {TABLE}(collection, full_text, model) VALUES (?, ?, ?)"
@@ -139,12 +169,16 @@ def record(conn: sqlite3.Connection, collection: str, full_text: bool | None) ->
 
 
 def read(ledger_path: Path, collection: str) -> CollectionSettings:
-    """For whoever creates the collection in Chroma: what was recorded, else the defaults."""
+    """For whoever creates or opens the collection in Chroma (the writer, recovery): what was
+    recorded, else the defaults; the model is also that of the committed rows of a ledger
+    from before models were recorded, where they are of one."""
     if not ledger_path.exists():
         return CollectionSettings()
     conn = sqlite3.connect(str(ledger_path), timeout=120)
     try:
-        return recorded(conn, collection) or CollectionSettings()
+        settings = recorded(conn, collection) or CollectionSettings()
+        models = models_of(conn, collection)
+        return dataclasses.replace(settings, model=models[0]) if len(models) == 1 else settings
     finally:
         conn.close()
 

@@ -189,7 +189,8 @@ class Producer:
 
     def _check_collection(self, collection: str) -> None:
         """A bad name, or settings or a model other than the collection's, before any input is read
-        (checked again as the rows are written: another submission may settle them meanwhile)."""
+        (checked again before the rows are written: another submission may settle them meanwhile;
+        a writer that claims the collection for another model after that fails the rows instead)."""
         validate_collection(collection)
         if self.ledger is not None:
             self.ledger.sources.settings(collection, self.config.full_text, self.config.model)

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DEFAULT_QUERY_TIMEOUT, MAX_QUERY_CHARS, QUERY_ACCEPT_TIMEOUT
-from pipeline.embedder import Embedder, is_hash_model, resolve_model
-from pipeline.errors import ConfigError, first_line
+from pipeline.embedder import Embedder, model_identity
+from pipeline.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -113,15 +113,10 @@ def _peer_uid(conn: socket.socket) -> int | None:
 
 
 def same_model(asked: str, running: str) -> bool:
-    """One model by two names (``all-MiniLM-L6-v2`` and the packaged copy, a relative and an absolute path)."""
-    if asked == running:
-        return True
-    if is_hash_model(asked) or is_hash_model(running):
-        return False
-    try:
-        return resolve_model(asked) == resolve_model(running)
-    except ConfigError:
-        return False
+    """One model by two names (``all-MiniLM-L6-v2`` and the packaged copy, a symlink and its
+    folder; ``embedder.model_identity``). A search sends its model's identity, so a relative
+    path means the searching process's folder, not the writer's."""
+    return model_identity(asked) == model_identity(running)
 
 
 def same_device(asked: str, running: str) -> bool:

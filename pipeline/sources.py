@@ -161,6 +161,10 @@ class Sources:
         the collection holds another model's vectors."""
         return collection_settings.check(self.conn, collection, full_text, model)
 
+    def check_model(self, collection: str, model: str) -> None:
+        """A search's: ConfigError where ``collection`` holds no vectors of ``model`` but another's."""
+        collection_settings.check_model(self.conn, collection, model, mixed_ok=True)
+
     def claim_model(self, collection: str, model: str) -> str | None:
         """The writer's, before its first commit to ``collection``: None where the collection
         holds ``model``'s vectors or none (recorded now), else the model whose vectors it holds."""

@@ -219,9 +219,15 @@ class Store:
     def settings_for(self, name: str) -> CollectionSettings:
         return self._settings(name) if callable(self._settings) else self._settings
 
+    def _model_for(self, name: str, settings: CollectionSettings | None = None) -> str | None:
+        """The model whose function a collection names: the one whose vectors it holds, as the
+        ledger records it, else this store's (a process that recovers the collection may run
+        with another setting than the writer that filled it)."""
+        return (settings or self.settings_for(name)).model or self.model
+
     def _create(self, name: str) -> Any:
         settings = self.settings_for(name)
-        ef = _embedding_function(self.model)
+        ef = _embedding_function(self._model_for(name, settings))
         logger.info("creating collection %s (full-text index %s)", name, "on" if settings.full_text else "off")
         if settings.full_text:
             return self.client.get_or_create_collection(
@@ -236,16 +242,17 @@ class Store:
         return self.client.get_or_create_collection(name, embedding_function=None, schema=schema)
 
     def _configure(self, col: Any) -> None:
-        """Name this model's embedding function in an existing collection's configuration when it
-        names none (or the model's directory moved); one configured otherwise is left alone."""
-        want = embedding_function_config(self.model)
+        """Name the collection's model's embedding function in its configuration when it names
+        none (or the model's directory moved); one configured otherwise is left alone."""
+        model = self._model_for(col.name)
+        want = embedding_function_config(model)
         have = (col.configuration_json or {}).get("embedding_function") or {}
         if want is None or (have.get("type") == "known" and have.get("name") != "sentence_transformer"):
             return
         if have.get("type") == "known" and have.get("config") == want:
             return
         try:
-            col.modify(configuration={"embedding_function": _embedding_function(self.model)})
+            col.modify(configuration={"embedding_function": _embedding_function(model)})
             logger.info("collection %s: embedding function set to %s", col.name, want["model_name"])
         except Exception as exc:  # its vectors are still right; only plain clients' query_texts lack it
             logger.warning("collection %s: could not store its embedding function: %s", col.name, first_line(exc))

@@ -311,9 +311,8 @@ class Writer:
         if other is None:
             self._claimed.add(collection)
             return True
-        reason = (
-            f"collection {collection} holds vectors of the model {other}; this writer embeds with {self.embedder.name}"
-        )
+        held = f"several models ({other})" if " and " in other else f"the model {other}"
+        reason = f"collection {collection} holds vectors of {held}; this writer embeds with {self.embedder.name}"
         rows = self.ledger.load(collection, ids, (PENDING, EMBEDDED))
         logger.error("%s: %d chunks failed (index into a new collection, or run the writer with that model)",
                      reason, len(rows))  # fmt: skip

@@ -258,6 +258,17 @@ def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs:
     assert {i: r["document"] for i, r in dump_collection(home / "chroma", "code").items()} == rows
     assert any("a chunk this writer must not commit" in text for text in rows.values())
 
+    # Recovery run with another model's settings (here the default) rebuilds the collection
+    # naming the model whose vectors it holds: hash:384 names no embedding function.
+    overwrite_page(home)
+    recovered = run_cli(home, "recover", "--json")
+    assert recovered.returncode == 0, recovered.stderr
+    assert json.loads(recovered.stdout)["action"] == "rebuild"
+    seen = plain_client(home / "chroma", """
+        print(json.dumps({"ef": client.get_collection("code").configuration_json.get("embedding_function")}))
+    """)  # fmt: skip
+    assert (seen["ef"] or {}).get("name") != "sentence_transformer", seen
+
 
 def test_a_collection_made_outside_indexq_with_the_other_full_text_setting_is_reported(
     tmp_path: Path, procs: list[Proc]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import Config
+from pipeline.errors import ConfigError
 from pipeline.ledger import Ledger
 from pipeline.producer import Producer
 from pipeline.rows import Row
@@ -236,6 +237,12 @@ def test_a_collection_of_another_models_vectors_is_refused_from_a_ledger_that_ne
     conn.execute("DROP TABLE IF EXISTS collection_settings")  # as such a ledger has it
     conn.execute("CREATE TABLE collection_settings (collection TEXT PRIMARY KEY, full_text INTEGER NOT NULL)")
     conn.commit()
+    # Submissions and searches are checked the same way before the writer records anything.
+    with pytest.raises(ConfigError, match="holds vectors of the model hash:16, not of hash:32"):
+        writer.ledger.sources.settings(COLLECTION, model="hash:32")
+    with pytest.raises(ConfigError, match="holds vectors of the model hash:16, not of hash:32"):
+        writer.ledger.sources.check_model(COLLECTION, "hash:32")
+    writer.ledger.sources.check_model(COLLECTION, "hash:016")
     assert writer.index(COLLECTION, ids) == 0
     assert states(writer.ledger) == {"c0": "committed", "c1": "committed", "c2": "failed", "c3": "failed"}
     reason = "collection unit-docs holds vectors of the model hash:16; this writer embeds with hash:32"
@@ -249,3 +256,25 @@ def test_a_collection_of_another_models_vectors_is_refused_from_a_ledger_that_ne
     conn.commit()
     assert writer.index(COLLECTION, ids) == 2
     assert conn.execute("SELECT model FROM collection_settings").fetchall() == [("hash:32",)]
+
+
+def test_a_collection_that_already_mixes_two_models_is_refused_to_writers_and_submissions(
+    writer: Writer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made before indexq checked models: no writer adds to it and no submission is taken,
+    whichever model; a search with one of its models is let through."""
+    items = rows(writer.ledger, 4)
+    items[0].update(state="committed", embedding=b"\0" * 64, model="hash:16")
+    items[1].update(state="committed", embedding=b"\0" * 128, model="hash:32")
+    ids = seed(writer.ledger, items)
+    assert writer.index(COLLECTION, ids) == 0
+    reason = (
+        "collection unit-docs holds vectors of several models (hash:16 and hash:32); this writer embeds with hash:32"
+    )
+    assert {e for (e,) in writer.ledger.conn.execute("SELECT error FROM chunks WHERE state='failed'")} == {reason}
+    for model in ("hash:16", "hash:32", "hash:64"):
+        with pytest.raises(ConfigError, match=r"holds vectors of several models \(hash:16 and hash:32\)"):
+            writer.ledger.sources.settings(COLLECTION, model=model)
+    writer.ledger.sources.check_model(COLLECTION, "hash:16")
+    with pytest.raises(ConfigError):
+        writer.ledger.sources.check_model(COLLECTION, "hash:64")
