@@ -111,13 +111,18 @@ def models_of(conn: sqlite3.Connection, collection: str) -> list[str]:
     return sorted({model_identity(name) for (name,) in committed})
 
 
-def mismatch(conn: sqlite3.Connection, collection: str, model: str, mixed_ok: bool = False) -> str | None:
+def mismatch(conn: sqlite3.Connection, collection: str, model: str, mixed_ok: bool = False) -> list[str] | None:
     """Why ``model`` cannot write to (or, with ``mixed_ok``, search) ``collection``: None
     where the collection holds its vectors or none; else the models whose vectors it holds."""
     have = models_of(conn, collection)
     if not have or have == [model_identity(model)] or (mixed_ok and model_identity(model) in have):
         return None
-    return " and ".join(have)
+    return have
+
+
+def held(models: list[str]) -> str:
+    """The models of ``mismatch`` for a message."""
+    return f"several models ({' and '.join(models)})" if len(models) > 1 else f"the model {models[0]}"
 
 
 def check_model(conn: sqlite3.Connection, collection: str, model: str, mixed_ok: bool = False) -> None:
@@ -126,19 +131,19 @@ def check_model(conn: sqlite3.Connection, collection: str, model: str, mixed_ok:
     other = mismatch(conn, collection, model, mixed_ok)
     if other is None:
         return
-    if " and " in other:
+    if len(other) > 1:
         raise ConfigError(
-            f"collection {collection!r} holds vectors of several models ({other}), made before indexq"
+            f"collection {collection!r} holds vectors of {held(other)}, made before indexq"
             " checked this; they cannot be ranked together",
             hint="index into a new collection with one model",
         )
     raise ConfigError(
-        f"collection {collection!r} holds vectors of the model {other}, not of {model}",
-        hint=f"set INDEXQ_MODEL={other} (or --model), or index into a new collection",
+        f"collection {collection!r} holds vectors of {held(other)}, not of {model}",
+        hint=f"set INDEXQ_MODEL={other[0]} (or --model), or index into a new collection",
     )
 
 
-def claim_model(conn: sqlite3.Connection, collection: str, model: str) -> str | None:
+def claim_model(conn: sqlite3.Connection, collection: str, model: str) -> list[str] | None:
     """In the caller's transaction, before a writer's first commit to ``collection``: None if
     it holds ``model``'s vectors or none, recording the model when none was recorded yet;
     else the model, or models, whose vectors it holds (``mismatch``)."""

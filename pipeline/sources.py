@@ -165,9 +165,9 @@ class Sources:
         """A search's: ConfigError where ``collection`` holds no vectors of ``model`` but another's."""
         collection_settings.check_model(self.conn, collection, model, mixed_ok=True)
 
-    def claim_model(self, collection: str, model: str) -> str | None:
+    def claim_model(self, collection: str, model: str) -> list[str] | None:
         """The writer's, before its first commit to ``collection``: None where the collection
-        holds ``model``'s vectors or none (recorded now), else the model whose vectors it holds."""
+        holds ``model``'s vectors or none (recorded now), else the models whose vectors it holds."""
         with self._tx() as conn:
             return collection_settings.claim_model(conn, collection, model)
 

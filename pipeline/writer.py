@@ -34,6 +34,7 @@ import numpy as np
 
 from pipeline import alerts
 from pipeline.batches import batched, longest_first
+from pipeline.collection import held
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder
 from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
@@ -311,8 +312,7 @@ class Writer:
         if other is None:
             self._claimed.add(collection)
             return True
-        held = f"several models ({other})" if " and " in other else f"the model {other}"
-        reason = f"collection {collection} holds vectors of {held}; this writer embeds with {self.embedder.name}"
+        reason = f"collection {collection} holds vectors of {held(other)}; this writer embeds with {self.embedder.name}"
         rows = self.ledger.load(collection, ids, (PENDING, EMBEDDED))
         logger.error("%s: %d chunks failed (index into a new collection, or run the writer with that model)",
                      reason, len(rows))  # fmt: skip
