@@ -28,6 +28,7 @@ from typing import Any
 
 import sqlite_utils
 
+from pipeline.embedder import model_identity
 from pipeline.events import Events
 from pipeline.jobs import Jobs
 from pipeline.rows import COMMITTED, DELETING, OUTSTANDING, ROW_COLUMNS, Row, id_lists
@@ -206,24 +207,28 @@ class Ledger:
     def drop_foreign_embeddings(self, collection: str, ids: Sequence[str], model: str) -> dict[str, int]:
         """Rows of ``ids`` whose stored, uncommitted embedding another model made go back to
         pending, embedding dropped: {that model: rows}. (A writer restarted with another
-        model, or a producer that reused another model's embedding, left them.)"""
-        found: dict[str, int] = {}
+        model, or a producer that reused another model's embedding, left them.) Models are
+        compared by ``embedder.model_identity``: another spelling of ``model`` is not another model."""
+        mine = model_identity(model)
+        found: dict[str | None, int] = {}
         for part, marks in id_lists(ids):
             for other, n in self.conn.execute(
-                f"SELECT coalesce(model, '?'), count(*) FROM chunks WHERE collection=? AND id IN ({marks})"
-                " AND state='embedded' AND model IS NOT ? GROUP BY model",
-                (collection, *part, model),
+                f"SELECT model, count(*) FROM chunks WHERE collection=? AND id IN ({marks})"
+                " AND state='embedded' GROUP BY model",
+                (collection, *part),
             ):
-                found[other] = found.get(other, 0) + n
+                if other is None or model_identity(other) != mine:
+                    found[other] = found.get(other, 0) + n
         if found:
             with self._tx() as conn:
-                for part, marks in id_lists(ids):
-                    conn.execute(
-                        "UPDATE chunks SET state='pending', embedding=NULL, model=NULL, updated=?"
-                        f" WHERE collection=? AND id IN ({marks}) AND state='embedded' AND model IS NOT ?",
-                        (time.time(), collection, *part, model),
-                    )
-        return found
+                for other in found:
+                    for part, marks in id_lists(ids):
+                        conn.execute(
+                            "UPDATE chunks SET state='pending', embedding=NULL, model=NULL, updated=?"
+                            f" WHERE collection=? AND id IN ({marks}) AND state='embedded' AND model IS ?",
+                            (time.time(), collection, *part, other),
+                        )
+        return {other or "?": n for other, n in found.items()}
 
     def checkpoint(self, collection: str, items: Sequence[tuple[str, str]]) -> int:
         """Mark (id, hash) committed under one new commit sequence number.

@@ -39,7 +39,7 @@ from pipeline.corpus import (
     read_groups,
     walk,
 )  # fmt: skip
-from pipeline.embedder import Tokenizer, load_tokenizer
+from pipeline.embedder import Tokenizer, load_tokenizer, model_identity
 from pipeline.errors import ConfigError, EmptyCorpusError, StorageError, storage_errors
 from pipeline.faults import fault_point
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
@@ -117,7 +117,7 @@ class Producer:
         """Chunks are sized with the producer's tokenizer: it must be the writer's model's."""
         with self.queue.reaching():
             writer = self.queue.serving_writer()
-        if writer and writer.get("model") and writer["model"] != self.config.model:
+        if writer and writer.get("model") and model_identity(writer["model"]) != model_identity(self.config.model):
             raise ConfigError(
                 f"the writer on {writer.get('host')} embeds with {writer['model']!r}, this producer would chunk"
                 f" for {self.config.model!r}: chunks would not fit the writer's model",

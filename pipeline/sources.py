@@ -18,6 +18,7 @@ from typing import Any
 from pipeline import collection as collection_settings
 from pipeline.collection import CollectionSettings
 from pipeline.corpus import gone
+from pipeline.embedder import model_identity
 from pipeline.errors import ConfigError
 from pipeline.rows import COMMITTED, DELETING, EMBEDDED, FAILED, PENDING, Transaction, id_lists
 
@@ -148,12 +149,21 @@ class Sources:
         return found
 
     def _reusable_embedding(self, collection: str, hash_: str, model: str) -> bytes | None:
-        """An embedding already computed for the same text with the same model."""
-        row = self.conn.execute(
-            "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL LIMIT 1",
-            (collection, hash_, model),
-        ).fetchone()
-        return row[0] if row else None
+        """An embedding already computed for the same text with the same model (by
+        ``embedder.model_identity``: another spelling of the model is the same model)."""
+        want = model_identity(model)
+        for (made_by,) in self.conn.execute(
+            "SELECT DISTINCT model FROM chunks WHERE collection=? AND hash=? AND embedding IS NOT NULL",
+            (collection, hash_),
+        ).fetchall():
+            if made_by is not None and model_identity(made_by) == want:
+                row = self.conn.execute(
+                    "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL"
+                    " LIMIT 1",
+                    (collection, hash_, made_by),
+                ).fetchone()
+                return row[0] if row else None
+        return None
 
     def settings(self, collection: str, full_text: bool | None = None, model: str | None = None) -> CollectionSettings:
         """What a submission to ``collection`` gets; ConfigError (before anything is written)

@@ -36,7 +36,7 @@ from pipeline import alerts
 from pipeline.batches import batched, longest_first
 from pipeline.collection import held
 from pipeline.config import Config
-from pipeline.embedder import Embedder, load_embedder
+from pipeline.embedder import Embedder, load_embedder, model_identity
 from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
@@ -257,7 +257,7 @@ class Writer:
             return None
         if part is None:
             return None
-        if part.get("model", self.config.model) != self.config.model:
+        if model_identity(part.get("model", self.config.model)) != model_identity(self.config.model):
             # Chunked for another model's tokenizer (no writer was running to check it
             # against): indexed all the same, but chunks may exceed this model's limit.
             logger.warning(

@@ -231,9 +231,10 @@ def test_forged_payloads_are_refused_and_logged_not_executed(
     assert chunks > 10
     assert f"job {job} done: {chunks} committed, 0 failed" in result.stderr
     assert committed(writer_home, "after-forgery") == chunks
-    # The same corpus again from another machine: compared in the writer, nothing embedded.
+    # The same corpus again from another machine, its model spelled another way: compared in
+    # the writer, nothing embedded.
     embedded = ledger_query(writer_home, "SELECT value FROM meta WHERE key='embeddings'")[0][0]
-    again = run_cli(tmp_path / "producer-2", *argv, **extra)
+    again = run_cli(tmp_path / "producer-2", *argv, **{**extra, "INDEXQ_MODEL": "hash:0384"})
     assert again.returncode == 0, again.stderr
     assert f"done: {chunks} committed, 0 failed" in again.stderr
     assert ledger_query(writer_home, "SELECT value FROM meta WHERE key='embeddings'")[0][0] == embedded

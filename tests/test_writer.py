@@ -185,22 +185,39 @@ def test_rows_embedded_by_another_model_are_embedded_again(writer: Writer, caplo
     reaches the collection, and in a fresh collection it cannot set the dimension."""
     import numpy as np
 
-    items = rows(writer.ledger, 3)
+    items = rows(writer.ledger, 4)
     items[0].update(state="embedded", embedding=np.ones(16, dtype=np.float32).tobytes(), model="other-model")
     items[1].update(state="embedded", embedding=writer.embedder.embed(["chunk number 1\n"])[0].tobytes(),
                     model="hash:32")  # fmt: skip
+    # Another spelling of this writer's model is this model: its vector is kept.
+    items[2].update(state="embedded", embedding=writer.embedder.embed(["chunk number 2\n"])[0].tobytes(),
+                    model="hash:032")  # fmt: skip
     ids = seed(writer.ledger, items)
-    assert writer.index(COLLECTION, ids) == 3
+    assert writer.index(COLLECTION, ids) == 4
     assert set(states(writer.ledger).values()) == {"committed"}
     assert "1 chunks of unit-docs were embedded with 'other-model', not this writer's 'hash:32'" in caplog.text
     dumped = writer.store.dump(COLLECTION)
     expected = writer.embedder.embed(["chunk number 0\n"])[0]
     np.testing.assert_allclose(dumped["c0"]["embedding"], expected, atol=1e-6)
     models = dict(writer.ledger.conn.execute("SELECT id, model FROM chunks"))
-    assert models == {"c0": "hash:32", "c1": "hash:32", "c2": "hash:32"}
-    # Embedded once each by this writer (c1's own stored vector was used as it was).
+    assert models == {"c0": "hash:32", "c1": "hash:32", "c2": "hash:032", "c3": "hash:32"}
+    # Embedded once each by this writer (c1's and c2's stored vectors were used as they were).
     embeds = dict(writer.ledger.conn.execute("SELECT id, embeds FROM chunks"))
-    assert embeds == {"c0": 1, "c1": 0, "c2": 1}
+    assert embeds == {"c0": 1, "c1": 0, "c2": 0, "c3": 1}
+    assert "hash:032" not in caplog.text
+
+
+def test_a_submission_reuses_an_embedding_its_model_made_under_another_spelling(writer: Writer) -> None:
+    """Text already embedded in the collection is not embedded again for a producer that
+    spells the same model another way; another model's embedding is never reused."""
+    blob = writer.embedder.embed(["chunk number 0\n"])[0].tobytes()
+    seed(writer.ledger, rows(writer.ledger, 1, state="embedded", embedding=blob, model="hash:032"))
+    chunk = {"id": "d0", "ordinal": 0, "text": "chunk number 0\n", "metadata": "{}", "hash": "h0"}
+    for model, reused in (("hash:32", True), ("hash:0032", True), ("hash:64", False), ("other-model", False)):
+        (row,) = writer.ledger.sources.plan(COLLECTION, "elsewhere", [chunk], model).rows
+        assert (row["state"], row["embedding"], row["model"]) == (
+            ("embedded", blob, model) if reused else ("pending", None, None)
+        ), model
 
 
 def test_model_identity_names_one_model_one_way(tmp_path: Path) -> None:
