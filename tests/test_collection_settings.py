@@ -141,16 +141,20 @@ def test_plain_chroma_client_query_texts_finds_what_indexq_search_finds(tmp_path
     for name in ("fresh", "older"):
         result = run_cli(home, "index", str(corpus), "-c", name, "--wait", timeout=600)
         assert result.returncode == 0, result.stderr
-    assert writer.terminate() == 0
-
+    # indexq search through the running writer (its model loaded once), then the plain
+    # client on both collections in one process once the writer has stopped.
     query = "decode a JSON document into Python objects"
+    expected = {}
     for name in ("fresh", "older"):
         found = run_cli(home, "search", query, "-c", name, "-k", "5", "--json", timeout=300)
         assert found.returncode == 0, found.stderr
-        expected = [hit["id"] for hit in json.loads(found.stdout)]
-        got = plain_client(chroma, f"""
-            import numpy as np
-            col = client.get_collection({name!r})
+        expected[name] = [hit["id"] for hit in json.loads(found.stdout)]
+    assert writer.terminate() == 0
+    got = plain_client(chroma, f"""
+        import numpy as np
+        out = {{}}
+        for name in ("fresh", "older"):
+            col = client.get_collection(name)
             ids = col.query(query_texts=[{query!r}], n_results=5)["ids"][0]
             # The configured function embeds a stored document as indexq did.
             page = col.get(limit=20, include=["documents", "embeddings"])
@@ -158,12 +162,14 @@ def test_plain_chroma_client_query_texts_finds_what_indexq_search_finds(tmp_path
             fresh = np.asarray(ef(page["documents"]))
             cosines = (fresh * np.asarray(page["embeddings"])).sum(axis=1)
             ef_json = col.configuration_json["embedding_function"]
-            print(json.dumps({{"ids": ids, "min_cosine": float(cosines.min()), "ef": ef_json}}))
-        """, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fmt: skip
-        assert got["ids"] == expected
-        assert got["min_cosine"] > 0.9999
-        assert got["ef"]["name"] == "sentence_transformer"
-        assert got["ef"]["config"]["normalize_embeddings"] is True
+            out[name] = {{"ids": ids, "min_cosine": float(cosines.min()), "ef": ef_json}}
+        print(json.dumps(out))
+    """, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # fmt: skip
+    for name in ("fresh", "older"):
+        assert got[name]["ids"] == expected[name]
+        assert got[name]["min_cosine"] > 0.9999
+        assert got[name]["ef"]["name"] == "sentence_transformer"
+        assert got[name]["ef"]["config"]["normalize_embeddings"] is True
     records = dump_collection(chroma, "fresh")
     assert all(np.isclose(np.linalg.norm(r["embedding"]), 1.0, atol=1e-5) for r in records.values())
 

@@ -92,6 +92,7 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for proc in started:
             proc.cleanup()
     assert len(committed_rows(home)) > 1100, "past Chroma's first HNSW persist at 1,000 records"
+    assert run_cli(home, "check", **MODEL).returncode == 0  # healthy before any test damages a copy
     return home
 
 
@@ -155,7 +156,6 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_check_detects_and_recovery_restores_the_committed_set(home: Path, damage: str) -> None:
     harm, layer, action = DAMAGE[damage]
-    assert run_cli(home, "check", **MODEL).returncode == 0
     harm(home)
 
     found = run_cli(home, "check", "--json", **MODEL)
