@@ -6,16 +6,18 @@ code is the ``exit_code`` of the error's class in ``pipeline.errors``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from pipeline import api
 from pipeline.config import (
@@ -142,7 +144,39 @@ def _config(**overrides: Any) -> Config:
     return Config.from_env(**overrides)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Bad usage answers like every other error: ``Error: ...`` in one line, a ``Hint:``,
+    exit 2 (README, "Exit codes"), not click's usage block. A bad value from the
+    environment is named by its variable, not by the option the user never typed."""
+    try:
+        yield
+    except click.exceptions.NoArgsIsHelpError:
+        raise  # `indexq` alone: the help, as click shows it
+    except click.UsageError as exc:
+        message = exc.format_message()
+        if isinstance(exc, click.BadParameter) and exc.param is not None and exc.ctx is not None:
+            envvar = exc.param.envvar
+            from_env = exc.ctx.get_parameter_source(exc.param.name or "") is ParameterSource.ENVIRONMENT
+            if from_env and isinstance(envvar, str):
+                message = f"Invalid value for {envvar} (from the environment): {exc.message}"
+        click.echo(f"Error: {message}", err=True)
+        command = exc.ctx.command_path if exc.ctx is not None else "indexq"
+        click.echo(f"Hint: see '{command} --help'", err=True)
+        sys.exit(exc.exit_code)
+
+
+class _Cli(click.Group):
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="indexq")
 def main() -> None:
     """Crash-safe bulk indexing into ChromaDB.

@@ -22,7 +22,9 @@ def home(tmp_path: Path) -> Path:
 
 
 def invoke(home: Path, *args: str, **env: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, list(args), env={"INDEXQ_HOME": str(home), **env}, catch_exceptions=False)
+    result = CliRunner().invoke(
+        main, list(args), env={"INDEXQ_HOME": str(home), **env}, catch_exceptions=False, prog_name="indexq"
+    )
     return result.exit_code, result.stdout, result.stderr
 
 
@@ -159,7 +161,29 @@ def test_bad_configuration_names_the_setting(home: Path, tmp_path: Path) -> None
 def test_index_needs_paths_or_jsonl(home: Path) -> None:
     code, _, err = invoke(home, "index", "-c", "docs")
     assert code == 2
-    assert "give PATHS to index, or --jsonl FILE" in err
+    assert err == "Error: give PATHS to index, or --jsonl FILE\nHint: see 'indexq index --help'\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["worker"], {"INDEXQ_PRECISION": "junk"},
+         "Invalid value for INDEXQ_PRECISION (from the environment): 'junk' is not one of 'fp32', 'fp16', 'bf16'."),
+        (["worker", "--precision", "junk"], {},
+         "Invalid value for '--precision': 'junk' is not one of 'fp32', 'fp16', 'bf16'."),
+        (["worker"], {"INDEXQ_MICRO_BATCH": "many"},
+         "Invalid value for INDEXQ_MICRO_BATCH (from the environment): 'many' is not a valid integer."),
+        (["index", "x"], {}, "Missing option '--collection' / '-c'."),
+        (["search", "x", "-k", "junk"], {}, "Invalid value for '-k': 'junk' is not a valid integer range."),
+        (["nope"], {}, "No such command 'nope'."),
+    ],
+)  # fmt: skip
+def test_bad_usage_is_one_error_line_and_a_hint(home: Path, args: list[str], env: dict[str, str], message: str) -> None:
+    """As every other error (README, "Exit codes"): no usage block, exit 2, nothing made."""
+    code, out, err = invoke(home, *args, **env)
+    command = "indexq" if args == ["nope"] else f"indexq {args[0]}"
+    assert (code, out, err) == (2, "", f"Error: {message}\nHint: see '{command} --help'\n")
+    assert not home.exists()
 
 
 def test_unknown_home_and_job(home: Path) -> None:
