@@ -86,6 +86,7 @@ class Sources:
         holds is never written over: it is listed in ``collisions``.
         """
         plan = SourcePlan()
+        identities: dict[str, str] = {}  # model name -> model_identity, once per plan (it reads the disk)
         existing = self._by_source(collection, source)
         owners: dict[str, str] = {}
         if source.startswith("id:"):  # file ids are hashes of their own source: they cannot collide
@@ -116,7 +117,7 @@ class Sources:
                 plan.changed += 1
             else:
                 plan.new += 1
-            reused = self._reusable_embedding(collection, chunk["hash"], model)
+            reused = self._reusable_embedding(collection, chunk["hash"], model, identities)
             plan.rows.append({
                 "id": id_, "source": source, "ordinal": chunk["ordinal"], "text": chunk["text"],
                 "metadata": metadata, "hash": chunk["hash"], "state": EMBEDDED if reused else PENDING,
@@ -148,15 +149,20 @@ class Sources:
                 found[id_] = (hash_, state)
         return found
 
-    def _reusable_embedding(self, collection: str, hash_: str, model: str) -> bytes | None:
+    def _reusable_embedding(self, collection: str, hash_: str, model: str, identities: dict[str, str]) -> bytes | None:
         """An embedding already computed for the same text with the same model (by
         ``embedder.model_identity``: another spelling of the model is the same model)."""
-        want = model_identity(model)
+
+        def identity(name: str) -> str:
+            if name not in identities:
+                identities[name] = model_identity(name)
+            return identities[name]
+
         for (made_by,) in self.conn.execute(
             "SELECT DISTINCT model FROM chunks WHERE collection=? AND hash=? AND embedding IS NOT NULL",
             (collection, hash_),
         ).fetchall():
-            if made_by is not None and model_identity(made_by) == want:
+            if made_by is not None and identity(made_by) == identity(model):
                 row = self.conn.execute(
                     "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL"
                     " LIMIT 1",
