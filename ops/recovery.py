@@ -52,7 +52,7 @@ from pipeline.faults import fault_point
 from pipeline.fsync import fsync_dir, fsync_tree, probe_write, write_json_atomic
 from pipeline.ledger import Ledger
 from pipeline.locks import CommitLock
-from pipeline.rows import COMMITTED
+from pipeline.rows import COMMITTED, FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -370,10 +370,13 @@ def _replay(config: Config, ledger: Ledger, store: Any, watermark: int | None) -
                 store.upsert_rows(collection, rows)
                 replayed += len(rows)
             fault_point("replay-batch")
-        for part in batched(sorted(have - set(states)), step):
+        # Ids the ledger does not know, and failed chunks: a backup from before a chunk's
+        # edit failed holds its older text, which the writer had withdrawn.
+        gone = (have - set(states)) | {i for i in have if states.get(i) == FAILED}
+        for part in batched(sorted(gone), step):
             store.delete(collection, part)
             deleted += len(part)
-    logger.info("replayed %d chunks from the ledger, deleted %d unknown ones", replayed, deleted)
+    logger.info("replayed %d chunks from the ledger, deleted %d unknown or failed ones", replayed, deleted)
     return {"replayed": replayed, "deleted": deleted, "watermark": watermark}
 
 

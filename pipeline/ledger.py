@@ -262,6 +262,26 @@ class Ledger:
             ).rowcount
             _tally(conn, "failed", collection, done)
 
+    def failed_after_a_commit(self, collection: str | None = None) -> dict[str, list[str]]:
+        """{collection: ids} of failed rows whose id was committed before (``committed_at``
+        kept from then): Chroma may still hold that older text, which no file has now."""
+        sql = "SELECT collection, id FROM chunks WHERE state='failed' AND committed_at IS NOT NULL"
+        rows = self.conn.execute(sql, ()) if collection is None else self.conn.execute(
+            sql + " AND collection=?", (collection,)
+        )  # fmt: skip
+        found: dict[str, list[str]] = {}
+        for name, id_ in rows:
+            found.setdefault(name, []).append(id_)
+        return found
+
+    def withdrawn(self, collection: str, ids: Sequence[str]) -> None:
+        """The older versions of these failed rows are out of Chroma."""
+        with self._tx() as conn:
+            conn.executemany(
+                "UPDATE chunks SET committed_at=NULL WHERE collection=? AND id=? AND state='failed'",
+                [(collection, id_) for id_ in ids],
+            )
+
     def forget(self, collection: str, ids: Sequence[str]) -> None:
         """Drop stale rows once Chroma no longer has them (unless re-submitted meanwhile)."""
         with self._tx() as conn:

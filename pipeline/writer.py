@@ -140,7 +140,33 @@ class Writer:
     def index(self, collection: str, ids: Sequence[str]) -> int:
         """Embed and commit those of ``ids`` still outstanding; returns how many were committed."""
         with self._publishing(collection, ids):
-            return self._index(collection, ids)
+            committed = self._index(collection, ids)
+            self.withdraw_failed(collection)
+            return committed
+
+    def withdraw_failed(self, collection: str | None = None, wait: bool = True) -> int:
+        """Delete from Chroma the older version of each chunk whose new text failed (a file
+        edited, then its chunk refused): Chroma must not answer searches with text the
+        files no longer have, nor hold what a rebuild from the ledger would not. Chroma
+        first, then the ledger, so a kill in between only repeats the delete (at the next
+        task or start). ``wait=False`` (the start): skipped while a guard holds commits."""
+        if not wait and self.guard.problem() is not None:
+            return 0
+        done = 0
+        for name, ids in self.ledger.failed_after_a_commit(collection).items():
+            for group in batched(ids, self.config.commit_batch):
+                if not self.guard.wait_until_clear(self.stop):
+                    return done
+                with self.commit_lock.held():
+                    self._follow_restore()
+                    self.store.delete(name, group)
+                    self.ledger.withdrawn(name, group)
+                done += len(group)
+            logger.warning(
+                "%d failed chunks of %s withdrawn from Chroma: it held their text from before the change that failed",
+                len(ids), name,
+            )  # fmt: skip
+        return done
 
     @contextlib.contextmanager
     def _publishing(self, collection: str, ids: Sequence[str]) -> Iterator[None]:

@@ -209,7 +209,8 @@ def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs:
     """Vectors of two models in one collection rank nonsense: the writer's first task records
     the collection's model; a submission or a search with another is refused (exit 2,
     nothing written); a writer of another model of the same size fails the chunks, saying
-    why, and leaves Chroma as it was; indexing again with the right writer retries them."""
+    why, commits nothing and withdraws the changed chunks' older text; indexing again with
+    the right writer retries them."""
     home = tmp_path / "home"
     corpus = copy_corpus(tmp_path / "src", FILES)
     writer = start_worker(procs, home, **HASH)
@@ -233,7 +234,7 @@ def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs:
     assert run_cli(home, "search", "json decoder", "-c", "code", INDEXQ_MODEL="hash:0384").returncode == 0
 
     # A writer of another model with vectors of the same size (all-MiniLM-L6-v2, 384): the
-    # changed chunks fail with the reason, the rest of the job is unchanged, Chroma keeps
+    # changed chunks fail with the reason, the rest of the job is unchanged, Chroma holds
     # only hash:384's vectors.
     (corpus / "json" / "decoder.py").write_text((corpus / "json" / "decoder.py").read_text() + "\n# an edit\n")
     (corpus / "json" / "added.py").write_text("def added():\n    return 'a chunk this writer must not commit'\n")
@@ -247,7 +248,10 @@ def test_a_collection_keeps_its_model_and_refuses_another(tmp_path: Path, procs:
     failed = ledger_query(home, "SELECT id FROM chunks WHERE collection='code' AND state='failed'")
     assert len(failed) >= 2  # the edited file's last chunk and the new file's
     records = dump_collection(home / "chroma", "code")
-    assert set(records) <= set(committed)
+    # Chroma is the ledger's committed set: the edited chunk's text from before the edit is
+    # withdrawn with it, not left to answer searches.
+    assert set(records) == {i for (i,) in ledger_query(home, "SELECT id FROM chunks WHERE state='committed'")}
+    assert set(records) < set(committed)
     for id_, record in records.items():  # as committed by hash:384 (Chroma returns them to within float rounding)
         assert np.allclose(record["embedding"], np.frombuffer(committed[id_], np.float32), atol=1e-6)
 

@@ -83,6 +83,44 @@ def test_invalid_rows_are_failed_with_a_reason_and_the_rest_commit(writer: Write
     assert list(writer.store.dump(COLLECTION)) == ["c0"]
 
 
+def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(
+    writer: Writer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file edited, then its changed chunk refused: Chroma must not keep answering with the
+    text from before the edit (no file has it, a rebuild from the ledger would drop it)."""
+    ids = seed(writer.ledger, rows(writer.ledger, 3))
+    assert writer.index(COLLECTION, ids) == 3
+    edited = rows(writer.ledger, 3)
+    edited[1].update(text="\x00 \x00", hash="h1-edited")  # empty once cleaned: refused
+    edited[2].update(text="chunk number 2, edited\n", hash="h2-edited")
+    seed(writer.ledger, edited[1:])
+    assert writer.index(COLLECTION, ids) == 1
+    assert states(writer.ledger) == {"c0": "committed", "c1": "failed", "c2": "committed"}
+    dumped = writer.store.dump(COLLECTION)
+    assert sorted(dumped) == ["c0", "c2"] and dumped["c2"]["document"] == "chunk number 2, edited\n"
+    assert "1 failed chunks of unit-docs withdrawn from Chroma" in caplog.text
+    assert writer.ledger.failed_after_a_commit() == {}
+
+    # Killed after the ledger failed it and before Chroma lost it: done at the next start.
+    writer.store.upsert(COLLECTION, ["c1"], writer.embedder.embed(["old text"]), ["old text"], [{"n": 1}])
+    writer.ledger.conn.execute("UPDATE chunks SET committed_at=1 WHERE id='c1'")
+    writer.ledger.conn.commit()
+    assert writer.ledger.failed_after_a_commit() == {COLLECTION: ["c1"]}
+    assert writer.withdraw_failed(wait=False) == 1
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
+    # A restore of a backup from before the edit brings it back: the replay deletes it.
+    from ops.recovery import replay
+
+    writer.store.upsert(COLLECTION, ["c1"], writer.embedder.embed(["old text"]), ["old text"], [{"n": 1}])
+    assert replay(writer.config, writer.ledger)["deleted"] == 1
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
+    # Indexed again, it is committed as any chunk is.
+    edited[1].update(text="chunk number 1, fixed\n", hash="h1-fixed")
+    seed(writer.ledger, edited[1:2])
+    assert writer.index(COLLECTION, ids) == 1
+    assert writer.store.dump(COLLECTION)["c1"]["document"] == "chunk number 1, fixed\n"
+
+
 def test_nul_bytes_are_stripped_before_chroma(writer: Writer) -> None:
     items = rows(writer.ledger, 1)
     items[0]["text"] = "before\x00after"

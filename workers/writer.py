@@ -179,6 +179,8 @@ class WriterHuey(QueueClient):
             self.storage.flush_queue()
             self.storage.flush_schedule()
             queued = self.requeue(self.writer.ledger)
+            # A writer killed between failing a chunk and withdrawing its older version.
+            self.writer.withdraw_failed(wait=False)
             self.writer.state.publish()
             # Last: a metrics port that cannot be had stops the start (exit 2) with nothing left open.
             writer = self.writer
