@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -144,6 +145,10 @@ def _config(**overrides: Any) -> Config:
     return Config.from_env(**overrides)
 
 
+# click 8.2 and later raise this for `indexq` alone (a UsageError that shows the help).
+_HELP_FOR_NO_ARGS: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 @contextlib.contextmanager
 def _one_line_usage_errors() -> Iterator[None]:
     """Bad usage answers like every other error: ``Error: ...`` in one line, a ``Hint:``,
@@ -151,15 +156,18 @@ def _one_line_usage_errors() -> Iterator[None]:
     environment is named by its variable, not by the option the user never typed."""
     try:
         yield
-    except click.exceptions.NoArgsIsHelpError:
+    except _HELP_FOR_NO_ARGS:
         raise  # `indexq` alone: the help, as click shows it
     except click.UsageError as exc:
         message = exc.format_message()
         if isinstance(exc, click.BadParameter) and exc.param is not None and exc.ctx is not None:
             envvar = exc.param.envvar
+            names = [envvar] if isinstance(envvar, str) else list(envvar or ())
+            # The one click read: the first of them set to something (as click resolves them).
+            name = next((n for n in names if os.environ.get(n)), None)
             from_env = exc.ctx.get_parameter_source(exc.param.name or "") is ParameterSource.ENVIRONMENT
-            if from_env and isinstance(envvar, str):
-                message = f"Invalid value for {envvar} (from the environment): {exc.message}"
+            if from_env and name is not None:
+                message = f"Invalid value for {name} (from the environment): {exc.message}"
         click.echo(f"Error: {message}", err=True)
         command = exc.ctx.command_path if exc.ctx is not None else "indexq"
         click.echo(f"Hint: see '{command} --help'", err=True)

@@ -35,7 +35,7 @@ from pipeline.rows import COMMITTED, DELETING, OUTSTANDING, ROW_COLUMNS, Row, id
 from pipeline.sources import Sources
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None:
@@ -121,6 +121,11 @@ class Ledger:
                                  ("host", str), ("pruned", int), ("prune", str)):  # fmt: skip
                 if column not in jobs.columns_dict:
                     jobs.add_column(column, kind)
+            # Version 6: the hash of the text last committed under a chunk's id, so that a
+            # chunk whose new text fails can be told from one whose committed text is current.
+            chunks = self.db.table("chunks")
+            if "committed_hash" not in chunks.columns_dict:
+                chunks.add_column("committed_hash", str)
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -246,26 +251,34 @@ class Ledger:
                 "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='seq' RETURNING CAST(value AS INTEGER)"
             ).fetchone()
             done = conn.executemany(
-                "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?"
+                "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?, committed_hash=hash"
                 " WHERE collection=? AND id=? AND hash=? AND state='embedded'",
                 [(seq, now, now, collection, id_, hash_) for id_, hash_ in items],
             ).rowcount
             _tally(conn, "committed", collection, done)
         return int(seq)
 
-    def fail(self, collection: str, items: Sequence[tuple[str, str]]) -> None:
-        """(id, reason): rows the writer refused; kept, visible, never silently dropped."""
+    def fail(self, collection: str, items: Sequence[tuple[str, str, str]]) -> None:
+        """(id, hash, reason): rows the writer refused; kept, visible, never silently dropped.
+        Only the text the writer had (``hash``) while still outstanding: a producer may have
+        submitted other text under the id meanwhile, which is not what was refused."""
         with self._tx() as conn:
             done = conn.executemany(
-                "UPDATE chunks SET state='failed', error=?, updated=? WHERE collection=? AND id=?",
-                [(reason, time.time(), collection, id_) for id_, reason in items],
+                "UPDATE chunks SET state='failed', error=?, updated=?"
+                " WHERE collection=? AND id=? AND hash=? AND state IN ('pending', 'embedded')",
+                [(reason, time.time(), collection, id_, hash_) for id_, hash_, reason in items],
             ).rowcount
             _tally(conn, "failed", collection, done)
 
     def failed_after_a_commit(self, collection: str | None = None) -> dict[str, list[str]]:
-        """{collection: ids} of failed rows whose id was committed before (``committed_at``
-        kept from then): Chroma may still hold that older text, which no file has now."""
-        sql = "SELECT collection, id FROM chunks WHERE state='failed' AND committed_at IS NOT NULL"
+        """{collection: ids} of failed rows whose id was committed with other text: Chroma
+        may still hold that text, which no file has now. (A row whose committed text is its
+        own, failed on new metadata, is not one: Chroma holds its current text.) Rows
+        committed before the ledger recorded ``committed_hash`` are never listed."""
+        sql = (
+            "SELECT collection, id FROM chunks WHERE state='failed'"
+            " AND committed_hash IS NOT NULL AND committed_hash != hash"
+        )
         rows = self.conn.execute(sql, ()) if collection is None else self.conn.execute(
             sql + " AND collection=?", (collection,)
         )  # fmt: skip
@@ -274,11 +287,19 @@ class Ledger:
             found.setdefault(name, []).append(id_)
         return found
 
+    def failed_on_committed_text(self, collection: str) -> set[str]:
+        """Failed rows whose own text is the one last committed under their id (refused for
+        new metadata): Chroma rightly holds that text."""
+        rows = self.conn.execute(
+            "SELECT id FROM chunks WHERE collection=? AND state='failed' AND committed_hash = hash", (collection,)
+        )
+        return {id_ for (id_,) in rows}
+
     def withdrawn(self, collection: str, ids: Sequence[str]) -> None:
-        """The older versions of these failed rows are out of Chroma."""
+        """The older text of these failed rows is out of Chroma: nothing is committed under their ids."""
         with self._tx() as conn:
             conn.executemany(
-                "UPDATE chunks SET committed_at=NULL WHERE collection=? AND id=? AND state='failed'",
+                "UPDATE chunks SET committed_hash=NULL WHERE collection=? AND id=? AND state='failed'",
                 [(collection, id_) for id_ in ids],
             )
 

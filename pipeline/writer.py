@@ -145,16 +145,17 @@ class Writer:
             return committed
 
     def withdraw_failed(self, collection: str | None = None, wait: bool = True) -> int:
-        """Delete from Chroma the older version of each chunk whose new text failed (a file
-        edited, then its chunk refused): Chroma must not answer searches with text the
-        files no longer have, nor hold what a rebuild from the ledger would not. Chroma
-        first, then the ledger, so a kill in between only repeats the delete (at the next
-        task or start). ``wait=False`` (the start): skipped while a guard holds commits."""
-        if not wait and self.guard.problem() is not None:
-            return 0
+        """Delete from Chroma the older text of each chunk whose new text failed (a file
+        edited, then its chunk refused; ``Ledger.failed_after_a_commit``): Chroma must not
+        answer searches with text the files no longer have, nor hold what a rebuild from the
+        ledger would not. A chunk that failed on new metadata keeps its current text there.
+        Chroma first, then the ledger, so a kill in between only repeats the delete (at the
+        next task, start or requeue round). ``wait=False``: stops while a guard holds commits."""
         done = 0
         for name, ids in self.ledger.failed_after_a_commit(collection).items():
             for group in batched(ids, self.config.commit_batch):
+                if not wait and self.guard.problem() is not None:
+                    return done
                 if not self.guard.wait_until_clear(self.stop):
                     return done
                 with self.commit_lock.held():
@@ -323,7 +324,7 @@ class Writer:
         except _REFUSALS as exc:
             if len(group) == 1:
                 logger.error("chunk %s of %s refused by Chroma: %s", group[0].id, collection, exc)
-                self.ledger.fail(collection, [(group[0].id, f"refused by Chroma: {first_line(exc)}")])
+                self.ledger.fail(collection, [(group[0].id, group[0].hash, f"refused by Chroma: {first_line(exc)}")])
                 return 0
         return sum(self._commit_or_refuse(collection, [row]) for row in group)
 
@@ -342,25 +343,25 @@ class Writer:
         rows = self.ledger.load(collection, ids, (PENDING, EMBEDDED))
         logger.error("%s: %d chunks failed (index into a new collection, or run the writer with that model)",
                      reason, len(rows))  # fmt: skip
-        self.ledger.fail(collection, [(r.id, reason) for r in rows])
+        self.ledger.fail(collection, [(r.id, r.hash, reason) for r in rows])
         return False
 
     def _valid(self, collection: str, rows: list[Row]) -> list[Row]:
         good: list[Row] = []
-        refused: list[tuple[str, str]] = []
+        refused: list[tuple[str, str, str]] = []
         for row in rows:
             row.text = clean_text(row.text)
             try:
                 row.metadata = clean_metadata(row.metadata)
             except ValueError as exc:
-                refused.append((row.id, str(exc)))
+                refused.append((row.id, row.hash, str(exc)))
                 continue
             if not row.text.strip():
-                refused.append((row.id, "empty text"))
+                refused.append((row.id, row.hash, "empty text"))
                 continue
             good.append(row)
         if refused:
-            for id_, reason in refused:
+            for id_, _, reason in refused:
                 logger.error("chunk %s of %s refused: %s", id_, collection, reason)
             self.ledger.fail(collection, refused)
         return good
@@ -383,11 +384,11 @@ class Writer:
 
     def _store(self, collection: str, batch: Sequence[Row], vectors: np.ndarray) -> None:
         stored: list[tuple[str, str, bytes]] = []
-        refused: list[tuple[str, str]] = []
+        refused: list[tuple[str, str, str]] = []
         for row, vector in zip(batch, vectors, strict=True):
             reason = check_vector(vector, self.embedder.dimension)
             if reason:
-                refused.append((row.id, reason))
+                refused.append((row.id, row.hash, reason))
                 continue
             row.embedding = vector.astype(np.float32).tobytes()
             row.state = EMBEDDED

@@ -173,6 +173,11 @@ def test_index_needs_paths_or_jsonl(home: Path) -> None:
          "Invalid value for '--precision': 'junk' is not one of 'fp32', 'fp16', 'bf16'."),
         (["worker"], {"INDEXQ_MICRO_BATCH": "many"},
          "Invalid value for INDEXQ_MICRO_BATCH (from the environment): 'many' is not a valid integer."),
+        # An option read from either of two variables names the one that was set.
+        (["worker"], {"CHROMADB_MEMORY_THRESHOLD": "junk"},
+         "Invalid value for CHROMADB_MEMORY_THRESHOLD (from the environment): 'junk' is not a valid float."),
+        (["worker"], {"INDEXQ_MEMORY_THRESHOLD": "junk", "CHROMADB_MEMORY_THRESHOLD": "80"},
+         "Invalid value for INDEXQ_MEMORY_THRESHOLD (from the environment): 'junk' is not a valid float."),
         (["index", "x"], {}, "Missing option '--collection' / '-c'."),
         (["search", "x", "-k", "junk"], {}, "Invalid value for '-k': 'junk' is not a valid integer range."),
         (["nope"], {}, "No such command 'nope'."),

@@ -100,10 +100,12 @@ def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(
     assert sorted(dumped) == ["c0", "c2"] and dumped["c2"]["document"] == "chunk number 2, edited\n"
     assert "1 failed chunks of unit-docs withdrawn from Chroma" in caplog.text
     assert writer.ledger.failed_after_a_commit() == {}
+    # The last commit is still the last commit (status, metrics).
+    assert writer.ledger.conn.execute("SELECT count(*) FROM chunks WHERE committed_at IS NULL").fetchone() == (0,)
 
     # Killed after the ledger failed it and before Chroma lost it: done at the next start.
     writer.store.upsert(COLLECTION, ["c1"], writer.embedder.embed(["old text"]), ["old text"], [{"n": 1}])
-    writer.ledger.conn.execute("UPDATE chunks SET committed_at=1 WHERE id='c1'")
+    writer.ledger.conn.execute("UPDATE chunks SET committed_hash='h1' WHERE id='c1'")
     writer.ledger.conn.commit()
     assert writer.ledger.failed_after_a_commit() == {COLLECTION: ["c1"]}
     assert writer.withdraw_failed(wait=False) == 1
@@ -119,6 +121,39 @@ def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(
     seed(writer.ledger, edited[1:2])
     assert writer.index(COLLECTION, ids) == 1
     assert writer.store.dump(COLLECTION)["c1"]["document"] == "chunk number 1, fixed\n"
+
+
+def test_a_chunk_refused_for_new_metadata_keeps_its_current_text_in_chroma(writer: Writer) -> None:
+    """Lines added above a chunk change only its metadata; refused (here a list, as a JSONL
+    record may give), the chunk's text in Chroma is still the file's: it stays, through a
+    replay too. A row committed before the ledger recorded the committed text's hash is
+    never withdrawn either."""
+    ids = seed(writer.ledger, rows(writer.ledger, 3))
+    assert writer.index(COLLECTION, ids) == 3
+    retagged = rows(writer.ledger, 1)
+    retagged[0]["metadata"] = json.dumps({"tags": ["a", "b"]})
+    seed(writer.ledger, retagged)  # same text and hash, new metadata
+    assert writer.index(COLLECTION, ids) == 0
+    assert states(writer.ledger)["c0"] == "failed"
+    assert writer.store.dump(COLLECTION)["c0"]["document"] == "chunk number 0\n"
+    from ops.recovery import replay
+
+    assert replay(writer.config, writer.ledger)["deleted"] == 0
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c1", "c2"]
+    # From a ledger of before: failed, committed once, the committed text unknown.
+    writer.ledger.conn.execute("UPDATE chunks SET hash='h0-new', committed_hash=NULL WHERE id='c0'")
+    writer.ledger.conn.commit()
+    assert writer.withdraw_failed() == 0
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c1", "c2"]
+
+
+def test_a_refusal_fails_only_the_text_that_was_refused(writer: Writer) -> None:
+    """A producer may submit other text under an id while the writer works on the old one:
+    failing that id must not fail the new text (nor, then, withdraw what Chroma holds)."""
+    ids = seed(writer.ledger, rows(writer.ledger, 2))
+    writer.ledger.fail(COLLECTION, [("c0", "an older hash", "refused"), ("c1", "h1", "refused")])
+    assert states(writer.ledger) == {"c0": "pending", "c1": "failed"}
+    assert writer.index(COLLECTION, ids) == 1
 
 
 def test_nul_bytes_are_stripped_before_chroma(writer: Writer) -> None:

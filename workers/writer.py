@@ -129,7 +129,9 @@ class WriterHuey(QueueClient):
         with storage_errors(f"cannot open the queue of the data home {config.home}", config.home):
             self._lock = ProcessLock(config.writer_lock_path)
         # The writer's periodic requeue; index/delete/ingest are declared by QueueClient.
-        self.requeue_lost = register(self, self.storage_watch)
+        self.requeue_lost = register(
+            self, self.storage_watch, lambda: self.writer.withdraw_failed(wait=False) if self.writer else 0
+        )
 
     def start_writer(self, **options: Any) -> GracefulConsumer:
         """Become the one writer of the data home and return its consumer (raises)."""
