@@ -371,10 +371,11 @@ def _replay(config: Config, ledger: Ledger, store: Any, watermark: int | None) -
                 replayed += len(rows)
             fault_point("replay-batch")
         # Ids the ledger does not know, and failed chunks but those whose own text is the one
-        # committed (they failed on new metadata): a backup from before a chunk's edit
-        # failed holds its older text, which the writer had withdrawn.
+        # committed (they failed on new metadata) and, after a restore, in the backup: a
+        # backup from before a chunk's edit failed holds its older text.
         failed = {i for i in have if states.get(i) == FAILED}
-        gone = (have - set(states)) | (failed - ledger.failed_on_committed_text(collection) if failed else set())
+        kept = ledger.failed_on_committed_text(collection, watermark) if failed else set()
+        gone = (have - set(states)) | (failed - kept)
         for part in batched(sorted(gone), step):
             store.delete(collection, part)
             deleted += len(part)

@@ -126,6 +126,8 @@ class Ledger:
             chunks = self.db.table("chunks")
             if "committed_hash" not in chunks.columns_dict:
                 chunks.add_column("committed_hash", str)
+                # A committed row's text is the one committed (failed rows' is unknown: left NULL).
+                self.conn.execute("UPDATE chunks SET committed_hash=hash WHERE state='committed'")
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -251,10 +253,16 @@ class Ledger:
                 "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key='seq' RETURNING CAST(value AS INTEGER)"
             ).fetchone()
             done = conn.executemany(
-                "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?, committed_hash=hash"
+                "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?"
                 " WHERE collection=? AND id=? AND hash=? AND state='embedded'",
                 [(seq, now, now, collection, id_, hash_) for id_, hash_ in items],
             ).rowcount
+            # What Chroma now holds under each id, whatever the row says: a producer that
+            # replaced the text meanwhile left the row outstanding, and Chroma has this one.
+            conn.executemany(
+                "UPDATE chunks SET committed_hash=? WHERE collection=? AND id=?",
+                [(hash_, collection, id_) for id_, hash_ in items],
+            )
             _tally(conn, "committed", collection, done)
         return int(seq)
 
@@ -287,11 +295,14 @@ class Ledger:
             found.setdefault(name, []).append(id_)
         return found
 
-    def failed_on_committed_text(self, collection: str) -> set[str]:
+    def failed_on_committed_text(self, collection: str, watermark: int | None = None) -> set[str]:
         """Failed rows whose own text is the one last committed under their id (refused for
-        new metadata): Chroma rightly holds that text."""
+        new metadata): Chroma rightly holds that text. With ``watermark`` (Chroma restored
+        from a backup), only those committed by then: the backup holds their text."""
         rows = self.conn.execute(
-            "SELECT id FROM chunks WHERE collection=? AND state='failed' AND committed_hash = hash", (collection,)
+            "SELECT id FROM chunks WHERE collection=? AND state='failed' AND committed_hash = hash"
+            " AND (? IS NULL OR seq <= ?)",
+            (collection, watermark, watermark),
         )
         return {id_ for (id_,) in rows}
 

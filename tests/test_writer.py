@@ -141,10 +141,49 @@ def test_a_chunk_refused_for_new_metadata_keeps_its_current_text_in_chroma(write
     assert replay(writer.config, writer.ledger)["deleted"] == 0
     assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c1", "c2"]
     # From a ledger of before: failed, committed once, the committed text unknown.
-    writer.ledger.conn.execute("UPDATE chunks SET hash='h0-new', committed_hash=NULL WHERE id='c0'")
+    writer.ledger.conn.execute("UPDATE chunks SET state='failed', hash='h1-new', committed_hash=NULL WHERE id='c1'")
     writer.ledger.conn.commit()
     assert writer.withdraw_failed() == 0
     assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c1", "c2"]
+    # Restored from a backup taken before c0's commit (watermark 0): what Chroma holds
+    # under c0 is the backup's, not the committed text; the replay deletes it.
+    assert replay(writer.config, writer.ledger, 0)["deleted"] == 2
+    assert sorted(writer.store.dump(COLLECTION)) == ["c2"]
+
+
+def test_the_committed_hash_is_what_chroma_holds(writer: Writer) -> None:
+    """A producer that replaces a chunk's text while the writer commits the old text leaves
+    the row outstanding; the ledger still knows which text Chroma holds. A ledger from
+    before (schema 5) gets it for its committed rows."""
+    ids = seed(writer.ledger, rows(writer.ledger, 2))
+    assert writer.index(COLLECTION, ids) == 2
+    edited = rows(writer.ledger, 1)
+    edited[0].update(text="text B\n", hash="hB")
+    seed(writer.ledger, edited)
+    # The writer upserts B; before its checkpoint a producer puts A back.
+    writer.store.upsert(COLLECTION, ["c0"], writer.embedder.embed(["text B\n"]), ["text B\n"], [{"n": 0}])
+    seed(writer.ledger, rows(writer.ledger, 1))
+    writer.ledger.checkpoint(COLLECTION, [("c0", "hB")])
+    assert writer.ledger.conn.execute("SELECT state, hash, committed_hash FROM chunks WHERE id='c0'").fetchone() == (
+        "pending",
+        "h0",
+        "hB",
+    )
+    # A then refused: B, which no file has, is withdrawn.
+    writer.ledger.fail(COLLECTION, [("c0", "h0", "refused")])
+    assert writer.withdraw_failed() == 1
+    assert sorted(writer.store.dump(COLLECTION)) == ["c1"]
+
+    # Schema 5: no committed_hash. Opened by this code, committed rows get theirs.
+    writer.ledger.conn.execute("ALTER TABLE chunks DROP COLUMN committed_hash")
+    writer.ledger.conn.execute("PRAGMA user_version=5")
+    writer.ledger.conn.commit()
+    again = Ledger(writer.config.ledger_path)
+    try:
+        found = dict(again.conn.execute("SELECT id, committed_hash FROM chunks"))
+    finally:
+        again.close()
+    assert found == {"c0": None, "c1": "h1"}
 
 
 def test_a_refusal_fails_only_the_text_that_was_refused(writer: Writer) -> None:
