@@ -48,6 +48,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["full_text"]["chunks"] == data["corpus_chunks"]
     assert all(data["full_text"][f"{k}_{f}_chunks_per_s"] > 0 for k in ("bare", "pipeline") for f in ("on", "off"))
     assert data["pipeline"]["resubmit_chunks_embedded"] == 0
+    # The commit path against both bare loops: one metadata key, and indexq's records.
+    assert data["commit_path"]["ratio"] > 0 and data["commit_path"]["ratio_records"] > 0
     assert data["resume"]["chunks_embedded_twice"] <= 32
     assert data["query"]["collection_size"] == data["corpus_chunks"]
     assert data["query"]["chroma_p50_ms"] > 0

@@ -570,6 +570,10 @@ def report(results: dict[str, Any]) -> str:
         ),
         _row("commit path ratio (hash:384)", get("commit_path", "ratio"), TARGETS["commit_path_ratio"]),
         _row(
+            "commit path bare loop with indexq's records (chunks/s) / ratio",
+            f"{get('commit_path', 'bare_records_chunks_per_s')} / {get('commit_path', 'ratio_records')}",
+        ),
+        _row(
             f"full text off / on, bare loop (chunks/s, {get('full_text', 'model')}, {get('full_text', 'chunks')})",
             f"{get('full_text', 'bare_off_chunks_per_s')} / {get('full_text', 'bare_on_chunks_per_s')}",
         ),
@@ -722,7 +726,8 @@ def main(
         click.echo(f"building a corpus of ~{size} chunks in {work}", err=True)
         corpus_sources: list[str] = []
         total, corpus_chunks = build_corpus(work / "corpus", size, config, corpus_sources)
-        small_total, small_chunks = build_corpus(work / "corpus-small", max(1, size // 10), config)
+        small_sources: list[str] = []
+        small_total, small_chunks = build_corpus(work / "corpus-small", max(1, size // 10), config, small_sources)
         results["corpus_chunks"] = total
         stage("producer", "producer rate", lambda: producer_rate(work / "corpus", work, env))
         stage("bare", "bare baseline", lambda: bare_baseline(corpus_chunks, work, config, env, full_text_index or ""))
@@ -748,8 +753,16 @@ def main(
         stage("query", "query latency", lambda: query_latency(work / "pipeline-home", corpus_chunks, config))
         stage("memory", "writer memory on a corpus 10x smaller", lambda: memory(results, work, env, small_total))
         # The commit path on the corpus up to COMMIT_PATH_MAX chunks, else on the one 10x smaller.
-        cp_corpus, cp_chunks = ("corpus", corpus_chunks) if total <= COMMIT_PATH_MAX else ("corpus-small", small_chunks)
-        stage("commit_path", "commit path (hash:384)", lambda: commit_path(work / cp_corpus, cp_chunks, work, env))
+        cp_corpus, cp_chunks, cp_sources = (
+            ("corpus", corpus_chunks, corpus_sources)
+            if total <= COMMIT_PATH_MAX
+            else ("corpus-small", small_chunks, small_sources)
+        )
+        stage(
+            "commit_path",
+            "commit path (hash:384)",
+            lambda: commit_path(work / cp_corpus, cp_chunks, work, env, cp_sources),
+        )
         stage("full_text", "full-text index off vs on (hash:384)", lambda: full_text(work, size, env))
         stage("resume", "resume after kill -9", lambda: resume_waste(work / "corpus-small", work, env, seed))
         stage(
@@ -863,31 +876,47 @@ def _commit_path_pipeline(corpus: Path, home: Path, env: dict[str, str]) -> tupl
     return count / max(last - first, 1e-3), overall, submit_seconds
 
 
-def commit_path(corpus: Path, chunks: list[Any], work: Path, env: dict[str, str]) -> dict[str, Any]:
+def commit_path(
+    corpus: Path, chunks: list[Any], work: Path, env: dict[str, str], sources: list[str] | None = None
+) -> dict[str, Any]:
     """hash:384: the real writer subprocess (submit to last commit, as a user runs it) against a
-    bare loop (hash vectors, Chroma upserts of 10 into a fresh directory) over the same chunks."""
+    bare loop (hash vectors, Chroma upserts of 10 into a fresh directory) over the same chunks:
+    with one metadata key, and (given ``sources``) with the ids and metadata indexq's writer
+    gives them, so that indexq's own cost shows apart from its records' cost in Chroma."""
     import numpy as np
 
     from pipeline.embedder import load_embedder
+    from pipeline.producer import file_record
     from pipeline.store import Store
 
     run_env = {**env, "INDEXQ_MODEL": COMMIT_PATH_MODEL}
     embedder = load_embedder(COMMIT_PATH_MODEL)
-    bare, pipeline, as_run, submits = [], [], [], []
-    for round_ in range(COMMIT_PATH_ROUNDS):
-        store = Store(work / f"cp-bare-{round_}")
+    plain = [(f"{n}", {"ordinal": c.ordinal}) for n, c in enumerate(chunks)]
+    records = None
+    if sources is not None and len(sources) == len(chunks):
+        records = [(r["id"], r["metadata"]) for r in (file_record(s, c) for s, c in zip(sources, chunks, strict=True))]
+
+    def loop(path: Path, keyed: list[tuple[str, dict[str, Any]]]) -> float:
+        store = Store(path)
         collection = store.collection(COLLECTION)
         started = time.perf_counter()
         for start in range(0, len(chunks), 10):
             group = chunks[start : start + 10]
             collection.upsert(
-                ids=[f"{start + i}" for i in range(len(group))],
+                ids=[id_ for id_, _ in keyed[start : start + 10]],
                 embeddings=np.asarray(embedder.embed([c.text for c in group])),
                 documents=[c.text for c in group],
-                metadatas=[{"ordinal": c.ordinal} for c in group],
+                metadatas=[meta for _, meta in keyed[start : start + 10]],
             )
-        bare.append(len(chunks) / (time.perf_counter() - started))
+        rate = len(chunks) / (time.perf_counter() - started)
         store.close()
+        return rate
+
+    bare, bare_records, pipeline, as_run, submits = [], [], [], [], []
+    for round_ in range(COMMIT_PATH_ROUNDS):
+        bare.append(loop(work / f"cp-bare-{round_}", plain))
+        if records is not None:
+            bare_records.append(loop(work / f"cp-bare-records-{round_}", records))
         rate, overall, submit_seconds = _commit_path_pipeline(corpus, work / f"cp-home-{round_}", run_env)
         pipeline.append(rate)
         as_run.append(overall)
@@ -902,6 +931,10 @@ def commit_path(corpus: Path, chunks: list[Any], work: Path, env: dict[str, str]
         "ratio": round(pipeline_rate / bare_rate, 3),
         "bare_runs": [round(r, 1) for r in bare],
         "pipeline_runs": [round(r, 1) for r in pipeline],
+        # The bare loop upserting indexq's ids and metadata (eight keys): indexq's own cost.
+        "bare_records_chunks_per_s": round(statistics.median(bare_records), 1) if bare_records else None,
+        "ratio_records": round(pipeline_rate / statistics.median(bare_records), 3) if bare_records else None,
+        "bare_records_runs": [round(r, 1) for r in bare_records],
         # Submit to last commit: the producer's chunking included, which the bare loop is spared.
         "pipeline_submit_to_last_commit_chunks_per_s": round(statistics.median(as_run), 1),
         "submit_seconds": round(statistics.median(submits), 2),
