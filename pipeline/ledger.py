@@ -281,8 +281,8 @@ class Ledger:
     def failed_after_a_commit(self, collection: str | None = None) -> dict[str, list[str]]:
         """{collection: ids} of failed rows whose id was committed with other text: Chroma
         may still hold that text, which no file has now. (A row whose committed text is its
-        own, failed on new metadata, is not one: Chroma holds its current text.) Rows
-        committed before the ledger recorded ``committed_hash`` are never listed."""
+        own, failed on new metadata, is not one: Chroma holds its current text.) Rows that
+        had failed before the ledger recorded ``committed_hash`` (schema 6) are never listed."""
         sql = (
             "SELECT collection, id FROM chunks WHERE state='failed'"
             " AND committed_hash IS NOT NULL AND committed_hash != hash"
