@@ -158,17 +158,14 @@ class Sources:
                 identities[name] = model_identity(name)
             return identities[name]
 
-        for (made_by,) in self.conn.execute(
-            "SELECT DISTINCT model FROM chunks WHERE collection=? AND hash=? AND embedding IS NOT NULL",
+        # One row per model that embedded this text (SQLite picks any of its rows).
+        for made_by, embedding in self.conn.execute(
+            "SELECT model, embedding FROM chunks WHERE collection=? AND hash=? AND embedding IS NOT NULL"
+            " AND model IS NOT NULL GROUP BY model",
             (collection, hash_),
         ).fetchall():
-            if made_by is not None and identity(made_by) == identity(model):
-                row = self.conn.execute(
-                    "SELECT embedding FROM chunks WHERE collection=? AND hash=? AND model=? AND embedding IS NOT NULL"
-                    " LIMIT 1",
-                    (collection, hash_, made_by),
-                ).fetchone()
-                return row[0] if row else None
+            if identity(made_by) == identity(model):
+                return bytes(embedding)
         return None
 
     def settings(self, collection: str, full_text: bool | None = None, model: str | None = None) -> CollectionSettings:

@@ -150,7 +150,17 @@ class Writer:
         answer searches with text the files no longer have, nor hold what a rebuild from the
         ledger would not. A chunk that failed on new metadata keeps its current text there.
         Chroma first, then the ledger, so a kill in between only repeats the delete (at the
-        next task, start or requeue round). ``wait=False``: stops while a guard holds commits."""
+        next task, start or requeue round). ``wait=False`` (the start, the requeue round): best
+        effort, stopping while a guard holds commits, and an error is logged, never raised."""
+        if not wait:
+            try:
+                return self._withdraw_failed(collection, wait)
+            except Exception as exc:
+                logger.warning("failed chunks not withdrawn from Chroma (tried again later): %s", first_line(exc))
+                return 0
+        return self._withdraw_failed(collection, wait)
+
+    def _withdraw_failed(self, collection: str | None, wait: bool) -> int:
         done = 0
         for name, ids in self.ledger.failed_after_a_commit(collection).items():
             for group in batched(ids, self.config.commit_batch):

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from pipeline.backoff import StorageWatch
-from pipeline.errors import first_line, storage_error
+from pipeline.errors import storage_error
 from pipeline.queue import QueueClient
 from pipeline.writer import Writer
 
@@ -70,7 +70,7 @@ def every(seconds: float) -> Callable[[datetime.datetime], bool]:
 def register(queue: QueueClient, watch: StorageWatch, idle: Callable[[], object] | None = None) -> object:
     """The writer's periodic requeue, every ``requeue_interval`` (rounded to minutes);
     ``idle`` runs too when no task waits (the writer's withdrawal of failed chunks' older
-    text, skipped at its start or at a task while a guard held)."""
+    text, skipped at its start or at a task while a guard held); it must not raise."""
     config = queue.config
 
     @queue.periodic_task(every(config.requeue_interval))
@@ -83,10 +83,7 @@ def register(queue: QueueClient, watch: StorageWatch, idle: Callable[[], object]
         if queue.pending_count():
             return 0
         if idle is not None:
-            try:
-                idle()
-            except Exception as exc:  # never stops the requeue; the next round tries again
-                logger.warning("failed chunks not withdrawn from Chroma: %s", first_line(exc))
+            idle()
         try:
             return queue.requeue()
         except Exception as exc:  # a full disk: the next run (or the next start) requeues them

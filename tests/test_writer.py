@@ -84,7 +84,7 @@ def test_invalid_rows_are_failed_with_a_reason_and_the_rest_commit(writer: Write
 
 
 def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(
-    writer: Writer, caplog: pytest.LogCaptureFixture
+    writer: Writer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file edited, then its changed chunk refused: Chroma must not keep answering with the
     text from before the edit (no file has it, a rebuild from the ledger would drop it)."""
@@ -107,6 +107,18 @@ def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(
     writer.store.upsert(COLLECTION, ["c1"], writer.embedder.embed(["old text"]), ["old text"], [{"n": 1}])
     writer.ledger.conn.execute("UPDATE chunks SET committed_hash='h1' WHERE id='c1'")
     writer.ledger.conn.commit()
+    assert writer.ledger.failed_after_a_commit() == {COLLECTION: ["c1"]}
+
+    # At the start and in the requeue round an error is logged and the row left for later.
+    def broken(*args: object) -> None:
+        raise OSError("disk I/O error")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(writer.store, "delete", broken)
+        assert writer.withdraw_failed(wait=False) == 0
+        assert "failed chunks not withdrawn from Chroma (tried again later): disk I/O error" in caplog.text
+        with pytest.raises(OSError):
+            writer.withdraw_failed()  # in a task: raised, and the task is tried again
     assert writer.ledger.failed_after_a_commit() == {COLLECTION: ["c1"]}
     assert writer.withdraw_failed(wait=False) == 1
     assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]

@@ -181,12 +181,9 @@ class WriterHuey(QueueClient):
             self.storage.flush_queue()
             self.storage.flush_schedule()
             queued = self.requeue(self.writer.ledger)
-            # A writer killed between failing a chunk and withdrawing its older version. Never
-            # stops the start: the next task for that collection withdraws it.
-            try:
-                self.writer.withdraw_failed(wait=False)
-            except Exception as exc:
-                logger.warning("failed chunks not withdrawn from Chroma at the start: %s", first_line(exc))
+            # A writer killed between failing a chunk and withdrawing its older version (best
+            # effort: never stops the start).
+            self.writer.withdraw_failed(wait=False)
             self.writer.state.publish()
             # Last: a metrics port that cannot be had stops the start (exit 2) with nothing left open.
             writer = self.writer

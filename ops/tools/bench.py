@@ -893,7 +893,7 @@ def commit_path(
     embedder = load_embedder(COMMIT_PATH_MODEL)
     plain = [(f"{n}", {"ordinal": c.ordinal}) for n, c in enumerate(chunks)]
     records = None
-    if sources is not None and len(sources) == len(chunks):
+    if sources is not None:
         records = [(r["id"], r["metadata"]) for r in (file_record(s, c) for s, c in zip(sources, chunks, strict=True))]
 
     def loop(path: Path, keyed: list[tuple[str, dict[str, Any]]]) -> float:
