@@ -386,14 +386,36 @@ class SentenceTransformerEmbedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         with self._lock:
-            vectors = self._model.encode(
-                texts,
-                batch_size=self.forward_batch or len(texts) or 1,
-                convert_to_numpy=True,
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+            vectors = self._encode(texts, convert_to_numpy=True)
         return self._stored(np.asarray(vectors, dtype=np.float32))
+
+    def _encode(self, texts: list[str], **options: Any) -> Any:
+        """The model's ``encode`` of ``texts``, ``forward_batch`` texts per forward pass (on a
+        GPU, all of them until one pass ran out of memory). A pass that runs out of the
+        device's memory (a small GPU, a large model, a micro-batch of long texts) halves
+        ``forward_batch`` for this and every later call, down to one text: the micro-batch
+        and its vectors stay whole, only the passes get smaller. One text that does not fit
+        is raised, as ``EmbeddingMemoryError``. Called with ``_lock`` held."""
+        while True:
+            size = self.forward_batch or len(texts) or 1
+            try:
+                return self._model.encode(
+                    texts, batch_size=size, normalize_embeddings=True, show_progress_bar=False, **options
+                )
+            except Exception as exc:
+                if not _out_of_memory(exc):
+                    raise
+                _release_cached_memory(self.device)
+                if size <= 1 or len(texts) <= 1:
+                    raise EmbeddingMemoryError(
+                        f"{self.device} ran out of memory embedding one text with {self.name}: {first_line(exc)}"
+                    ) from exc
+                self.forward_batch = min(size, len(texts)) // 2
+                logger.warning(
+                    "%s ran out of memory embedding %d texts at once: %d at a time from now on "
+                    "(a smaller --micro-batch avoids the retry)",
+                    self.device, min(size, len(texts)), self.forward_batch,
+                )  # fmt: skip
 
     def _stored(self, vectors: np.ndarray) -> np.ndarray:
         """float32 vectors as stored: fp16 and bf16 ones renormalised (normalised in their own precision)."""
@@ -413,13 +435,8 @@ class SentenceTransformerEmbedder:
         import torch
 
         with self._lock, torch.cuda.device(self._model.device):
-            found = self._model.encode(
-                texts,
-                batch_size=len(texts) or 1,
-                convert_to_tensor=True,  # stays on the GPU: no wait for the pass to finish
-                normalize_embeddings=True,
-                show_progress_bar=False,
-            )
+            # convert_to_tensor: the vectors stay on the GPU, no wait for the pass to finish.
+            found = self._encode(texts, convert_to_tensor=True)
             host = torch.empty(tuple(found.shape), dtype=torch.float32, pin_memory=True)
             host.copy_(found, non_blocking=True)  # fp16/bf16 to float32 on the way
             copied = torch.cuda.Event()
@@ -430,6 +447,30 @@ class SentenceTransformerEmbedder:
             return self._stored(host.numpy())
 
         return wait
+
+
+class EmbeddingMemoryError(RuntimeError):
+    """The device has no memory for one text's forward pass (``SentenceTransformerEmbedder._encode``)."""
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch's error for a device allocation that failed: CUDA's ``OutOfMemoryError``, MPS's
+    RuntimeError ("MPS backend out of memory"). A CPU's failed allocation is left to the
+    writer's memory guard."""
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, torch.cuda's alias
+        return True
+    return isinstance(exc, RuntimeError) and "MPS backend out of memory" in str(exc)
+
+
+def _release_cached_memory(device: str) -> None:
+    """Hand torch's cached blocks back to the device, so the smaller passes that follow can
+    take the memory the failed one left in the cache."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    elif device.startswith("mps") and hasattr(torch, "mps"):
+        torch.mps.empty_cache()
 
 
 def _cpu_forward_batch(model: Any) -> int:

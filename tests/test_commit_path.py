@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -494,6 +495,64 @@ def test_a_cpu_micro_batch_goes_through_the_model_a_few_texts_at_a_time() -> Non
     assert passes == [8, 8, 8, 8]
     whole = model.encode(texts, batch_size=32, convert_to_numpy=True, normalize_embeddings=True)
     np.testing.assert_allclose(vectors, whole, atol=1e-5)
+
+
+def test_a_pass_that_runs_out_of_device_memory_is_halved_until_it_fits(caplog: pytest.LogCaptureFixture) -> None:
+    """A GPU takes a micro-batch in one pass; where that pass runs out of the device's memory
+    (torch's OutOfMemoryError, raised here for passes of over 4 texts by a hook on the real
+    model), the embedder halves its passes for this and later micro-batches, and the vectors
+    are those of one pass. One text that does not fit is a clear error, and any other error
+    is raised as it is."""
+    import torch
+
+    from pipeline.embedder import EmbeddingMemoryError, load_embedder
+
+    embedder = load_embedder("all-MiniLM-L6-v2", "cpu")
+    embedder.forward_batch = None  # type: ignore[attr-defined]  # as on a GPU: the whole micro-batch at once
+    model = embedder._model  # type: ignore[attr-defined]
+    texts = [f"chunk {i}: " + "resume the bulk index where it stopped " * (i % 5 + 1) for i in range(16)]
+    whole = model.encode(texts, batch_size=16, convert_to_numpy=True, normalize_embeddings=True)
+    fits, passes = [4], []
+
+    def device(_module: object, args: tuple[dict[str, torch.Tensor]]) -> None:
+        texts_in_pass = len(args[0]["input_ids"])
+        if texts_in_pass > fits[0]:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {texts_in_pass} texts")
+        passes.append(texts_in_pass)
+
+    hook = model[0].register_forward_pre_hook(device)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.embedder"):
+            vectors = embedder.embed(texts)
+        assert passes == [4, 4, 4, 4] and embedder.forward_batch == 4  # type: ignore[attr-defined]
+        np.testing.assert_allclose(vectors, whole, atol=1e-5)
+        said = [r.getMessage() for r in caplog.records]
+        assert said == [
+            "cpu ran out of memory embedding 16 texts at once: 8 at a time from now on"
+            " (a smaller --micro-batch avoids the retry)",
+            "cpu ran out of memory embedding 8 texts at once: 4 at a time from now on"
+            " (a smaller --micro-batch avoids the retry)",
+        ]
+        del passes[:]
+        embedder.embed(texts[:6])  # the next micro-batch starts at the size that fitted
+        assert passes == [4, 2] and len(caplog.records) == 2
+        fits[0] = 0
+        with pytest.raises(EmbeddingMemoryError, match="cpu ran out of memory embedding one text with all-MiniLM"):
+            embedder.embed(texts[:3])
+        assert embedder.forward_batch == 1  # type: ignore[attr-defined]
+    finally:
+        hook.remove()
+
+    def broken_model(_module: object, _args: object) -> None:
+        raise ValueError("not memory")
+
+    broken = model[0].register_forward_pre_hook(broken_model)
+    try:
+        with pytest.raises(ValueError, match="not memory"):
+            embedder.embed(texts[:2])
+        assert embedder.forward_batch == 1  # type: ignore[attr-defined]
+    finally:
+        broken.remove()
 
 
 def test_a_search_in_bf16_falls_back_to_fp32_where_the_cpu_cannot(monkeypatch: pytest.MonkeyPatch) -> None:

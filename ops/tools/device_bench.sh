@@ -47,7 +47,8 @@ bench() {  # NAME [bench options]
     --output "$OUT/$name.json" "$@" | grep -v ' n/a '
 }
 # STEPS picks and orders them: check (the GPU's queued micro-batch against embed),
-# pipeline and bare (one stage each), fp32, full-text-off, precision, profile, fp16.
+# oom (a micro-batch over the GPU's memory is halved, not lost), pipeline and bare (one
+# stage each), fp32, full-text-off, precision, profile, fp16.
 STEPS=${STEPS:-fp32 full-text-off precision profile fp16}
 for step in $STEPS; do case $step in
 check)
@@ -60,6 +61,27 @@ for precision in ("fp32", "fp16"):
     e = load_embedder("$MODEL", "cuda", precision)
     queued, direct = e.start(texts)(), e.embed(texts)
     print("check", precision, e.launches, queued.shape, float(np.abs(queued - direct).max()))
+EOF
+  ;;
+oom)
+  # A GPU that has room for a quarter of a micro-batch of long texts: torch's caching
+  # allocator refuses past the fraction set, as a small card would.
+  echo "== oom at $(elapsed) s"
+  $PY - <<EOF
+import logging, time, numpy as np, torch
+from pipeline.embedder import load_embedder
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+texts = [f"chunk {i}: " + " ".join(f"token{(i * 7 + j) % 997}" for j in range(300)) for i in range(1024)]
+e = load_embedder("$MODEL", "cuda", "fp32")
+whole = e.start(texts)()
+torch.cuda.synchronize(); torch.cuda.empty_cache()
+torch.cuda.set_per_process_memory_fraction(1.5e9 / torch.cuda.get_device_properties(0).total_memory)
+started = time.perf_counter()
+halved = e.start(texts)()
+again = e.embed(texts[:300])
+print("oom: forward_batch", e.forward_batch, "largest difference", float(np.abs(halved - whole).max()),
+      float(np.abs(again - whole[:300]).max()), f"{time.perf_counter() - started:.2f} s",
+      "peak GiB", round(torch.cuda.max_memory_allocated() / 2**30, 2))
 EOF
   ;;
 pipeline|bare) bench "gpu-$step" --stages "$step" ;;
