@@ -405,17 +405,20 @@ class SentenceTransformerEmbedder:
             except Exception as exc:
                 if not _out_of_memory(exc):
                     raise
-                _release_cached_memory(self.device)
-                if size <= 1 or len(texts) <= 1:
-                    raise EmbeddingMemoryError(
-                        f"{self.device} ran out of memory embedding one text with {self.name}: {first_line(exc)}"
-                    ) from exc
-                self.forward_batch = min(size, len(texts)) // 2
-                logger.warning(
-                    "%s ran out of memory embedding %d texts at once: %d at a time from now on "
-                    "(a smaller --micro-batch avoids the retry)",
-                    self.device, min(size, len(texts)), self.forward_batch,
-                )  # fmt: skip
+                # Only its text is kept: the traceback holds the failed pass's tensors, which
+                # must be freed before the cache is released (torch's FAQ on out-of-memory).
+                error = first_line(exc)
+            _release_cached_memory(self.device)
+            if size <= 1 or len(texts) <= 1:
+                raise EmbeddingMemoryError(
+                    f"{self.device} ran out of memory embedding one text with {self.name}: {error}"
+                )
+            self.forward_batch = min(size, len(texts)) // 2
+            logger.warning(
+                "%s ran out of memory embedding %d texts at once: %d at a time from now on "
+                "(a smaller --micro-batch avoids the retry)",
+                self.device, min(size, len(texts)), self.forward_batch,
+            )  # fmt: skip
 
     def _stored(self, vectors: np.ndarray) -> np.ndarray:
         """float32 vectors as stored: fp16 and bf16 ones renormalised (normalised in their own precision)."""
