@@ -395,7 +395,10 @@ class SentenceTransformerEmbedder:
         device's memory (a small GPU, a large model, a micro-batch of long texts) halves
         ``forward_batch`` for this and every later call, down to one text: the micro-batch
         and its vectors stay whole, only the passes get smaller. One text that does not fit
-        is raised, as ``EmbeddingMemoryError``. Called with ``_lock`` held."""
+        is raised, as ``EmbeddingMemoryError``, with ``forward_batch`` as it was (no smaller
+        pass fitted either: the device was full, not the pass too large). Called with
+        ``_lock`` held."""
+        entry = self.forward_batch
         while True:
             size = self.forward_batch or len(texts) or 1
             try:
@@ -410,6 +413,7 @@ class SentenceTransformerEmbedder:
                 error = first_line(exc)
             _release_cached_memory(self.device)
             if size <= 1 or len(texts) <= 1:
+                self.forward_batch = entry
                 raise EmbeddingMemoryError(
                     f"{self.device} ran out of memory embedding one text with {self.name}: {error}"
                 )
@@ -456,13 +460,20 @@ class EmbeddingMemoryError(RuntimeError):
     """The device has no memory for one text's forward pass (``SentenceTransformerEmbedder._encode``)."""
 
 
+# A device allocation that failed outside torch's caching allocator (cuBLAS's workspace, a
+# direct cudaMalloc) or on MPS: a RuntimeError (torch.AcceleratorError) with one of these.
+_DEVICE_OOM_MESSAGES = ("MPS backend out of memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def _out_of_memory(exc: BaseException) -> bool:
-    """torch's error for a device allocation that failed: CUDA's ``OutOfMemoryError``, MPS's
-    RuntimeError ("MPS backend out of memory"). A CPU's failed allocation is left to the
-    writer's memory guard."""
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, torch.cuda's alias
+    """torch's error for a device allocation that failed: ``torch.OutOfMemoryError`` (CUDA's
+    caching allocator, ROCm's too), or a RuntimeError that says so (``_DEVICE_OOM_MESSAGES``).
+    A CPU's failed allocation is left to the writer's memory guard."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "MPS backend out of memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _DEVICE_OOM_MESSAGES)
 
 
 def _release_cached_memory(device: str) -> None:

@@ -497,18 +497,23 @@ def test_a_cpu_micro_batch_goes_through_the_model_a_few_texts_at_a_time() -> Non
     np.testing.assert_allclose(vectors, whole, atol=1e-5)
 
 
-def test_a_pass_that_runs_out_of_device_memory_is_halved_until_it_fits(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_pass_that_runs_out_of_device_memory_is_halved_until_it_fits(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A GPU takes a micro-batch in one pass; where that pass runs out of the device's memory
     (torch's OutOfMemoryError, raised here for passes of over 4 texts by a hook on the real
-    model), the embedder halves its passes for this and later micro-batches, and the vectors
-    are those of one pass. One text that does not fit is a clear error, and any other error
-    is raised as it is."""
+    model), the embedder releases torch's cache, halves its passes for this and later
+    micro-batches, and the vectors are those of one pass, on the GPU path's tensors too. One
+    text that does not fit is a clear error that leaves the pass size as it was, and any
+    other error is raised as it is."""
     import torch
 
     from pipeline.embedder import EmbeddingMemoryError, load_embedder
 
     embedder = load_embedder("all-MiniLM-L6-v2", "cpu")
     embedder.forward_batch = None  # type: ignore[attr-defined]  # as on a GPU: the whole micro-batch at once
+    released: list[str] = []
+    monkeypatch.setattr(embedder_module, "_release_cached_memory", released.append)
     model = embedder._model  # type: ignore[attr-defined]
     texts = [f"chunk {i}: " + "resume the bulk index where it stopped " * (i % 5 + 1) for i in range(16)]
     whole = model.encode(texts, batch_size=16, convert_to_numpy=True, normalize_embeddings=True)
@@ -525,6 +530,7 @@ def test_a_pass_that_runs_out_of_device_memory_is_halved_until_it_fits(caplog: p
         with caplog.at_level(logging.WARNING, logger="pipeline.embedder"):
             vectors = embedder.embed(texts)
         assert passes == [4, 4, 4, 4] and embedder.forward_batch == 4  # type: ignore[attr-defined]
+        assert released == ["cpu", "cpu"]  # once per refused pass
         np.testing.assert_allclose(vectors, whole, atol=1e-5)
         said = [r.getMessage() for r in caplog.records]
         assert said == [
@@ -536,23 +542,47 @@ def test_a_pass_that_runs_out_of_device_memory_is_halved_until_it_fits(caplog: p
         del passes[:]
         embedder.embed(texts[:6])  # the next micro-batch starts at the size that fitted
         assert passes == [4, 2] and len(caplog.records) == 2
+        # The GPU path (start on CUDA) asks for one tensor of the micro-batch's vectors, in order.
+        fits[0], passes[:] = 2, []
+        with embedder._lock:  # type: ignore[attr-defined]
+            tensor = embedder._encode(texts, convert_to_tensor=True)  # type: ignore[attr-defined]
+        assert isinstance(tensor, torch.Tensor) and tuple(tensor.shape) == (16, embedder.dimension)
+        assert passes == [2] * 8 and embedder.forward_batch == 2  # type: ignore[attr-defined]
+        np.testing.assert_allclose(tensor.numpy(), whole, atol=1e-5)
+        # No room for one text: a device that is full, not a pass too large.
         fits[0] = 0
         with pytest.raises(EmbeddingMemoryError, match="cpu ran out of memory embedding one text with all-MiniLM"):
             embedder.embed(texts[:3])
-        assert embedder.forward_batch == 1  # type: ignore[attr-defined]
+        assert embedder.forward_batch == 2  # type: ignore[attr-defined]
     finally:
         hook.remove()
 
     def broken_model(_module: object, _args: object) -> None:
-        raise ValueError("not memory")
+        raise RuntimeError("CUDA error: device-side assert triggered")
 
     broken = model[0].register_forward_pre_hook(broken_model)
+    released.clear()
     try:
-        with pytest.raises(ValueError, match="not memory"):
-            embedder.embed(texts[:2])
-        assert embedder.forward_batch == 1  # type: ignore[attr-defined]
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            embedder.embed(texts[:4])
+        assert embedder.forward_batch == 2 and released == []  # type: ignore[attr-defined]
     finally:
         broken.remove()
+
+
+def test_which_errors_are_the_device_out_of_memory() -> None:
+    import torch
+
+    from pipeline.embedder import _out_of_memory
+
+    assert _out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _out_of_memory(torch.cuda.OutOfMemoryError("HIP out of memory"))
+    assert _out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB, other allocations: 1 MB)"))
+    assert _out_of_memory(RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be reported later"))
+    assert _out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not _out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 GB"))
+    assert not _out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _out_of_memory(MemoryError())
 
 
 def test_a_search_in_bf16_falls_back_to_fp32_where_the_cpu_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
