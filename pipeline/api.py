@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from pipeline.config import DEFAULT_STATUS_JOBS, Config, private_umask
+from pipeline.config import DEFAULT_STATUS_JOBS, MAX_SEARCH_RESULTS, Config, private_umask
 from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, first_line
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
@@ -318,12 +318,20 @@ def _query_embedder(cfg: Config, precision: str) -> Embedder:
 def search(text: str, collection: str, k: int = 5, config: Config | None = None) -> list[dict[str, Any]]:
     """The ``k`` chunks nearest to ``text``: id, distance, document, metadata."""
     from pipeline.embedder import is_hash_model, model_identity
+    from pipeline.guards import unicode_problem
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
     from pipeline.writer import open_store
 
     if not text.strip():
         raise BadInputError("the search text is empty", hint="search for some words")
+    if (problem := unicode_problem(text)) is not None:
+        raise BadInputError(
+            f"the search text {problem}",
+            hint="search with UTF-8 text (a command line's byte of another encoding reads as '\\udc80' to '\\udcff')",
+        )
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SEARCH_RESULTS:
+        raise BadInputError(f"k must be a whole number from 1 to {MAX_SEARCH_RESULTS}, got {k!r}")
     cfg = _config(config)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense
@@ -335,14 +343,15 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     # In fp32, or bf16 when that is the setting (fp16 is for a GPU's bulk work; a hash: model
     # has no precision).
     precision = "bf16" if cfg.precision == "bf16" and not is_hash_model(cfg.model) else "fp32"
-    # The model as one spelling: a relative path means this process's folder, not the writer's.
-    vector = ask(cfg.query_socket_path, text, model_identity(cfg.model), cfg.device, precision)
-    if vector is None:
-        vector = _query_embedder(cfg, precision).embed([text])[0]
     # Opening Chroma from a second process is only safe while the writer is between
-    # commits: hold the commit lock for the open and the query (milliseconds).
+    # commits: the commit lock is held for the open and the query (milliseconds). Its files
+    # are opened first, so that a data home that cannot be written fails before a model loads.
     lock = CommitLock(cfg.commit_lock_path)
     try:
+        # The model as one spelling: a relative path means this process's folder, not the writer's.
+        vector = ask(cfg.query_socket_path, text, model_identity(cfg.model), cfg.device, precision)
+        if vector is None:
+            vector = _query_embedder(cfg, precision).embed([text])[0]
         with lock.held(timeout=cfg.lock_timeout):
             store = open_store(cfg)
             try:

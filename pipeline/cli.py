@@ -36,9 +36,11 @@ from pipeline.config import (
     DEFAULT_RETENTION,
     DEFAULT_STATUS_JOBS,
     DEFAULT_WATCH_INTERVAL,
+    MAX_SEARCH_RESULTS,
     MICRO_BATCH_BY_DEVICE,
     PRECISIONS,
     Config,
+    device_problem,
     parse_metrics_port,
     private_files,
 )
@@ -105,8 +107,17 @@ def _home(func: Callable[..., Any]) -> Callable[..., Any]:
 def _device(func: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--device", envvar="INDEXQ_DEVICE", default=DEFAULT_DEVICE, show_default=True, metavar="auto|cpu|cuda|mps",
+        callback=_check_device,
         help="Where the model runs: auto takes CUDA, then MPS, then the CPU; cuda:N names one GPU (env INDEXQ_DEVICE).",
     )(func)  # fmt: skip
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A device indexq knows, refused as a usage error (naming INDEXQ_DEVICE where it came from there)."""
+    value = value.strip()
+    if (problem := device_problem(value)) is not None:
+        raise click.BadParameter(problem)
+    return value
 
 
 def _precision(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -420,7 +431,9 @@ def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -
 @main.command()
 @click.argument("text")
 @click.option("--collection", "-c", required=True, help="Collection to search.")
-@click.option("-k", "k", default=5, show_default=True, type=click.IntRange(1, 1000), help="Number of results.")
+@click.option(
+    "-k", "k", default=5, show_default=True, type=click.IntRange(1, MAX_SEARCH_RESULTS), help="Number of results."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 @_precision("The query's precision: bf16 where this machine computes it, else fp32 (env INDEXQ_PRECISION).")
 @_device

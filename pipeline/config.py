@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -88,6 +89,8 @@ DEFAULT_LOCK_TIMEOUT = 30.0
 QUERY_ACCEPT_TIMEOUT = 2.0
 DEFAULT_QUERY_TIMEOUT = 30.0
 MAX_QUERY_CHARS = 10_000
+# Results one search returns at most (`indexq search -k`, pipeline.search's k).
+MAX_SEARCH_RESULTS = 1000
 # Back-off of a tripped guard: first wait, growth, longest wait (seconds).
 GUARD_BACKOFF = (0.5, 2.0, 30.0)
 # Prometheus metrics of the writer and the maintenance consumer: off unless a port is
@@ -178,6 +181,13 @@ def redact_url(url: str | None) -> str:
 PRIVATE_UMASK = 0o077
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` names no device indexq knows (as "must be ..."), or None."""
+    if device in DEVICES or re.fullmatch(r"cuda:\d+", device):
+        return None
+    return f"must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}"
+
+
 def private_files() -> None:
     """Make every file and folder this process creates from now on private (0600 / 0700).
 
@@ -193,12 +203,26 @@ def private_umask() -> Iterator[None]:
 
     For the Python API, which must not change its host process for good. The umask is
     process-wide: a thread of the host that creates a file meanwhile gets it private too.
+    Blocks that overlap (API calls from several threads, or nested) share one change: the
+    first to enter saves the host's umask, the last to leave puts it back.
     """
-    previous = os.umask(PRIVATE_UMASK)
+    global _private_depth, _host_umask
+    with _umask_lock:
+        if _private_depth == 0:
+            _host_umask = os.umask(PRIVATE_UMASK)
+        _private_depth += 1
     try:
         yield
     finally:
-        os.umask(previous)
+        with _umask_lock:
+            _private_depth -= 1
+            if _private_depth == 0:
+                os.umask(_host_umask)
+
+
+_umask_lock = threading.Lock()
+_private_depth = 0  # private_umask blocks now open, in any thread
+_host_umask = 0o022  # the umask they found, put back by the last to leave
 
 
 def _tighten(root: Path) -> None:
@@ -297,8 +321,8 @@ class Config:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.query_runtime not in QUERY_RUNTIMES:
             raise ConfigError(f"query runtime must be one of {', '.join(QUERY_RUNTIMES)}, got {self.query_runtime!r}")
-        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        if (problem := device_problem(self.device)) is not None:
+            raise ConfigError(f"device {problem}")
         if self.chunk_tokens is not None and self.chunk_tokens < 16:
             raise ConfigError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens!r}")
         if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
@@ -489,11 +513,20 @@ class Config:
         if found := pick("INDEXQ_MODEL"):
             values["model"] = found[1]
         if found := pick("INDEXQ_DEVICE"):
-            values["device"] = found[1].strip()
-        if found := pick("INDEXQ_PRECISION"):
-            values["precision"] = found[1].strip()
-        if found := pick("INDEXQ_QUERY_RUNTIME"):
-            values["query_runtime"] = found[1].strip()
+            values["device"] = found[1]
+            if overrides.get("device") is None and (problem := device_problem(found[1])) is not None:
+                raise ConfigError(f"{found[0]} {problem}", hint=f"set {found[0]} right, or unset it")
+        for field, name, allowed in (
+            ("precision", "INDEXQ_PRECISION", PRECISIONS),
+            ("query_runtime", "INDEXQ_QUERY_RUNTIME", QUERY_RUNTIMES),
+        ):
+            if found := pick(name):
+                values[field] = found[1]
+                if overrides.get(field) is None and found[1] not in allowed:
+                    raise ConfigError(
+                        f"{name} must be one of {', '.join(allowed)}, got {found[1]!r}",
+                        hint=f"set {name} right, or unset it",
+                    )
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")
         number(int, "commit_batch", "INDEXQ_COMMIT_BATCH")
         number(int, "micro_batch", "INDEXQ_MICRO_BATCH")

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.errors import BadInputError
 from pipeline.formats import BINARY_FORMATS, Document, Unparsable, format_of, parse
 from pipeline.formats import GONE_REASONS as FORMAT_GONE_REASONS
-from pipeline.guards import clean_metadata, clean_text
+from pipeline.guards import clean_metadata, clean_text, unicode_problem
 
 # Folders no one means to index; --include cannot bring them back, --exclude adds more.
 DEFAULT_EXCLUDES = (".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules")
@@ -330,13 +330,8 @@ def _record(raw: Any, position: int, where: str) -> Record:
 
 def _check_unicode(value: Any, what: str) -> None:
     """JSON may spell a lone UTF-16 surrogate (\\ud800); no tokenizer, SQLite or Chroma takes one."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise ValueError(
-                f"{what} holds a lone UTF-16 surrogate ({value[exc.start]!a} at character {exc.start})"
-            ) from None
+    if isinstance(value, str) and (problem := unicode_problem(value)) is not None:
+        raise ValueError(f"{what} {problem}")
 
 
 def check_record(raw: Any, position: int, where: str) -> Record:

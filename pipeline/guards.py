@@ -32,6 +32,17 @@ def clean_text(text: str) -> str:
     return text.replace("\x00", "")
 
 
+def unicode_problem(text: str) -> str | None:
+    """What keeps ``text`` from being UTF-8, or None: a lone UTF-16 surrogate, which JSON may
+    spell (``\\ud800``) and Python makes of a command-line byte that is not UTF-8 (``\\udce9``
+    for 0xE9). No tokenizer, SQLite or Chroma takes one."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"holds a lone UTF-16 surrogate ({text[exc.start]!a} at character {exc.start})"
+    return None
+
+
 def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     """Metadata Chroma accepts: scalar values, no NUL bytes; raises ValueError otherwise."""
     out: dict[str, Any] = {}

@@ -227,6 +227,8 @@ def _published(
 ) -> OnnxQueryEmbedder | None:
     """The export of ``prefix`` if one is there and sound; a damaged one is removed."""
     for path in sorted(prefix.parent.glob(f"{prefix.name}-{_HEX}.onnx")):
+        if not path.is_file():  # a folder by that name: publishing over it fails, and is remembered
+            continue
         try:
             if _digest(path) != path.stem.rsplit("-", 1)[1]:
                 raise ValueError("its content is not the content it was written with")

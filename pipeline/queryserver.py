@@ -36,12 +36,14 @@ import numpy as np
 from pipeline.config import DEFAULT_QUERY_TIMEOUT, MAX_QUERY_CHARS, QUERY_ACCEPT_TIMEOUT
 from pipeline.embedder import Embedder, model_identity
 from pipeline.errors import first_line
+from pipeline.guards import unicode_problem
 
 logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct(">I")
-# A request is the text (<= MAX_QUERY_CHARS, up to 6 bytes each once JSON-escaped) and two names.
-MAX_REQUEST_BYTES = MAX_QUERY_CHARS * 6 + 4096
+# A request is the text (<= MAX_QUERY_CHARS, up to 12 bytes each once JSON-escaped: a
+# character past U+FFFF is a surrogate pair, \\ud83d\\ude80) and three names.
+MAX_REQUEST_BYTES = MAX_QUERY_CHARS * 12 + 4096
 # An answer is 384-4096 floats as JSON text; anything far larger is not ours.
 MAX_ANSWER_BYTES = 1 << 20
 # A peer's whole request must arrive within this long of its acceptance, and each answer
@@ -152,9 +154,14 @@ class QueryServer:
             temp.unlink()
         with _reachable(temp) as where:
             self._sock.bind(where)
-        os.chmod(temp, 0o600)
-        os.replace(temp, self.path)
-        return os.stat(self.path).st_ino
+        try:
+            os.chmod(temp, 0o600)
+            os.replace(temp, self.path)  # fails where a folder has the socket's name
+            return os.stat(self.path).st_ino
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
 
     def _accept(self) -> None:
         while not self._closed.is_set():
@@ -214,6 +221,8 @@ class QueryServer:
             raise ValueError("text, model, device and precision must be strings")
         if len(text) > MAX_QUERY_CHARS:
             return text, f"text of {len(text)} characters (at most {MAX_QUERY_CHARS})"
+        if (unicode := unicode_problem(text)) is not None:  # JSON spells a lone surrogate; no tokenizer takes one
+            return text, f"text {unicode}"
         if not same_model(model, self.embedder.name):
             return text, f"this writer embeds with {self.embedder.name!r}, not {model!r}"
         if not same_device(device, self.embedder.device):
@@ -252,7 +261,7 @@ def ask(
     accept_timeout: float = QUERY_ACCEPT_TIMEOUT, timeout: float = DEFAULT_QUERY_TIMEOUT,
 ) -> np.ndarray | None:  # fmt: skip
     """The running writer's vector for ``text``, or None when it cannot give one (see the module's docstring)."""
-    if len(text) > MAX_QUERY_CHARS:
+    if len(text) > MAX_QUERY_CHARS or unicode_problem(text) is not None:
         return None
     try:
         if not stat.S_ISSOCK(os.stat(path).st_mode):

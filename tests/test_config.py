@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import DEFAULT_MICRO_BATCH, Config, parse_duration, parse_flag
+from pipeline.config import DEFAULT_MICRO_BATCH, Config, parse_duration, parse_flag, private_umask
 from pipeline.errors import ConfigError
+from tests.conftest import run_cli
 
 
 def test_defaults_and_layout(tmp_path: Path) -> None:
@@ -225,3 +228,62 @@ def test_auto_picks_the_cpu_without_a_gpu_and_a_missing_gpu_is_an_error() -> Non
     assert pick_device("auto") == ("mps" if mps else "cpu")
     with pytest.raises(ConfigError, match="torch sees no CUDA GPU"):
         pick_device("cuda")
+
+
+def test_overlapping_private_umask_blocks_give_the_host_its_umask_back() -> None:
+    """Two API calls in two threads, the first to enter leaving first: the host's umask
+    is 022 again once both have left (not the 077 the second one found)."""
+    entered, first_left = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with private_umask():
+            entered.set()
+            assert second_in.wait(10)
+        first_left.set()
+
+    second_in = threading.Event()
+
+    def second() -> None:
+        assert entered.wait(10)
+        with private_umask():
+            second_in.set()
+            assert first_left.wait(10)
+            assert _umask() == 0o077  # still private while a block is open
+
+    host = os.umask(0o022)
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert _umask() == 0o022
+        with private_umask(), private_umask():  # nested in one thread
+            assert _umask() == 0o077
+        assert _umask() == 0o022
+    finally:
+        os.umask(host)
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def test_a_bad_device_precision_or_query_runtime_from_the_environment_is_named(tmp_path: Path) -> None:
+    for name, value in (("INDEXQ_DEVICE", "CPU"), ("INDEXQ_PRECISION", "FP32"), ("INDEXQ_QUERY_RUNTIME", "ONNX")):
+        with pytest.raises(ConfigError, match=f"^{name} must be one of .*, got '{value}'$") as caught:
+            Config.from_env({name: value}, home=tmp_path)
+        assert caught.value.hint == f"set {name} right, or unset it"
+        # The one given in its place wins, as a flag does.
+        field = {"INDEXQ_DEVICE": "device", "INDEXQ_PRECISION": "precision"}.get(name, "query_runtime")
+        good = {"device": "cpu", "precision": "fp32", "query_runtime": "torch"}[field]
+        assert getattr(Config.from_env({name: value}, home=tmp_path, **{field: good}), field) == good
+    result = run_cli(tmp_path / "never-made", "search", "kitten", "-c", "docs", INDEXQ_DEVICE="CPU")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "Error: Invalid value for INDEXQ_DEVICE (from the environment): must be one of auto, cpu, cuda, mps or"
+        " cuda:N, got 'CPU'",
+        "Hint: see 'indexq search --help'",
+    ]

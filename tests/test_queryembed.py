@@ -156,6 +156,34 @@ def test_an_export_that_does_not_match_torch_is_not_used_nor_tried_again(
     assert "the ONNX export failed before" in caplog.text and f"delete {models / failed} to retry" in caplog.text
 
 
+def test_a_folder_with_the_exports_name_is_passed_over_and_the_failure_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    made = b"an export"  # what _make writes, stood in for: its digest names the file it publishes
+    (tmp_path / "digest").write_bytes(made)
+    prefix = queryembed.export_prefix(models, MODEL, embedder_module.resolve_model(MODEL))
+    (models / f"{prefix.name}-{queryembed._digest(tmp_path / 'digest')}.onnx").mkdir()
+
+    def make(model: str, location: str, target: Path) -> object:
+        target.write_bytes(made)
+        return type("Made", (), {"path": target})()
+
+    monkeypatch.setattr(queryembed, "_make", make)
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        first = load_query_embedder(MODEL, "cpu", "fp32", models)
+    assert isinstance(first, SentenceTransformerEmbedder)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "could not be exported to ONNX" in warnings[0] and "Is a directory" in warnings[0]
+    # Later searches pass over the folder without a word above INFO, and try no export again.
+    caplog.clear()
+    monkeypatch.setattr(queryembed, "_make", lambda *args: pytest.fail("exported again"))
+    with caplog.at_level(logging.INFO, logger="pipeline.queryembed"):
+        assert isinstance(load_query_embedder(MODEL, "cpu", "fp32", models), SentenceTransformerEmbedder)
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "failed before" in caplog.text
+
+
 # Writes past 20 MB fail (EFBIG, as on a full disk) in this process only.
 FULL_DISK = """
 import json, resource, signal, sys

@@ -24,7 +24,7 @@ from pipeline.config import MAX_QUERY_CHARS, Config
 from pipeline.embedder import HashEmbedder, no_gpu_here
 from pipeline.errors import BadInputError
 from pipeline.queryembed import OnnxQueryEmbedder
-from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask
+from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask, serve
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
 
 QUERY = "decode a JSON document into a Python object"
@@ -266,3 +266,51 @@ def test_an_empty_search_is_refused_before_anything_is_read(tmp_path: Path) -> N
     assert not home.exists()
     with pytest.raises(BadInputError):
         api.search(" ", "docs", config=Config(home=home))
+
+
+def test_a_search_text_that_is_not_utf8_or_a_bad_k_is_refused_in_one_line(tmp_path: Path) -> None:
+    home = tmp_path / "never-made"
+    # 0xE9 is Latin-1's é: not UTF-8, so Python reads the argument's byte as '\udce9'.
+    done = subprocess.run(
+        [str(BIN / "indexq").encode(), b"search", b"caf\xe9", b"-c", b"docs"],
+        env=env_for(home), capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode().splitlines() == [
+        "Error: the search text holds a lone UTF-16 surrogate ('\\udce9' at character 3)",
+        "Hint: search with UTF-8 text (a command line's byte of another encoding reads as '\\udc80' to '\\udcff')",
+    ]
+    config = Config(home=home)
+    with pytest.raises(BadInputError, match="lone UTF-16 surrogate"):
+        api.search("\ud800bread", "docs", config=config)
+    for k in (0, -1, 1001, 2.5, "3", True):
+        with pytest.raises(BadInputError, match="k must be a whole number from 1 to 1000"):
+            api.search("bread", "docs", k=k, config=config)  # type: ignore[arg-type]
+    assert not home.exists()
+
+
+def test_the_query_socket_refuses_a_lone_surrogate_and_answers_astral_characters(
+    server: QueryServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # JSON can spell a lone surrogate; the tokenizer cannot take one: an answer, not a traceback.
+    body = b'{"text":"\\ud800bread","model":"hash:384"}'
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.connect(str(server.path))
+        conn.sendall(len(body).to_bytes(4, "big") + body)
+        conn.settimeout(10)
+        size = int.from_bytes(conn.recv(4), "big")
+        answer = json.loads(conn.recv(size))
+    assert answer == {"error": "text holds a lone UTF-16 surrogate ('\\ud800' at character 0)"}
+    assert ask(server.path, "\ud800bread", "hash:384") is None  # not even sent
+    # A character past U+FFFF is 12 bytes of escaped JSON: the longest query still fits.
+    for text in ("\U0001f680" * MAX_QUERY_CHARS, "\U0001f680 launch"):
+        vector = ask(server.path, text, "hash:384")
+        assert vector is not None
+        assert vector.tolist() == HashEmbedder("hash:384").embed([text])[0].tolist()
+    assert not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+def test_a_folder_where_the_socket_goes_leaves_no_bound_socket_behind(tmp_path: Path) -> None:
+    (tmp_path / "query.sock").mkdir()
+    assert serve(tmp_path / "query.sock", HashEmbedder("hash:384")) is None  # searches load the model
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["query.sock"]

@@ -317,6 +317,11 @@ def test_a_read_only_home_or_parent_says_so_in_one_line(home: Path, small_fs: Pa
     orphan = small_fs / "new-home"
     line = assert_one_line_error(run_cli(orphan, "status", **ENV), f"Error: cannot use the data home {orphan}: ")
     assert ": read-only (" in line
+    # The real model, never exported to this home: refused before a model is loaded or an
+    # export tried (no warning line, no torch).
+    result = run_cli(home, "search", "anything", "-c", "never-indexed", timeout=120, INDEXQ_MIN_FREE_MB="0")
+    assert ": read-only (" in assert_one_line_error(result, f"Error: cannot use the data home {home}: ")
+    assert not (home / "models").exists()
 
 
 def _log_lines(output: str) -> list[str]:
