@@ -172,8 +172,9 @@ def wait(
 
                     bar = tqdm(total=state.chunks, unit="chunk", desc=job_id, file=sys.stderr, dynamic_ncols=True)
                 bar.total = state.chunks
-                bar.update(state.committed + state.failed - bar.n)
+                # The figures first: update() draws the bar, with whatever postfix it has then.
                 bar.set_postfix(pending=state.pending, failed=state.failed, refresh=False)
+                bar.update(state.committed + state.failed - bar.n)
             timed_out = deadline is not None and time.monotonic() >= deadline
             # An abandoned submission (its producer died) never completes: re-run it.
             if state is not None and (state.state in ("done", "failed", "abandoned") or timed_out):
@@ -206,6 +207,8 @@ def status(config: Config | None = None, jobs: int = DEFAULT_STATUS_JOBS) -> dic
     """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
 
     cfg = _config(config)
+    if not cfg.remote_producers:
+        cfg.require_home()  # a mistyped home is said so, not made
     cfg.ensure_home()
     if cfg.remote_producers and not cfg.ledger_path.exists():
         # A producer's machine: no ledger here, only the queue and what its writer publishes there.

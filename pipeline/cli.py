@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -37,6 +38,8 @@ from pipeline.config import (
     DEFAULT_STATUS_JOBS,
     DEFAULT_WATCH_INTERVAL,
     MAX_SEARCH_RESULTS,
+    MAX_STATUS_JOBS,
+    MAX_WATCH_INTERVAL,
     MICRO_BATCH_BY_DEVICE,
     PRECISIONS,
     Config,
@@ -99,9 +102,25 @@ def _home(func: Callable[..., Any]) -> Callable[..., Any]:
         " (env INDEXQ_QUEUE_URL; default: queue.db in the data home).",
     )(func)  # fmt: skip
     return click.option(
-        "--home", type=click.Path(file_okay=False, path_type=Path), envvar="INDEXQ_HOME",
-        default=DEFAULT_HOME, show_default=True, help="Data home (env INDEXQ_HOME).",
+        "--home", type=click.Path(file_okay=False), envvar="INDEXQ_HOME",
+        default=DEFAULT_HOME, show_default=True, callback=_check_home, help="Data home (env INDEXQ_HOME).",
     )(func)  # fmt: skip
+
+
+def _finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    """A number click's ranges let through when it is NaN (no comparison holds for it): refused."""
+    if math.isnan(value):
+        raise click.BadParameter("is not a number")
+    return value
+
+
+def _check_home(_ctx: click.Context, _param: click.Parameter, value: str) -> Path:
+    """The home as given, less spaces around it (as every INDEXQ_* value); an empty one
+    would be the current folder, whose files ``ensure_home`` would make private: refused."""
+    text = value.strip()
+    if not text:
+        raise click.BadParameter("is empty (it would make the current folder the data home); name a folder")
+    return Path(text)
 
 
 def _device(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +172,21 @@ def _config(**overrides: Any) -> Config:
             found = parse_metrics_port("INDEXQ_METRICS_PORT" if from_env else "--metrics-port", port)
             if found:
                 overrides["metrics_addr"], overrides["metrics_port"] = found
-    return Config.from_env(**overrides)
+    try:
+        return Config.from_env(**overrides)
+    except ConfigError as exc:  # a flag's value out of range: named by its variable where it came from there
+        param = next((p for p in ctx.command.params if p.name == exc.setting), None) if ctx is not None else None
+        if (
+            ctx is None
+            or param is None
+            or ctx.get_parameter_source(param.name or "") is not ParameterSource.ENVIRONMENT
+        ):
+            raise
+        names = [param.envvar] if isinstance(param.envvar, str) else list(param.envvar or ())
+        variable = next((n for n in names if os.environ.get(n)), None)
+        if variable is None:
+            raise
+        raise ConfigError(f"{variable}: {exc}", hint=f"set {variable} right, or unset it") from None
 
 
 # click 8.2 and later raise this for `indexq` alone (a UsageError that shows the help).
@@ -345,10 +378,14 @@ def worker(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print status as JSON.")
-@click.option("--jobs", default=DEFAULT_STATUS_JOBS, show_default=True, help="How many recent jobs to list.")
+@click.option(
+    "--jobs", default=DEFAULT_STATUS_JOBS, show_default=True, type=click.IntRange(0, MAX_STATUS_JOBS),
+    help=f"How many recent jobs to list (0 to {MAX_STATUS_JOBS}).",
+)  # fmt: skip
 @click.option("--watch", is_flag=True, help="A live view (rate, queue, jobs, guard) refreshed until Ctrl-C.")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=DEFAULT_WATCH_INTERVAL, show_default=True,
-              metavar="S", help="Seconds between refreshes of --watch.")  # fmt: skip
+@click.option("--interval", type=click.FloatRange(0.1, MAX_WATCH_INTERVAL), default=DEFAULT_WATCH_INTERVAL,
+              show_default=True, callback=_finite, metavar="S",
+              help=f"Seconds between refreshes of --watch (0.1 to {MAX_WATCH_INTERVAL:g}).")  # fmt: skip
 @_home
 @_errors
 def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -> None:

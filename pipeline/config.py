@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import stat
@@ -19,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ConfigError, NotFoundError
+from pipeline.errors import ConfigError, NotFoundError, first_line, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ DEFAULT_METRICS_ADDR = "127.0.0.1"
 DEFAULT_WATCH_INTERVAL = 2.0
 # Recent jobs `indexq status` (and ``pipeline.status``) lists.
 DEFAULT_STATUS_JOBS = 10
+# The most jobs `indexq status --jobs` lists, and the longest --watch interval (a day).
+MAX_STATUS_JOBS = 10_000
+MAX_WATCH_INTERVAL = 86_400.0
 
 # Queue engines: the SQLite file in the data home (one machine), or a Redis server
 # shared by producers and the writer on many machines.
@@ -155,8 +159,11 @@ def parse_metrics_port(setting: str, value: str | int | None) -> tuple[str, int]
         return None
     address, _, port = str(value).strip().rpartition(":")
     address = address.strip("[]") or DEFAULT_METRICS_ADDR
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError(f"{setting} must be a port (1-65535) or ADDRESS:PORT, got {value!r}")
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:  # "²" is a digit to isdigit
+        raise ConfigError(
+            f"{setting} must be a port (1-65535) or ADDRESS:PORT, got {value!r}",
+            hint="for example 9464 (at 127.0.0.1) or 0.0.0.0:9464; unset, no metrics are served",
+        )
     return address, int(port)
 
 
@@ -179,6 +186,13 @@ def redact_url(url: str | None) -> str:
 # The data home holds the queue key and every indexed text: owner only. A process-wide
 # umask is what reaches the files Chroma and SQLite create themselves.
 PRIVATE_UMASK = 0o077
+
+
+def _refused(setting: str, message: str) -> ConfigError:
+    """A ConfigError about the Config field ``setting`` (``from_env`` names its variable)."""
+    error = ConfigError(message)
+    error.setting = setting
+    return error
 
 
 def device_problem(device: str) -> str | None:
@@ -312,27 +326,37 @@ class Config:
         chroma = self.chroma_path if self.chroma_path is not None else self.home / "chroma"
         object.__setattr__(self, "chroma_path", Path(chroma).expanduser().absolute())
         if not 0 < self.memory_threshold <= 100:
-            raise ConfigError(f"memory threshold must be a percentage in (0, 100], got {self.memory_threshold!r}")
+            raise _refused(
+                "memory_threshold", f"memory threshold must be a percentage in (0, 100], got {self.memory_threshold!r}"
+            )
         if not 1 <= self.commit_batch <= MAX_COMMIT_BATCH:
-            raise ConfigError(f"commit batch size must be between 1 and {MAX_COMMIT_BATCH}, got {self.commit_batch!r}")
+            raise _refused(
+                "commit_batch", f"commit batch size must be between 1 and {MAX_COMMIT_BATCH}, got {self.commit_batch!r}"
+            )
         if self.micro_batch is not None and self.micro_batch < 1:
-            raise ConfigError(f"micro-batch size must be at least 1, got {self.micro_batch!r}")
+            raise _refused("micro_batch", f"micro-batch size must be at least 1, got {self.micro_batch!r}")
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+            raise _refused("precision", f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.query_runtime not in QUERY_RUNTIMES:
-            raise ConfigError(f"query runtime must be one of {', '.join(QUERY_RUNTIMES)}, got {self.query_runtime!r}")
+            raise _refused(
+                "query_runtime", f"query runtime must be one of {', '.join(QUERY_RUNTIMES)}, got {self.query_runtime!r}"
+            )
         if (problem := device_problem(self.device)) is not None:
-            raise ConfigError(f"device {problem}")
+            raise _refused("device", f"device {problem}")
         if self.chunk_tokens is not None and self.chunk_tokens < 16:
-            raise ConfigError(f"chunk size must be at least 16 tokens, got {self.chunk_tokens!r}")
+            raise _refused("chunk_tokens", f"chunk size must be at least 16 tokens, got {self.chunk_tokens!r}")
         if self.chunk_overlap < 0 or (self.chunk_tokens is not None and self.chunk_overlap >= self.chunk_tokens // 2):
-            raise ConfigError(f"chunk overlap must be >= 0 and under half the chunk size, got {self.chunk_overlap!r}")
+            raise _refused(
+                "chunk_overlap", f"chunk overlap must be >= 0 and under half the chunk size, got {self.chunk_overlap!r}"
+            )
         if self.min_free_mb < 0:
-            raise ConfigError(f"minimum free disk must be >= 0 MB, got {self.min_free_mb!r}")
-        if self.lock_timeout <= 0:
-            raise ConfigError(f"lock timeout must be positive, got {self.lock_timeout!r}")
+            raise _refused("min_free_mb", f"minimum free disk must be >= 0 MB, got {self.min_free_mb!r}")
+        if not math.isfinite(self.lock_timeout) or self.lock_timeout <= 0:
+            raise _refused(
+                "lock_timeout", f"lock timeout must be a positive number of seconds, got {self.lock_timeout!r}"
+            )
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics port must be between 1 and 65535, got {self.metrics_port!r}")
+            raise _refused("metrics_port", f"metrics port must be between 1 and 65535, got {self.metrics_port!r}")
 
     def micro_batch_for(self, device: str) -> int:
         """The micro-batch on ``device`` ("cpu", "cuda:0", "mps"): the one set, else its default."""
@@ -463,14 +487,26 @@ class Config:
 
         A home that is not 0700 (made by an older indexq, or copied with another umask)
         has group and other permissions taken off everything in it, once: after that the
-        home is 0700 and this costs one stat.
+        home is 0700 and this costs one stat. A home that is a symlink: its folder (made
+        if the link leads nowhere yet). A path that cannot be a folder is refused (exit 2; a
+        full, read-only or forbidden disk: StorageError, exit 6).
         """
-        for path in (self.home, self.logs_path, self.chroma_dir):
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        home = self.home.resolve() if self.home.is_symlink() else self.home
+        for path in (home, self.logs_path, self.chroma_dir):
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            except OSError as exc:
+                error = storage_error(exc, f"cannot use the data home {self.home}", path)
+                if error is not None:
+                    raise error from exc
+                raise ConfigError(
+                    f"cannot make the folder {path}: {first_line(exc)}",
+                    hint="give --home (INDEXQ_HOME) and INDEXQ_CHROMA_PATH folders that exist or can be made",
+                ) from None
         try:
-            info = self.home.stat()
+            info = home.stat()
             if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
-                _tighten(self.home)
+                _tighten(home)
         except OSError as exc:  # a read-only home: say so, and let the command go on
             logger.warning("could not make %s private: %s", self.home, exc)
 
@@ -482,6 +518,7 @@ class Config:
         """Config from ``INDEXQ_*`` (and legacy ``CHROMADB_*``) variables; overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        sources: dict[str, str] = {}  # field -> the variable it was read from
 
         def pick(*names: str) -> tuple[str, str] | None:
             for name in names:
@@ -493,6 +530,7 @@ class Config:
             found = pick(*names)
             if found:
                 name, raw = found
+                sources[field] = name
                 try:
                     values[field] = kind(raw)
                 except ValueError:
@@ -512,21 +550,11 @@ class Config:
             values["metrics_addr"], values["metrics_port"] = parse_metrics_port(*found) or (DEFAULT_METRICS_ADDR, None)
         if found := pick("INDEXQ_MODEL"):
             values["model"] = found[1]
-        if found := pick("INDEXQ_DEVICE"):
-            values["device"] = found[1]
-            if overrides.get("device") is None and (problem := device_problem(found[1])) is not None:
-                raise ConfigError(f"{found[0]} {problem}", hint=f"set {found[0]} right, or unset it")
-        for field, name, allowed in (
-            ("precision", "INDEXQ_PRECISION", PRECISIONS),
-            ("query_runtime", "INDEXQ_QUERY_RUNTIME", QUERY_RUNTIMES),
-        ):
+        for field, name in (
+            ("device", "INDEXQ_DEVICE"), ("precision", "INDEXQ_PRECISION"), ("query_runtime", "INDEXQ_QUERY_RUNTIME")
+        ):  # fmt: skip
             if found := pick(name):
-                values[field] = found[1]
-                if overrides.get(field) is None and found[1] not in allowed:
-                    raise ConfigError(
-                        f"{name} must be one of {', '.join(allowed)}, got {found[1]!r}",
-                        hint=f"set {name} right, or unset it",
-                    )
+                values[field], sources[field] = found[1], name
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")
         number(int, "commit_batch", "INDEXQ_COMMIT_BATCH")
         number(int, "micro_batch", "INDEXQ_MICRO_BATCH")
@@ -547,5 +575,12 @@ class Config:
             values["auto_recover"] = parse_flag(*found)
         if found := pick("INDEXQ_FULL_TEXT"):
             values["full_text"] = parse_flag(*found)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        try:
+            return cls(**values)
+        except ConfigError as exc:  # a value out of range: named by the variable it came from
+            variable = sources.get(exc.setting or "")
+            if variable is None or exc.setting in given:
+                raise
+            raise ConfigError(f"{variable}: {exc}", hint=f"set {variable} right, or unset it") from None

@@ -37,6 +37,8 @@ class BadInputError(IndexqError):
 class ConfigError(BadInputError):
     """A setting has a value indexq cannot use."""
 
+    setting: str | None = None  # the Config field it is about, where one is (Config.from_env names its variable)
+
 
 class EmptyCorpusError(BadInputError):
     """The submission holds no indexable text."""

@@ -427,7 +427,7 @@ def serve(
         httpd, thread = start_http_server(config.metrics_port, config.metrics_addr, registry)
     except OSError as exc:
         raise ConfigError(
-            f"cannot serve metrics on {address} (INDEXQ_METRICS_PORT): {exc.strerror or exc}",
+            f"cannot serve metrics on {address} (--metrics-port, INDEXQ_METRICS_PORT): {exc.strerror or exc}",
             hint="another process listens there, or the address is not this machine's:"
             " choose another --metrics-port, or leave it unset",
         ) from None

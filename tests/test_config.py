@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -271,19 +272,69 @@ def _umask() -> int:
     return current
 
 
-def test_a_bad_device_precision_or_query_runtime_from_the_environment_is_named(tmp_path: Path) -> None:
-    for name, value in (("INDEXQ_DEVICE", "CPU"), ("INDEXQ_PRECISION", "FP32"), ("INDEXQ_QUERY_RUNTIME", "ONNX")):
-        with pytest.raises(ConfigError, match=f"^{name} must be one of .*, got '{value}'$") as caught:
+def test_a_bad_value_from_the_environment_is_named_by_its_variable(tmp_path: Path) -> None:
+    for name, value, said in (
+        ("INDEXQ_DEVICE", "CPU", "device must be one of auto, cpu, cuda, mps or cuda:N, got 'CPU'"),
+        ("INDEXQ_PRECISION", "FP32", "precision must be one of fp32, fp16, bf16, got 'FP32'"),
+        ("INDEXQ_QUERY_RUNTIME", "ONNX", "query runtime must be one of onnx, onnx-int8, torch, got 'ONNX'"),
+        ("INDEXQ_COMMIT_BATCH", "0", "commit batch size must be between 1 and 10, got 0"),
+        ("INDEXQ_LOCK_TIMEOUT", "nan", "lock timeout must be a positive number of seconds, got nan"),
+        ("INDEXQ_LOCK_TIMEOUT", "inf", "lock timeout must be a positive number of seconds, got inf"),
+    ):
+        with pytest.raises(ConfigError) as caught:
             Config.from_env({name: value}, home=tmp_path)
+        assert str(caught.value) == f"{name}: {said}"
         assert caught.value.hint == f"set {name} right, or unset it"
-        # The one given in its place wins, as a flag does.
-        field = {"INDEXQ_DEVICE": "device", "INDEXQ_PRECISION": "precision"}.get(name, "query_runtime")
-        good = {"device": "cpu", "precision": "fp32", "query_runtime": "torch"}[field]
-        assert getattr(Config.from_env({name: value}, home=tmp_path, **{field: good}), field) == good
-    result = run_cli(tmp_path / "never-made", "search", "kitten", "-c", "docs", INDEXQ_DEVICE="CPU")
-    assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        "Error: Invalid value for INDEXQ_DEVICE (from the environment): must be one of auto, cpu, cuda, mps or"
-        " cuda:N, got 'CPU'",
-        "Hint: see 'indexq search --help'",
-    ]
+    # A value given in its place wins, as a flag does; one given wrong is named as given.
+    assert Config.from_env({"INDEXQ_DEVICE": "CPU"}, home=tmp_path, device="cpu").device == "cpu"
+    with pytest.raises(ConfigError, match=r"^lock timeout must"):
+        Config.from_env({}, home=tmp_path, lock_timeout=float("nan"))
+    # From the command line: a flag's variable (click reads it) named the same way.
+    never = tmp_path / "never-made"
+    for argv, extra, said in (
+        (["search", "kitten", "-c", "docs"], {"INDEXQ_DEVICE": "CPU"},
+         "Error: Invalid value for INDEXQ_DEVICE (from the environment): must be one of auto, cpu, cuda, mps or"
+         " cuda:N, got 'CPU'"),
+        (["worker"], {"INDEXQ_COMMIT_BATCH": "0"},
+         "Error: INDEXQ_COMMIT_BATCH: commit batch size must be between 1 and 10, got 0"),
+        (["worker"], {"INDEXQ_METRICS_PORT": "\u00b2"},
+         "Error: INDEXQ_METRICS_PORT must be a port (1-65535) or ADDRESS:PORT, got '\u00b2'"),
+        (["status", "--jobs", "-5"], {}, "Error: Invalid value for '--jobs': -5 is not in the range 0<=x<=10000."),
+        (["status", "--watch", "--interval", "nan"], {}, "Error: Invalid value for '--interval': is not a number"),
+        (["status", "--home", " "], {},
+         "Error: Invalid value for '--home': is empty (it would make the current folder the data home); name a folder"),
+    ):  # fmt: skip
+        result = run_cli(never, *argv, INDEXQ_MODEL="hash:384", **extra)
+        assert (result.returncode, result.stderr.splitlines()[0]) == (2, said), result.stderr
+        assert len(result.stderr.splitlines()) == 2 and result.stderr.splitlines()[1].startswith("Hint: ")
+    assert not never.exists()
+
+
+def test_status_of_a_home_that_is_not_there_says_so_and_makes_nothing(tmp_path: Path) -> None:
+    result = run_cli(tmp_path / "typo", "status")
+    assert (result.returncode, result.stderr.splitlines()) == (
+        1, [f"Error: no indexq data home at {tmp_path / 'typo'}", "Hint: set --home or INDEXQ_HOME"]
+    )  # fmt: skip
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_home_path_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    for home, chroma in ((tmp_path / "a-file" / "sub", None), (tmp_path / "h", tmp_path / "a-file")):
+        with pytest.raises(ConfigError, match=r"^cannot make the folder .*a-file.*: \[Errno (20|17)\]"):
+            Config(home=home, chroma_path=chroma).ensure_home()
+    result = run_cli(tmp_path / "a-file" / "sub", "resume")
+    assert result.returncode == 2 and result.stderr.startswith("Error: cannot make the folder "), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_home_through_a_symlink_is_made_and_made_private(tmp_path: Path) -> None:
+    (tmp_path / "open").mkdir(mode=0o777)
+    (tmp_path / "open").chmod(0o777)
+    (tmp_path / "link").symlink_to(tmp_path / "open")
+    (tmp_path / "dangling").symlink_to(tmp_path / "not-yet")
+    Config(home=tmp_path / "link").ensure_home()
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o700
+    Config(home=tmp_path / "dangling").ensure_home()  # the link's folder is made
+    assert (tmp_path / "not-yet" / "chroma").is_dir()
+    assert stat.S_IMODE((tmp_path / "not-yet").stat().st_mode) == 0o700

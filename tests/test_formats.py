@@ -387,7 +387,7 @@ def test_deep_nesting_parses_without_recursion() -> None:
     # markdown-it stops nesting at 20 levels (maxNesting); inline titles are flat tokens.
     assert formats.markdown("> " * depth + "quoted\n\n# Next\n").paths == ((3, "Next"),)
     brackets = "[" * depth + "title" + "]" * depth
-    assert formats.markdown(f"# {brackets}\n").paths == ((1, brackets),)
+    assert formats.markdown(f"# {brackets}\n").paths == ((1, brackets[: formats.MAX_HEADING_CHARS - 1] + "…"),)
     assert formats.markdown("# " + "*" * depth + "x" + "*" * depth + "\n").paths == ((1, "x"),)
     assert formats.markdown("- " * depth + "item\n").body
     xml = W_DOCUMENT % (b"<w:sdt>" * depth + b"</w:sdt>" * depth + b"<w:p><w:r><w:t>after</w:t></w:r></w:p>")
@@ -434,3 +434,18 @@ def test_a_markdown_parser_failure_skips_the_file_and_the_job_goes_on(
     }  # fmt: skip
     assert read["a.md"].paths == ((1, "a.md"),)  # type: ignore[union-attr]
     assert content_gone("cannot parse Markdown: maximum recursion depth exceeded")
+
+
+def test_a_long_heading_is_cut_in_the_path_every_chunk_carries() -> None:
+    # One heading line of 200 KB: before, each of its ~180 chunks carried all of it (twice).
+    title = " ".join(f"word{n}" for n in range(30_000))
+    cut = title[: formats.MAX_HEADING_CHARS - 1] + "…"
+    for doc in (formats.markdown(f"# {title}\n\nbody\n"), formats.html(f"<h1>{title}</h1><p>body</p>".encode())):
+        assert doc.paths[0][1] == cut
+        assert title in doc.text  # the heading's text itself is still indexed, all of it
+        assert doc.place(1, 3)["heading"] == cut
+    # Six levels of 300 characters: the path keeps its innermost titles, after "…".
+    levels = "".join(f"<h{n}>{chr(96 + n) * 300}</h{n}>" for n in range(1, 7)) + "<p>body</p>"
+    path = formats.html(levels.encode()).paths[-1][1]
+    assert len(path) == formats.MAX_HEADING_PATH_CHARS and path.startswith("…")
+    assert path.endswith(" > " + "f" * (formats.MAX_HEADING_CHARS - 1) + "…")

@@ -325,10 +325,11 @@ def test_a_bad_metrics_port_is_refused_naming_the_setting(tmp_path: Path) -> Non
     home = tmp_path / "home"
     flag = run_cli(home, "worker", "--metrics-port", "abc", **MODEL)
     assert (flag.returncode, flag.stdout) == (2, "")
-    assert flag.stderr == "Error: --metrics-port must be a port (1-65535) or ADDRESS:PORT, got 'abc'\n"
+    hint = "Hint: for example 9464 (at 127.0.0.1) or 0.0.0.0:9464; unset, no metrics are served\n"
+    assert flag.stderr == "Error: --metrics-port must be a port (1-65535) or ADDRESS:PORT, got 'abc'\n" + hint
     env = run_cli(home, "maintenance", **MODEL, INDEXQ_METRICS_PORT="70000")
     assert (env.returncode, env.stderr) == (2, "Error: INDEXQ_METRICS_PORT must be a port (1-65535) or ADDRESS:PORT,"
-                                            " got '70000'\n")  # fmt: skip
+                                            " got '70000'\n" + hint)  # fmt: skip
     consumer = subprocess.run(
         [str(BIN / "huey_consumer"), "workers.writer.huey", "-w", "1", "-k", "thread"],
         env=env_for(home, **MODEL, INDEXQ_METRICS_PORT="nine"), capture_output=True, text=True, timeout=120,
@@ -350,7 +351,8 @@ def test_a_metrics_port_in_use_stops_the_start_with_exit_2(tmp_path: Path, comma
     assert result.returncode == 2, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith(("Error:", "Hint:"))]
     assert errors == [
-        f"Error: cannot serve metrics on 127.0.0.1:{port} (INDEXQ_METRICS_PORT): Address already in use",
+        f"Error: cannot serve metrics on 127.0.0.1:{port} (--metrics-port, INDEXQ_METRICS_PORT):"
+        " Address already in use",
         "Hint: another process listens there, or the address is not this machine's: choose another"
         " --metrics-port, or leave it unset",
     ]
@@ -614,7 +616,9 @@ def test_status_watch_prints_snapshots_to_a_pipe_until_ctrl_c(tmp_path: Path, pr
 
 def test_status_watch_draws_a_live_view_on_a_terminal(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert run_cli(home, "status", **MODEL).returncode == 0  # a home, no writer
+    config = Config(home=home)
+    config.ensure_home()
+    Ledger(config.ledger_path).close()  # a home, no writer
     leader, follower = pty.openpty()
     watch = subprocess.Popen(
         [str(BIN / "indexq"), "status", "--watch", "--interval", "0.3"], env=env_for(home, **MODEL, COLUMNS="120"),

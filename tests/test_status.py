@@ -58,6 +58,7 @@ def status_json(home: Path) -> dict:
 def test_a_chroma_url_password_is_masked_in_status_check_and_search(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**MODEL, "INDEXQ_CHROMA_URL": SECRET_URL}
+    assert run_cli(home, "resume", **env).returncode == 0  # a data home
     shown = run_cli(home, "status", **env)
     assert shown.returncode == 0, shown.stderr
     assert f"chroma:      server {MASKED_URL}\n" in shown.stdout
@@ -247,7 +248,7 @@ def test_a_preexisting_open_home_is_made_private(tmp_path: Path) -> None:
     home.chmod(0o755)
     (home / "logs").chmod(0o775)
     (home / "logs" / "old.log").chmod(0o644)
-    assert run_cli(home, "status", **MODEL).returncode == 0
+    assert run_cli(home, "resume", **MODEL).returncode == 0
     modes = _modes(home)
     assert modes["."] == 0o700 and modes["logs"] == 0o700
     assert modes["logs/old.log"] == 0o600
@@ -325,7 +326,7 @@ def test_chunk_settings_the_model_cannot_take_are_refused_before_anything_is_wri
 
 def test_recover_from_an_empty_name_is_an_error(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    assert run_cli(home, "status", **MODEL).returncode == 0
+    assert run_cli(home, "resume", **MODEL).returncode == 0  # a data home
     result = run_cli(home, "recover", "--from", "", **MODEL)
     assert (result.returncode, result.stdout) == (2, "")
     assert result.stderr == "Error: --from must name a backup, got ''\nHint: `indexq backups` lists them\n"

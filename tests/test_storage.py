@@ -298,7 +298,10 @@ def test_every_command_on_a_full_disk_says_so_in_one_line(home: Path, small_fs: 
         assert "no space left" in line or "not enough free space" in line, (name, line)
     # A new home on the full disk: refused the same way, and no half-written key file left.
     fresh = small_fs / "fresh"
-    assert_one_line_error(run_cli(fresh, "status", **ENV), f"Error: cannot use the data home {fresh}: no space left (")
+    assert_one_line_error(
+        run_cli(fresh, "index", str(corpus), "-c", COLLECTION, **ENV),
+        f"Error: cannot open the queue of the data home {fresh}: no space left (",
+    )
     assert_one_line_error(
         run_cli(fresh, "resume", **ENV), f"Error: cannot open the queue of the data home {fresh}: no space left ("
     )
@@ -315,7 +318,10 @@ def test_a_read_only_home_or_parent_says_so_in_one_line(home: Path, small_fs: Pa
         line = assert_one_line_error(result, "Error: ")
         assert ": read-only (" in line, (name, line)
     orphan = small_fs / "new-home"
-    line = assert_one_line_error(run_cli(orphan, "status", **ENV), f"Error: cannot use the data home {orphan}: ")
+    line = assert_one_line_error(
+        run_cli(orphan, "index", str(corpus), "-c", COLLECTION, **ENV),
+        f"Error: cannot use the data home {orphan}: ",
+    )
     assert ": read-only (" in line
     # The real model, never exported to this home: refused before a model is loaded or an
     # export tried (no warning line, no torch).
