@@ -419,6 +419,21 @@ class Config:
         return self.home / "writer.lock"
 
     @property
+    def queue_lock_path(self) -> Path | None:
+        """A SQLite queue outside this data home: the lock its one writer also holds, so that a
+        writer of another home on the same queue is refused (exit 3) rather than taking tasks
+        signed with another key. A ``queue.db`` is a data home's queue: that home's writer
+        lock; another file, ``FILE.writer.lock`` beside it. None: the home's own queue (or Redis,
+        whose lease does this)."""
+        if self.queue_engine != "sqlite":
+            return None
+        queue = self.queue_path
+        lock = (
+            queue.parent / "writer.lock" if queue.name == "queue.db" else queue.with_name(queue.name + ".writer.lock")
+        )
+        return None if os.path.realpath(lock) == os.path.realpath(self.writer_lock_path) else lock
+
+    @property
     def commit_lock_path(self) -> Path:
         return self.home / "commit.lock"
 

@@ -4,8 +4,10 @@ Files stream one at a time, so memory stays flat however large the corpus. PDF, 
 HTML and Markdown files are parsed (``pipeline.formats``). A file that cannot be
 indexed (unreadable, binary, not UTF-8, too large, empty, not a regular file, a
 symlink leading outside the paths given, a document its parser cannot read) is
-skipped and counted with its reason; it never fails the job. A file is known by its resolved real path, so every
-spelling of it (``..``, a symlinked parent, a symlink inside the tree) is one source.
+skipped and counted with its reason, as is a folder that cannot be read or a symlink
+loop; it never fails the job. The data home is never walked. A file is known by its
+resolved real path, so every spelling of it (``..``, a symlinked parent, a symlink
+inside the tree) is one source.
 Records are validated in full before anything is written: a bad record fails the
 submission with its line number.
 """
@@ -13,18 +15,19 @@ submission with its line number.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import json
 import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pipeline.errors import BadInputError
 from pipeline.formats import BINARY_FORMATS, Document, Unparsable, format_of, parse
 from pipeline.formats import GONE_REASONS as FORMAT_GONE_REASONS
-from pipeline.guards import clean_metadata, clean_text, unicode_problem
+from pipeline.guards import MAX_METADATA_KEYS, clean_metadata, clean_text, unicode_problem
 
 # Folders no one means to index; --include cannot bring them back, --exclude adds more.
 DEFAULT_EXCLUDES = (".git", ".hg", ".svn", "__pycache__", ".venv", "node_modules")
@@ -64,7 +67,7 @@ class Record:
 # A document that can no longer be parsed (encrypted, broken, no text) is one of them.
 GONE_REASONS = (
     "empty", "binary", "not UTF-8", "larger than", "not a regular file", "symlink to", "broken symlink",
-    *FORMAT_GONE_REASONS,
+    "symlink loop", *FORMAT_GONE_REASONS,
 )  # fmt: skip
 
 
@@ -72,19 +75,58 @@ def content_gone(reason: str) -> bool:
     return reason.startswith(GONE_REASONS)
 
 
+def covered_by(unreadable: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a source is one of ``unreadable`` (files or folders that could not be read)
+    or lies under one: what lies there may still exist, so --prune keeps its chunks."""
+    held = set(unreadable)
+
+    def covered(source: str) -> bool:
+        path = Path(source)
+        return bool(held) and any(str(p) in held for p in (path, *path.parents))
+
+    return covered
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as text every log, JSON and SQLite takes: a byte of a name that is not
+    UTF-8 (which Python reads as a lone surrogate) spelled ``\\xe9``."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _real(path: Path) -> Path | None:
+    """The real path of ``path``, or None for a symlink loop. Raises OSError where a
+    folder on the way cannot be searched (read but no execute permission)."""
+    real = Path(os.path.realpath(path))
+    try:
+        real.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        if exc.errno not in (errno.ENOENT, errno.ENOTDIR):  # a broken link: said by the caller
+            raise
+    return real
+
+
 def check_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Every path must exist before anything is written; each is resolved to its real path."""
     given = [Path(p).expanduser() for p in paths]
     if not given:
         raise BadInputError("no path given", hint="name files or directories to index")
-    missing = [str(p.absolute()) for p in given if not p.exists()]
-    if missing:
-        raise BadInputError(f"no such file or directory: {', '.join(missing)}")
+    missing: list[str] = []
     resolved: list[Path] = []
     for path in given:
-        real = path.resolve()
-        if real not in resolved:
+        try:
+            real = _real(path)
+        except OSError as exc:
+            raise BadInputError(f"cannot read {shown(path.absolute())}: {exc.strerror or exc}") from None
+        if real is None:
+            raise BadInputError(f"symlink loop: {shown(path.absolute())}")
+        if not real.exists():
+            missing.append(shown(path.absolute()))
+        elif real not in resolved:
             resolved.append(real)
+    if missing:
+        raise BadInputError(f"no such file or directory: {', '.join(missing)}")
     return resolved
 
 
@@ -98,44 +140,91 @@ def _matches(rel: str, patterns: Iterable[str]) -> bool:
 
 
 def walk(
-    paths: list[Path], include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), follow_symlinks: bool = False
-) -> Iterator[Path | Skipped]:
+    paths: list[Path], include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), follow_symlinks: bool = False,
+    private: Iterable[Path] = (),
+) -> Iterator[Path | Skipped]:  # fmt: skip
     """Files under ``paths`` (resolved real paths) in a stable order, or why one is skipped.
 
     Globs match a name or a path relative to its root, as spelled in the tree. A
     symlink is followed when it leads inside the paths given: a file is then indexed
     under its real path, once, and a linked folder's files are found under their own
     path. With ``follow_symlinks`` a symlink may lead anywhere (a folder is walked
-    once however many links lead to it). Everything else is skipped with its reason.
+    once however many links lead to it). Nothing in the ``private`` folders (the data
+    home: its queue key, ledger and spool) is yielded, not even as skipped, however it
+    is reached. Everything else is skipped with its reason, a folder that cannot be
+    read included (``unreadable: ...``: what was indexed under it keeps its chunks).
     """
     excluded = (*DEFAULT_EXCLUDES, *exclude)
+    hidden = [Path(os.path.realpath(p)) for p in private]
     seen: set[Path] = set()  # real paths already yielded: one file, one source
     walked: set[Path] = set()  # real folders already walked: no loops through links
+    refused: list[OSError] = []  # folders os.walk could not list, reported in turn
 
     def one(path: Path, rel: str) -> Path | Skipped | None:
         if _matches(rel, excluded) or (include and not _matches(rel, include)):
             return None
-        real = path.resolve()
-        if path.is_symlink():
-            if not path.exists():
-                return Skipped(str(path), "broken symlink")
-            if not follow_symlinks and not _inside(real, paths):
-                return Skipped(str(path), f"symlink to {real}, outside the paths given (--follow-symlinks)")
-        if real in seen:
-            return None
-        seen.add(real)
-        if not real.is_file():
-            return Skipped(str(real), "not a regular file")
+        try:
+            real = _real(path)
+            if real is None:
+                return Skipped(shown(path), "symlink loop")
+            if _inside(real, hidden):
+                return None
+            if path.is_symlink():
+                if not real.exists():
+                    return Skipped(shown(path), "broken symlink")
+                if not follow_symlinks and not _inside(real, paths):
+                    return Skipped(
+                        shown(path), f"symlink to {shown(real)}, outside the paths given (--follow-symlinks)"
+                    )
+            if unicode_problem(str(real)) is not None:  # no ledger, id or Chroma takes such a source
+                return Skipped(shown(real), "file name is not UTF-8")
+            if real in seen:
+                return None
+            seen.add(real)
+            if not real.is_file():
+                return Skipped(str(real), "not a regular file")
+        except OSError as exc:  # a folder on the way that can be read but not searched
+            return Skipped(shown(path), f"unreadable: {exc.strerror or exc}")
         return real
 
+    def folder(sub: Path) -> Skipped | bool:
+        """Whether to walk into ``sub``, or why it is skipped."""
+        try:
+            real = _real(sub)
+        except OSError as exc:
+            return Skipped(shown(sub), f"unreadable: {exc.strerror or exc}")
+        if real is None:
+            return Skipped(shown(sub), "symlink loop")
+        if _inside(real, hidden):
+            return False
+        if sub.is_symlink() and not follow_symlinks:
+            if not _inside(real, paths):
+                return Skipped(shown(sub), f"symlink to {shown(real)}, outside the paths given (--follow-symlinks)")
+            return False  # a link to a folder inside the paths: its files are found under their own path
+        if unicode_problem(str(real)) is not None:
+            return Skipped(shown(real), "folder name is not UTF-8")
+        return True
+
+    def unlisted() -> Iterator[Skipped]:
+        for exc in refused:
+            yield Skipped(shown(os.path.realpath(exc.filename)), f"unreadable: {exc.strerror or exc}")
+        refused.clear()
+
     for root in paths:
+        if _inside(root, hidden):
+            continue
         if not root.is_dir():
             found = one(root, root.name)
             if found is not None:
                 yield found
             continue
-        for folder, dirs, files in os.walk(root, followlinks=follow_symlinks):
-            base = Path(folder)
+        if (take := folder(root)) is not True:
+            if isinstance(take, Skipped):
+                yield take
+            continue
+        for top, dirs, files in os.walk(root, onerror=refused.append, followlinks=follow_symlinks):
+            yield from unlisted()
+            base = Path(top)
             real_base = base.resolve()
             if real_base in walked:
                 dirs[:] = []
@@ -146,19 +235,18 @@ def walk(
                 sub = base / d
                 if _matches(sub.relative_to(root).as_posix(), excluded):
                     continue
-                if sub.is_symlink() and not follow_symlinks:
-                    target = sub.resolve()
-                    if not _inside(target, paths):
-                        yield Skipped(str(sub), f"symlink to {target}, outside the paths given (--follow-symlinks)")
-                    # A link to a folder inside the paths: its files are found under their own path.
-                    continue
-                kept.append(d)
+                take = folder(sub)
+                if isinstance(take, Skipped):
+                    yield take
+                elif take:
+                    kept.append(d)
             dirs[:] = kept
             for name in sorted(files):
                 path = base / name
                 found = one(path, path.relative_to(root).as_posix())
                 if found is not None:
                     yield found
+        yield from unlisted()
 
 
 def selected(source: str, roots: Iterable[Path], include: Iterable[str] = (), exclude: Iterable[str] = ()) -> bool:
@@ -312,9 +400,13 @@ def _record(raw: Any, position: int, where: str) -> Record:
         raise ValueError(f'{where}: "text" must be a string')
     for name, value in (("id", id_), ("text", text)):
         _check_unicode(value, f'{where}: "{name}"')
+    _check_nul(id_, f'{where}: "id"')
     metadata = raw.get("metadata") or {}
     if not isinstance(metadata, dict):
         raise ValueError(f'{where}: "metadata" must be an object')
+    if len(metadata) > MAX_METADATA_KEYS:
+        raise ValueError(f"{where}: metadata has {len(metadata)} keys, more than the {MAX_METADATA_KEYS} allowed")
+    _check_nul(metadata.get("document_id"), f"{where}: metadata 'document_id'")  # before clean_metadata strips it
     try:
         metadata = clean_metadata(metadata)
     except ValueError as exc:
@@ -332,6 +424,13 @@ def _check_unicode(value: Any, what: str) -> None:
     """JSON may spell a lone UTF-16 surrogate (\\ud800); no tokenizer, SQLite or Chroma takes one."""
     if isinstance(value, str) and (problem := unicode_problem(value)) is not None:
         raise ValueError(f"{what} {problem}")
+
+
+def _check_nul(value: Any, what: str) -> None:
+    """An id is matched as written: stripping a NUL (as Chroma's metadata needs) would make
+    the ledger's id and the one in Chroma differ, so an id holding one is refused."""
+    if isinstance(value, str) and (at := value.find("\x00")) >= 0:
+        raise ValueError(f"{what} holds a NUL character (at character {at})")
 
 
 def check_record(raw: Any, position: int, where: str) -> Record:
@@ -364,6 +463,21 @@ class Problems:
         )
 
 
+def _open_regular(path: Path) -> IO[bytes] | None:
+    """``path`` opened to read, or None where it is not a regular file. Opened without
+    blocking: a FIFO with no writer would otherwise hang the open itself, before fstat."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def jsonl_values(path: Path) -> Iterator[tuple[int, Any, str]]:
     """(line number, parsed value or the ValueError, where) for each non-blank line.
 
@@ -371,12 +485,12 @@ def jsonl_values(path: Path) -> Iterator[tuple[int, Any, str]]:
     /dev/zero) cannot make the producer hold more than one line in memory.
     """
     try:
-        handle = path.open("rb")
+        handle = _open_regular(path)
     except OSError as exc:
         raise BadInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if handle is None:
+        raise BadInputError(f"{path} is not a regular file", hint="--jsonl takes a file of JSON lines")
     with handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            raise BadInputError(f"{path} is not a regular file", hint="--jsonl takes a file of JSON lines")
         number = 0
         while True:
             try:

@@ -25,6 +25,16 @@ from pipeline.errors import first_line
 logger = logging.getLogger(__name__)
 
 _SCALARS = (str, int, float, bool)
+# Metadata keys one record may have. Chroma (1.5.9, SQLite) writes a record's metadata in
+# one statement of 6 variables a key, the document included, under SQLite's 32,766: a
+# record of 5,461 keys or more is taken by the upsert and then fails every compaction of
+# its collection for good ("Failed to apply logs to the metadata segment"). indexq adds
+# up to 5 keys (content_hash, ordinal, document_id, _node_content, _node_type); 1,000
+# leaves room for both. Long keys and values (16 MB) were measured to be no problem.
+# Producers refuse a record over MAX_METADATA_KEYS; the writer refuses a chunk over
+# MAX_CHUNK_METADATA_KEYS (indexq's own keys with the record's), whoever enqueued it.
+MAX_METADATA_KEYS = 1000
+MAX_CHUNK_METADATA_KEYS = MAX_METADATA_KEYS + 24
 
 
 def clean_text(text: str) -> str:
@@ -44,7 +54,13 @@ def unicode_problem(text: str) -> str | None:
 
 
 def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Metadata Chroma accepts: scalar values, no NUL bytes; raises ValueError otherwise."""
+    """Metadata Chroma accepts: scalar values, no NUL bytes, at most MAX_CHUNK_METADATA_KEYS
+    keys; raises ValueError otherwise."""
+    if len(metadata) > MAX_CHUNK_METADATA_KEYS:
+        raise ValueError(
+            f"metadata has {len(metadata)} keys, more than the {MAX_CHUNK_METADATA_KEYS} a chunk may carry"
+            " (Chroma cannot compact a record of about 5,460)"
+        )
     out: dict[str, Any] = {}
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:

@@ -34,13 +34,15 @@ from pipeline.corpus import (
     check_paths,
     check_record,
     content_gone,
+    covered_by,
     gone,
     jsonl_values,
     read_groups,
+    shown,
     walk,
 )  # fmt: skip
 from pipeline.embedder import Tokenizer, load_tokenizer, model_identity
-from pipeline.errors import ConfigError, EmptyCorpusError, StorageError, storage_errors
+from pipeline.errors import BadInputError, ConfigError, EmptyCorpusError, StorageError, storage_errors
 from pipeline.faults import fault_point
 from pipeline.ids import chunk_id, content_hash, new_job_id, validate_collection
 from pipeline.intake import part_key
@@ -139,11 +141,19 @@ class Producer:
         them that no longer exist."""
         self._check_collection(collection)
         roots = check_paths(paths)
+        private = self._private()
+        for root in roots:
+            for folder, what in private.items():
+                if root == folder:
+                    raise BadInputError(f"{root} is {what}: it is never indexed")
+                if root.is_relative_to(folder):
+                    raise BadInputError(f"{root} lies in {what} {folder}: it is never indexed")
         sub = Submission("", collection, remote=self.remote)
-        # Files that exist but could not be read keep their chunks (and are not pruned).
+        # Files and folders that exist but could not be read keep their chunks (and what
+        # lies under them is not pruned).
         unreadable: set[str] = set()
         with self._spool() as spool:
-            files = walk(roots, tuple(include), tuple(exclude), follow_symlinks)
+            files = walk(roots, tuple(include), tuple(exclude), follow_symlinks, private)
             for group in read_groups(files):
                 readable = [doc.text for _, doc in group if not isinstance(doc, Skipped)]
                 starts = iter(token_starts(self.tokenizer, readable))
@@ -169,8 +179,8 @@ class Producer:
                 if self.ledger is None:
                     sub.prune = spec  # the writer prunes against its ledger once every part is in
                 else:
-                    self._prune(spool, sub, collection, spec, lambda s: s in unreadable)
-            empty = f"no indexable text under {', '.join(map(str, roots))}"
+                    self._prune(spool, sub, collection, spec, covered_by(unreadable))
+            empty = f"no indexable text under {', '.join(map(shown, roots))}"
             return self._write(spool, sub, "paths", [str(p) for p in roots], empty)
 
     def submit_jsonl(self, path: str | os.PathLike[str], collection: str) -> Submission:
@@ -186,6 +196,14 @@ class Producer:
         return self._submit_records(values, collection, source, "records")
 
     # ---- internals ---------------------------------------------------------------
+
+    def _private(self) -> dict[Path, str]:
+        """Real paths of the folders a walk never enters: the data home (its queue key,
+        ledger and spool) and a Chroma directory kept elsewhere."""
+        folders = {Path(os.path.realpath(self.config.home)): "the data home"}
+        if self.config.chroma_url is None and self.config.chroma_path is not None:
+            folders.setdefault(Path(os.path.realpath(self.config.chroma_path)), "the Chroma directory")
+        return folders
 
     def _check_collection(self, collection: str) -> None:
         """A bad name, or settings or a model other than the collection's, before any input is read

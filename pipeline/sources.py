@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline import collection as collection_settings
 from pipeline.collection import CollectionSettings
-from pipeline.corpus import gone
+from pipeline.corpus import content_gone, covered_by, gone
 from pipeline.embedder import model_identity
 from pipeline.errors import ConfigError
 from pipeline.rows import COMMITTED, DELETING, EMBEDDED, FAILED, PENDING, Transaction, id_lists
@@ -255,14 +255,20 @@ class Sources:
         self, conn: sqlite3.Connection, job: str, collection: str, spec: dict[str, Any], skipped: list[dict[str, str]]
     ) -> list[str]:
         """A remote job's --prune, once all its parts are in: sources under its roots that it
-        did not send (nor skip), and that its filters would have taken, become stale."""
+        did not send (nor skip, nor found under a folder it could not read), and that its
+        filters would have taken, become stale."""
         sent = {
             r[0] for r in conn.execute(
                 "SELECT DISTINCT c.source FROM job_chunks j JOIN chunks c ON c.collection=j.collection AND c.id=j.id"
                 " WHERE j.job=?", (job,),
             )
         } | {s.get("source") for s in skipped}  # fmt: skip
-        sources = gone(self.under(collection, spec["roots"]), sent.__contains__,
+        unreadable = covered_by(
+            s["source"]
+            for s in skipped
+            if isinstance(s.get("source"), str) and not content_gone(str(s.get("reason", "")))
+        )
+        sources = gone(self.under(collection, spec["roots"]), lambda s: s in sent or unreadable(s),
                        map(Path, spec["roots"]), spec.get("include", ()), spec.get("exclude", ()))  # fmt: skip
         ids = [
             r[0] for source in sources for r in conn.execute(

@@ -152,7 +152,7 @@ def test_bad_configuration_names_the_setting(home: Path, tmp_path: Path) -> None
     (tmp_path / "a.txt").write_text("text\n")
     code, _, err = invoke(home, "index", str(tmp_path / "a.txt"), "-c", "docs", INDEXQ_CHUNK_OVERLAP="-1")
     assert code == 2
-    assert err.startswith("Error: chunk overlap must be >= 0")
+    assert err.startswith("Error: INDEXQ_CHUNK_OVERLAP: chunk overlap must be >= 0")
     code, _, err = invoke(home, "worker", "--commit-batch", "50")
     assert code == 2
     assert err == "Error: commit batch size must be between 1 and 10, got 50\n"
@@ -198,6 +198,9 @@ def test_unknown_home_and_job(home: Path) -> None:
     with pytest.raises(NotFoundError, match="no indexq data home at"):
         pipeline.job("nope", Config(home=home))
     Config(home=home).ensure_home()
+    with pytest.raises(NotFoundError, match="no indexq data home at"):  # a folder, no ledger
+        pipeline.status(Config(home=home))
+    pipeline.resume(Config(home=home))  # makes the queue and the ledger: a data home
     pipeline.status(Config(home=home))
     with pytest.raises(NotFoundError, match="no job 'nope'"):
         pipeline.wait("nope", Config(home=home))
@@ -216,3 +219,70 @@ def test_resubmitting_records_with_changes_replaces_and_removes(home: Path) -> N
     # Records are identified by id: "y" was not resubmitted, so it stays.
     assert states["y"] == "pending"
     assert pipeline.job(sub_job, config).chunks >= 2
+
+
+def test_a_record_with_too_many_metadata_keys_is_refused_with_its_line(home: Path, tmp_path: Path) -> None:
+    from pipeline.corpus import MAX_METADATA_KEYS
+
+    records = tmp_path / "records.jsonl"
+    most = {f"k{n}": n for n in range(MAX_METADATA_KEYS)}
+    records.write_text(
+        json.dumps({"id": "most", "text": "as many keys as allowed", "metadata": most}) + "\n"
+        + json.dumps({"id": "many", "text": "one key too many", "metadata": {**most, "one more": 1}}) + "\n"
+        + json.dumps({"id": "huge", "text": "ten thousand", "metadata": {f"k{n}": n for n in range(10_000)}}) + "\n"
+    )  # fmt: skip
+    code, out, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"Error: {records}: line 2: metadata has {MAX_METADATA_KEYS + 1} keys, more than the {MAX_METADATA_KEYS}"
+        " allowed; line 3: metadata has 10000 keys, more than the 1000 allowed",
+        "Hint: nothing was enqueued; fix the records and submit again",
+    ]
+    assert jobs(home) == [] and queued(home) == 0
+
+
+def test_chroma_takes_records_at_the_metadata_key_limit(tmp_path: Path) -> None:
+    """The limit is measured against Chroma: 10 records of MAX_METADATA_KEYS keys, with the
+    keys indexq adds, are written, and the collection takes the next upsert (over 5,460 keys
+    a record jams every compaction of its collection)."""
+    import chromadb
+
+    from pipeline.chunking import Chunk
+    from pipeline.corpus import MAX_METADATA_KEYS, Record
+    from pipeline.producer import _record_chunk
+
+    assert MAX_METADATA_KEYS == 1000
+    client = chromadb.PersistentClient(path=str(tmp_path / "chroma"))
+    collection = client.get_or_create_collection("notes")
+    record = Record("r", "text", {f"key {n}": "v" * 20 for n in range(MAX_METADATA_KEYS)}, 1)
+    chunk = Chunk(text="text", ordinal=1, start_line=1, end_line=1, hash="h")
+    metadata = _record_chunk(record, "r", chunk, 2)["metadata"]
+    assert len(metadata) == MAX_METADATA_KEYS + 5
+    ids = [f"r{n}" for n in range(10)]
+    collection.upsert(ids=ids, embeddings=[[0.1] * 4] * 10, metadatas=[metadata] * 10, documents=["text"] * 10)
+    collection.upsert(ids=["after"], embeddings=[[0.2] * 4], metadatas=[{"n": 1}], documents=["after"])
+    assert collection.count() == 11
+    assert len(collection.get(ids=["r9"], include=["metadatas"])["metadatas"][0]) == MAX_METADATA_KEYS + 5
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"id": "a\u0000b", "text": "t"}, '"id" holds a NUL character (at character 1)'),
+        ({"id": "c", "text": "t", "metadata": {"document_id": "doc\u0000"}},
+         "metadata 'document_id' holds a NUL character (at character 3)"),
+    ],
+)  # fmt: skip
+def test_a_nul_in_an_id_is_refused_with_its_line(
+    home: Path, tmp_path: Path, record: dict[str, Any], problem: str
+) -> None:
+    """Chroma's metadata loses NUL bytes; the ledger would keep the id with one (check --deep: damage)."""
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"id": "fine", "text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    code, out, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"Error: {records}: line 2: {problem}",
+        "Hint: nothing was enqueued; fix the records and submit again",
+    ]
+    assert jobs(home) == [] and queued(home) == 0

@@ -278,6 +278,32 @@ def test_a_second_writer_on_the_same_queue_is_refused_whatever_its_data_home(
     assert last.terminate() == 0
 
 
+def test_a_second_writer_on_a_sqlite_queue_is_refused_whatever_its_data_home(tmp_path: Path, procs: list[Proc]) -> None:
+    """A data home's queue.db named by another home's writer (INDEXQ_QUEUE_URL), and a queue
+    file of its own elsewhere: one writer drains it, the second exits 3 naming the first."""
+    hash_model = {"INDEXQ_MODEL": "hash:384"}
+    first = start_worker(procs, tmp_path / "a", **hash_model)
+    first.wait_started()
+    second = start_worker(
+        procs, tmp_path / "b", INDEXQ_QUEUE_URL=f"sqlite:///{tmp_path / 'a' / 'queue.db'}", **hash_model
+    )  # fmt: skip
+    assert second.popen.wait(timeout=120) == 3
+    assert f"Error: another writer holds {tmp_path / 'a' / 'writer.lock'}: pid {first.popen.pid}" in second.output()
+    assert first.terminate() == 0
+    shared = {"INDEXQ_QUEUE_URL": f"sqlite:///{tmp_path / 'queues' / 'q.db'}", **hash_model}
+    (tmp_path / "queues").mkdir()
+    owner = start_worker(procs, tmp_path / "c", **shared)
+    owner.wait_started()
+    other = start_worker(procs, tmp_path / "d", **shared)
+    assert other.popen.wait(timeout=120) == 3
+    assert f"another writer holds {tmp_path / 'queues' / 'q.db.writer.lock'}" in other.output()
+    assert owner.terminate() == 0
+    # Once the first has stopped, the other home's writer may drain that queue.
+    again = start_worker(procs, tmp_path / "d", **shared)
+    again.wait_started()
+    assert again.terminate() == 0
+
+
 def test_shared_queue_without_a_shared_key_is_refused(tmp_path: Path, redis_url: str) -> None:  # noqa: F811
     result = run_cli(tmp_path / "p", "index", str(tmp_path), "--collection", "abc", INDEXQ_QUEUE_URL=f"{redis_url}/3")
     assert result.returncode == 2

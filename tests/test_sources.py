@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -309,3 +310,135 @@ def test_a_large_single_line_file_is_chunked_within_bounds(tmp_path: Path, size_
     assert sub["chunks"] > 1000 and sub["skipped"] == []
     (longest,) = ledger_query(home, "SELECT max(length(text)) FROM chunks")[0]
     assert longest < 2000
+
+
+# ---- 11. the data home, folders that cannot be read, loops, names, FIFOs ----------------
+
+
+def _unprivileged(home: Path, *args: str, code: int = 0) -> dict[str, Any]:
+    """``indexq index`` as a user that permissions bind: root drops its override for the run."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("root ignores file permissions and setpriv is missing")
+        prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    result = subprocess.run(
+        [*prefix, str(BIN / "indexq"), "index", *args, "--json"],
+        env=env_for(home, **HASH), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == code, result.stderr
+    return json.loads(result.stdout) if code == 0 else {"stderr": result.stderr}
+
+
+def test_the_data_home_inside_the_indexed_tree_is_never_walked(tmp_path: Path) -> None:
+    corpus = _tree(tmp_path / "corpus")
+    (tmp_path / "alias").symlink_to(corpus)
+    home = tmp_path / "alias" / "indexq-data"  # the home spelled through a symlink
+    (corpus / "to-home").symlink_to(corpus / "indexq-data")
+    (corpus / "key.txt").symlink_to(corpus / "indexq-data" / "queue.key")
+    clean = _index(tmp_path / "clean", str(corpus), "-c", "docs")
+    for extra in ((), ("--follow-symlinks",)):
+        sub = _index(home, str(corpus), "-c", "docs", *extra)
+        assert (corpus / "indexq-data" / "queue.key").exists()
+        assert sub["skipped"] == [] and sub["chunks"] == clean["chunks"]
+        sources = {r[0] for r in ledger_query(home, "SELECT DISTINCT source FROM chunks")}
+        assert sources == {
+            str(corpus.resolve() / "notes.md"),
+            *(str(corpus.resolve() / "xml" / f"f{i}.txt") for i in range(3)),
+        }
+    for inside in (home, home / "queue.key"):
+        out = _index(home, str(inside), "-c", "docs", code=2)
+        assert out["stderr"].splitlines()[0] in (
+            f"Error: {corpus.resolve() / 'indexq-data'} is the data home: it is never indexed",
+            f"Error: {inside.resolve()} lies in the data home {corpus.resolve() / 'indexq-data'}: it is never indexed",
+        )
+
+
+@pytest.mark.parametrize(("mode", "skipped"), [(0o000, ["xml"]), (0o644, ["xml/f0.txt", "xml/f1.txt", "xml/f2.txt"])])
+def test_a_folder_that_cannot_be_read_is_skipped_and_keeps_its_chunks(
+    tmp_path: Path, mode: int, skipped: list[str]
+) -> None:
+    """Mode 000: the folder cannot be listed; 644: listed, but nothing in it can be opened."""
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    first = _index(home, str(corpus), "-c", "docs")
+    (corpus / "xml").chmod(mode)
+    try:
+        again = _unprivileged(home, str(corpus), "-c", "docs", "--prune")
+    finally:
+        (corpus / "xml").chmod(0o755)
+    real = corpus.resolve()
+    assert again["skipped"] == [{"source": str(real / s), "reason": "unreadable: Permission denied"} for s in skipped]
+    assert (again["stale"], again["pruned"], again["unchanged"]) == (0, 0, again["chunks"])
+    states = ledger_query(home, "SELECT state, count(*) FROM chunks GROUP BY state")
+    assert states == [("pending", first["chunks"])]
+
+
+def test_a_symlink_loop_is_skipped_and_named_alone_is_one_error_line(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    (corpus / "loop").symlink_to("loop")
+    (corpus / "xml" / "a").symlink_to("b")
+    (corpus / "xml" / "b").symlink_to("a")
+    sub = _index(home, str(corpus), "-c", "docs")
+    assert sorted((Path(s["source"]).name, s["reason"]) for s in sub["skipped"]) == [
+        ("a", "symlink loop"), ("b", "symlink loop"), ("loop", "symlink loop"),
+    ]  # fmt: skip
+    assert (
+        sub["chunks"]
+        == _index(tmp_path / "clean", str(corpus / "xml"), str(corpus / "notes.md"), "-c", "docs")["chunks"]
+    )
+    out = _index(home, str(corpus / "loop"), "-c", "docs", code=2)
+    assert out["stderr"] == f"Error: symlink loop: {corpus / 'loop'}\n"
+
+
+def test_a_file_name_that_is_not_utf8_is_skipped(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    (corpus / os.fsdecode(b"caf\xe9.txt")).write_text("a file whose name is Latin-1\n")
+    (corpus / os.fsdecode(b"d\xe9j\xe0")).mkdir()
+    (corpus / os.fsdecode(b"d\xe9j\xe0") / "inside.txt").write_text("text in a folder named in Latin-1\n")
+    sub = _index(home, str(corpus), "-c", "docs")
+    real = corpus.resolve()
+    assert sub["skipped"] == [
+        {"source": f"{real}/d\\xe9j\\xe0", "reason": "folder name is not UTF-8"},
+        {"source": f"{real}/caf\\xe9.txt", "reason": "file name is not UTF-8"},
+    ]
+    assert ledger_query(home, "SELECT count(DISTINCT source) FROM chunks") == [(4,)]
+
+
+def test_jsonl_naming_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    (tmp_path / "link").symlink_to(fifo)
+    for named in (fifo, tmp_path / "link"):
+        result = run_cli(home, "index", "--jsonl", str(named), "-c", "notes", timeout=30, **HASH)
+        assert (result.returncode, result.stderr) == (
+            2, f"Error: {fifo} is not a regular file\nHint: --jsonl takes a file of JSON lines\n",
+        )  # fmt: skip
+
+
+def test_a_remote_prune_keeps_what_lies_under_a_folder_the_producer_could_not_read(tmp_path: Path) -> None:
+    """The writer prunes a remote producer's job: a folder it skipped as unreadable keeps its files."""
+    from pipeline.ledger import Ledger
+
+    def part(job: str, files: list[dict[str, Any]], skipped: list[dict[str, str]]) -> dict[str, Any]:
+        return {
+            "job": job, "collection": "docs", "kind": "paths", "sources": ["/corpus"], "created": 0.0,
+            "files": files, "final": True, "parts": 1, "skipped": skipped, "model": "hash:384",
+            "prune": {"roots": ["/corpus"], "include": [], "exclude": []},
+        }  # fmt: skip
+
+    files = [
+        {"source": s, "total": 1, "chunks": [{"id": s, "ordinal": 0, "text": s, "metadata": {}, "hash": s}]}
+        for s in ("/corpus/a.txt", "/corpus/sub/b.txt", "/corpus/sub/deeper/c.txt", "/corpus/gone.txt")
+    ]
+    ledger = Ledger(tmp_path / "ledger.db")
+    try:
+        ledger.sources.ingest("first", part("j1", files, []), "hash:384")
+        unreadable = [{"source": "/corpus/sub", "reason": "unreadable: Permission denied"}]
+        result = ledger.sources.ingest("second", part("j2", files[:1], unreadable), "hash:384")
+    finally:
+        ledger.close()
+    assert result is not None and result[1] == ["/corpus/gone.txt"]

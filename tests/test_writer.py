@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.guards import MAX_CHUNK_METADATA_KEYS
 from pipeline.ledger import Ledger
 from pipeline.producer import Producer
 from pipeline.rows import Row
@@ -81,6 +82,24 @@ def test_invalid_rows_are_failed_with_a_reason_and_the_rest_commit(writer: Write
         "c2": "empty text",
     }
     assert list(writer.store.dump(COLLECTION)) == ["c0"]
+
+
+def test_a_chunk_with_more_metadata_keys_than_chroma_can_compact_is_failed_alone(writer: Writer) -> None:
+    """A chunk that reached the queue past the producer's check (another client of the queue):
+    Chroma would take it and then fail every compaction of the collection for good."""
+    items = rows(writer.ledger, 3)
+    items[1]["metadata"] = json.dumps({f"k{n}": n for n in range(MAX_CHUNK_METADATA_KEYS + 1)})
+    items[2]["metadata"] = json.dumps({f"k{n}": n for n in range(MAX_CHUNK_METADATA_KEYS)})  # the most
+    ids = seed(writer.ledger, items)
+    assert writer.index(COLLECTION, ids) == 2
+    errors = dict(writer.ledger.conn.execute("SELECT id, error FROM chunks WHERE state='failed'"))
+    assert errors == {
+        "c1": f"metadata has {MAX_CHUNK_METADATA_KEYS + 1} keys, more than the {MAX_CHUNK_METADATA_KEYS} a chunk"
+        " may carry (Chroma cannot compact a record of about 5,460)"
+    }
+    assert sorted(writer.store.dump(COLLECTION)) == ["c0", "c2"]
+    more = rows(writer.ledger, 5)[3:]  # the collection still takes commits
+    assert writer.index(COLLECTION, seed(writer.ledger, more)) == 2
 
 
 def test_a_chunk_whose_new_text_fails_takes_its_older_version_out_of_chroma(

@@ -128,6 +128,8 @@ class WriterHuey(QueueClient):
         self._lease: QueueLease | None = None
         with storage_errors(f"cannot open the queue of the data home {config.home}", config.home):
             self._lock = ProcessLock(config.writer_lock_path)
+        queue_lock = config.queue_lock_path
+        self._queue_lock = None if queue_lock is None else ProcessLock(queue_lock)
         # The writer's periodic requeue; index/delete/ingest are declared by QueueClient.
         self.requeue_lost = register(
             self, self.storage_watch, lambda: self.writer.withdraw_failed(wait=False) if self.writer else 0
@@ -153,6 +155,11 @@ class WriterHuey(QueueClient):
         self.ping()
         self._lock.acquire()
         try:
+            if self._queue_lock is not None:
+                with storage_errors(
+                    f"the writer cannot lock its queue {self.config.queue_path}", self.config.queue_path
+                ):
+                    self._queue_lock.acquire()
             if self.config.queue_engine == "redis":
                 self._lease = QueueLease(
                     self.storage.conn, self.lease_key,
@@ -220,6 +227,8 @@ class WriterHuey(QueueClient):
 
     def _release(self) -> None:
         self._drop_lease()
+        if self._queue_lock is not None:
+            self._queue_lock.release()
         self._lock.release()
 
     def create_consumer(self, **options: Any) -> GracefulConsumer:
