@@ -66,8 +66,10 @@ def run_check(config: Config, deep: bool = False) -> Report:
         _keep_check_state(config, {"time": time.time(), "ok": False, "summary": summary, "cannot_check": True})
         record_quietly(config, "check", False, summary, {"deep": deep, "cannot_check": True, "error": str(error)})
         raise error from exc
+    for note in report.notes:  # not damage, and nothing recovery could change: said, not alerted
+        logger.warning("%s check: %s", kind, note)
     if report.healthy:
-        summary = f"{kind} check healthy ({report.seconds:.1f}s)"
+        summary = f"{kind} check healthy ({report.seconds:.1f}s)" + "".join(f"; note: {n}" for n in report.notes)
     else:
         summary = f"{kind} check found damage: " + "; ".join(str(p) for p in report.problems[:3])
     _keep_check_state(config, {"time": time.time(), "ok": report.healthy, "summary": summary})

@@ -8,6 +8,7 @@ create files in the data home do so with a private umask (0600 files, 0700 folde
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import shutil
 import sys
@@ -333,8 +334,13 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
             f"the search text {problem}",
             hint="search with UTF-8 text (a command line's byte of another encoding reads as '\\udc80' to '\\udcff')",
         )
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_SEARCH_RESULTS:
+    try:
+        whole = None if isinstance(k, bool) else operator.index(k)  # numpy's integers too
+    except TypeError:
+        whole = None
+    if whole is None or not 1 <= whole <= MAX_SEARCH_RESULTS:
         raise BadInputError(f"k must be a whole number from 1 to {MAX_SEARCH_RESULTS}, got {k!r}")
+    k = whole
     cfg = _config(config)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense

@@ -44,6 +44,7 @@ from pipeline.config import (
     PRECISIONS,
     Config,
     device_problem,
+    named_by,
     parse_metrics_port,
     private_files,
 )
@@ -186,7 +187,7 @@ def _config(**overrides: Any) -> Config:
         variable = next((n for n in names if os.environ.get(n)), None)
         if variable is None:
             raise
-        raise ConfigError(f"{variable}: {exc}", hint=f"set {variable} right, or unset it") from None
+        raise named_by(variable, exc) from None
 
 
 # click 8.2 and later raise this for `indexq` alone (a UsageError that shows the help).
@@ -636,6 +637,8 @@ def check(deep: bool, as_json: bool, home: Path) -> None:
     else:
         for problem in report.problems:
             click.echo(f"damaged {problem}")
+    for note in [] if as_json else report.notes:
+        click.echo(f"note: {note}")
     if not report.healthy:
         found = len(report.problems)
         raise DamageFoundError(

@@ -188,6 +188,22 @@ def redact_url(url: str | None) -> str:
 PRIVATE_UMASK = 0o077
 
 
+def same_file(a: Path, b: Path) -> bool:
+    """One file by two paths: the same real path, or (both there) the same inode, as a bind
+    mount or a case-insensitive disk spells it."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def named_by(variable: str, exc: ConfigError) -> ConfigError:
+    """``exc`` about a value read from the environment variable ``variable``."""
+    return ConfigError(f"{variable}: {exc}", hint=f"set {variable} right, or unset it")
+
+
 def _refused(setting: str, message: str) -> ConfigError:
     """A ConfigError about the Config field ``setting`` (``from_env`` names its variable)."""
     error = ConfigError(message)
@@ -427,11 +443,11 @@ class Config:
         whose lease does this)."""
         if self.queue_engine != "sqlite":
             return None
-        queue = self.queue_path
+        queue = Path(os.path.realpath(self.queue_path))  # one lock whatever links lead to the file
         lock = (
             queue.parent / "writer.lock" if queue.name == "queue.db" else queue.with_name(queue.name + ".writer.lock")
         )
-        return None if os.path.realpath(lock) == os.path.realpath(self.writer_lock_path) else lock
+        return None if same_file(lock, self.writer_lock_path) else lock
 
     @property
     def commit_lock_path(self) -> Path:
@@ -506,7 +522,7 @@ class Config:
         if the link leads nowhere yet). A path that cannot be a folder is refused (exit 2; a
         full, read-only or forbidden disk: StorageError, exit 6).
         """
-        home = self.home.resolve() if self.home.is_symlink() else self.home
+        home = Path(os.path.realpath(self.home))  # a link's folder (a loop: refused below, as mkdir fails)
         for path in (home, self.logs_path, self.chroma_dir):
             try:
                 path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -598,4 +614,4 @@ class Config:
             variable = sources.get(exc.setting or "")
             if variable is None or exc.setting in given:
                 raise
-            raise ConfigError(f"{variable}: {exc}", hint=f"set {variable} right, or unset it") from None
+            raise named_by(variable, exc) from None

@@ -184,15 +184,15 @@ def walk(
             if not real.is_file():
                 return Skipped(str(real), "not a regular file")
         except OSError as exc:  # a folder on the way that can be read but not searched
-            return Skipped(shown(path), f"unreadable: {exc.strerror or exc}")
+            return Skipped(shown(os.path.realpath(path)), f"unreadable: {exc.strerror or exc}")
         return real
 
     def folder(sub: Path) -> Skipped | bool:
         """Whether to walk into ``sub``, or why it is skipped."""
         try:
             real = _real(sub)
-        except OSError as exc:
-            return Skipped(shown(sub), f"unreadable: {exc.strerror or exc}")
+        except OSError as exc:  # named as the ledger knows what lies under it: by its real path
+            return Skipped(shown(os.path.realpath(sub)), f"unreadable: {exc.strerror or exc}")
         if real is None:
             return Skipped(shown(sub), "symlink loop")
         if _inside(real, hidden):

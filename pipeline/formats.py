@@ -90,7 +90,7 @@ def _short(title: str) -> str:
 
 def heading_path(stack: Sequence[tuple[int, str]]) -> str:
     """``Install > From source`` from (level, title) outermost first; over MAX_HEADING_PATH_CHARS,
-    the innermost titles that fit, after ``…``."""
+    its last characters after ``…`` (the outermost title that does not fit is cut)."""
     path = HEADING_SEPARATOR.join(t for _, t in stack)
     return path if len(path) <= MAX_HEADING_PATH_CHARS else "…" + path[-(MAX_HEADING_PATH_CHARS - 1) :]
 

@@ -56,7 +56,8 @@ class ProcessLock:
             holder = describe_holder(read_holder(self.path))
             raise WriterLockedError(
                 f"another {self.role} holds {self.path}: {holder}",
-                hint=f"stop that {self.role} first; only one may run per data home (a writer: and per queue)",
+                hint=f"stop that {self.role} first; only one may run per data home"
+                + (" and per queue" if self.role == "writer" else ""),
             )
         info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         os.ftruncate(fd, 0)

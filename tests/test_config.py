@@ -323,6 +323,9 @@ def test_a_home_path_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path: Pa
     for home, chroma in ((tmp_path / "a-file" / "sub", None), (tmp_path / "h", tmp_path / "a-file")):
         with pytest.raises(ConfigError, match=r"^cannot make the folder .*a-file.*: \[Errno (20|17)\]"):
             Config(home=home, chroma_path=chroma).ensure_home()
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ConfigError, match=r"^cannot make the folder .*loop: \[Errno 17\] File exists"):
+        Config(home=tmp_path / "loop").ensure_home()
     result = run_cli(tmp_path / "a-file" / "sub", "resume")
     assert result.returncode == 2 and result.stderr.startswith("Error: cannot make the folder "), result.stderr
     assert "Traceback" not in result.stderr

@@ -297,7 +297,18 @@ def test_a_second_writer_on_a_sqlite_queue_is_refused_whatever_its_data_home(tmp
     other = start_worker(procs, tmp_path / "d", **shared)
     assert other.popen.wait(timeout=120) == 3
     assert f"another writer holds {tmp_path / 'queues' / 'q.db.writer.lock'}" in other.output()
+    # The same queue through a symlink: the same lock.
+    (tmp_path / "alias.db").symlink_to(tmp_path / "queues" / "q.db")
+    aliased = start_worker(procs, tmp_path / "e", INDEXQ_QUEUE_URL=f"sqlite:///{tmp_path / 'alias.db'}", **hash_model)
+    assert aliased.popen.wait(timeout=120) == 3
+    assert f"another writer holds {tmp_path / 'queues' / 'q.db.writer.lock'}" in aliased.output()
     assert owner.terminate() == 0
+    # A writer whose URL names its own queue through a link starts (one lock, not two).
+    (tmp_path / "f").mkdir()
+    (tmp_path / "own.db").symlink_to(tmp_path / "f" / "queue.db")
+    own = start_worker(procs, tmp_path / "f", INDEXQ_QUEUE_URL=f"sqlite:///{tmp_path / 'own.db'}", **hash_model)
+    own.wait_started()
+    assert own.terminate() == 0
     # Once the first has stopped, the other home's writer may drain that queue.
     again = start_worker(procs, tmp_path / "d", **shared)
     again.wait_started()
@@ -326,7 +337,7 @@ def test_unreachable_servers_exit_5_and_change_nothing(tmp_path: Path) -> None:
     missing = run_cli(tmp_path / "p", "check")
     assert missing.returncode == 1
     assert missing.stderr.splitlines()[0] == f"Error: no indexq data home at {tmp_path / 'p'}"
-    assert run_cli(tmp_path / "w", "status").returncode == 0  # a data home with its ledger
+    assert run_cli(tmp_path / "w", "resume").returncode == 0  # a data home with its ledger
     result = run_cli(tmp_path / "w", "check", INDEXQ_CHROMA_URL=f"http://127.0.0.1:{closed}")
     assert result.returncode == 5
     assert f"Error: cannot reach the Chroma server at http://127.0.0.1:{closed}" in result.stderr

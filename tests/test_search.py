@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline import api
 from pipeline.config import MAX_QUERY_CHARS, Config
 from pipeline.embedder import HashEmbedder, no_gpu_here
-from pipeline.errors import BadInputError
+from pipeline.errors import BadInputError, NotFoundError
 from pipeline.queryembed import OnnxQueryEmbedder
 from pipeline.queryserver import MAX_CLIENTS, READ_TIMEOUT, QueryServer, ask, serve
 from tests.conftest import BIN, Proc, copy_corpus, env_for, run_cli, start_worker, wait_for
@@ -286,6 +287,8 @@ def test_a_search_text_that_is_not_utf8_or_a_bad_k_is_refused_in_one_line(tmp_pa
     for k in (0, -1, 1001, 2.5, "3", True):
         with pytest.raises(BadInputError, match="k must be a whole number from 1 to 1000"):
             api.search("bread", "docs", k=k, config=config)  # type: ignore[arg-type]
+    with pytest.raises(NotFoundError, match="no indexq data home"):  # numpy's integers pass as k
+        api.search("bread", "docs", k=np.int64(3), config=config)  # type: ignore[arg-type]
     assert not home.exists()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline import alerts
 from pipeline.backoff import StorageWatch
-from pipeline.config import Config
+from pipeline.config import Config, same_file
 from pipeline.errors import ConfigError, IndexqError, WriterLockedError, first_line, storage_errors
 from pipeline.locks import ProcessLock
 from pipeline.metrics import MetricsServer
@@ -155,11 +155,12 @@ class WriterHuey(QueueClient):
         self.ping()
         self._lock.acquire()
         try:
-            if self._queue_lock is not None:
+            queue_lock = self._queue_lock  # unless it is the lock just taken, by another spelling
+            if queue_lock is not None and not same_file(queue_lock.path, self.config.writer_lock_path):
                 with storage_errors(
                     f"the writer cannot lock its queue {self.config.queue_path}", self.config.queue_path
                 ):
-                    self._queue_lock.acquire()
+                    queue_lock.acquire()
             if self.config.queue_engine == "redis":
                 self._lease = QueueLease(
                     self.storage.conn, self.lease_key,
