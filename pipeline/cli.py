@@ -241,6 +241,9 @@ def main() -> None:
       indexq search "how do I resume" --collection docs
     """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # pypdf warns of each flaw it reads past ("EOF marker not found"): a PDF it cannot read is
+    # skipped with its reason, and one it reads is indexed; its warnings only buried the answer.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
     # Every file and folder indexq creates, Chroma's and SQLite's included, is the owner's only.
     private_files()
 

@@ -65,6 +65,8 @@ def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     for key, value in metadata.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"metadata key {key!r} is not a non-empty string")
+        if "\x00" in key:  # stripped, it could be another key of the record
+            raise ValueError(f"metadata key {key!r} holds a NUL character")
         if key.startswith("chroma:"):
             raise ValueError(f"metadata key {key!r} is reserved by Chroma")
         if value is None:

@@ -271,6 +271,8 @@ def test_chroma_takes_records_at_the_metadata_key_limit(tmp_path: Path) -> None:
         ({"id": "a\u0000b", "text": "t"}, '"id" holds a NUL character (at character 1)'),
         ({"id": "c", "text": "t", "metadata": {"document_id": "doc\u0000"}},
          "metadata 'document_id' holds a NUL character (at character 3)"),
+        # Stripped, the key would be another of the record's ("a"): which value wins?
+        ({"id": "d", "text": "t", "metadata": {"a": 1, "a\u0000": 2}}, "metadata key 'a\\x00' holds a NUL character"),
     ],
 )  # fmt: skip
 def test_a_nul_in_an_id_is_refused_with_its_line(

@@ -449,3 +449,12 @@ def test_a_long_heading_is_cut_in_the_path_every_chunk_carries() -> None:
     path = formats.html(levels.encode()).paths[-1][1]
     assert len(path) == formats.MAX_HEADING_PATH_CHARS and path.startswith("…")
     assert path.endswith(" > " + "f" * (formats.MAX_HEADING_CHARS - 1) + "…")
+
+
+def test_a_pdf_pypdf_reads_past_flaws_in_leaves_the_error_one_line(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "trunc.pdf").write_bytes(b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n")  # no xref, no %%EOF
+    result = run_cli(tmp_path / "home", "index", str(corpus), "-c", "docs", INDEXQ_MODEL="hash:384")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"Error: no indexable text under {corpus} (1 cannot parse PDF skipped)"]
