@@ -38,7 +38,7 @@ from typing import Any
 from ops.integrity import check
 from pipeline import alerts
 from pipeline.config import Config
-from pipeline.errors import NothingToBackUpError, StorageError, storage_error
+from pipeline.errors import BackupFailedError, NothingToBackUpError, StorageError, first_line, storage_error
 from pipeline.faults import fault_point
 from pipeline.fsync import fsync_dir, fsync_tree, write_json_atomic
 from pipeline.ledger import Ledger
@@ -83,10 +83,35 @@ def _checksums(root: Path) -> dict[str, str]:
     return sums
 
 
+def checksum_problems(path: Path) -> list[str]:
+    """The files of a backup that no longer match its manifest (changed or gone)."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    actual = _checksums(path)
+    return [f"{rel}: checksum differs from the manifest" for rel, digest in manifest["files"].items()
+            if actual.get(rel) != digest]  # fmt: skip
+
+
+def discredit(path: Path, problems: list[str]) -> None:
+    """Record that the backup at ``path`` must not be restored (its verdict: not verified)."""
+    verdict = {"verified": False, "time": time.time(), "seconds": 0.0, "problems": problems}
+    write_json_atomic(path / VERIFICATION, verdict)
+
+
+def _backups_folder(config: Config) -> None:
+    """The backups folder, made if need be; one that cannot be a folder is one line (exit 1)."""
+    try:
+        config.backups_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise BackupFailedError(
+            f"cannot keep backups in {config.backups_path}: {first_line(exc)}",
+            hint="move the file (or the link to nowhere) that stands there away; checks go on without backups",
+        ) from None
+
+
 @contextlib.contextmanager
 def backups_lock(config: Config) -> Iterator[None]:
     """One backup, verification or prune at a time in a data home (they share folders)."""
-    config.backups_path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _backups_folder(config)
     fd = os.open(config.backups_path / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -125,7 +150,15 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
         with lock.held(timeout=config.lock_timeout) as waited:
             paused = time.monotonic()
             if not logical:
-                snapshot_chroma(config.chroma_dir, partial / "chroma")
+                try:
+                    snapshot_chroma(config.chroma_dir, partial / "chroma")
+                except sqlite3.DatabaseError as exc:  # "database disk image is malformed"
+                    if storage_error(exc) is not None:
+                        raise
+                    raise BackupFailedError(
+                        f"cannot back up {config.chroma_dir}: {first_line(exc)}",
+                        hint="`indexq check` says what is damaged; `indexq recover` repairs it",
+                    ) from None
             ledger.backup_to(partial / "ledger.db")
             watermark = ledger.watermark()
             counts = {c: n for c, n in ledger.conn.execute(
@@ -200,11 +233,7 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
     """Checksums, then a deep check of a scratch copy in a fresh process; records the verdict."""
     started = time.monotonic()
     manifest = json.loads((path / MANIFEST).read_text())
-    problems = []
-    actual = _checksums(path)
-    for rel, digest in manifest["files"].items():
-        if actual.get(rel) != digest:
-            problems.append(f"{rel}: checksum differs from the manifest")
+    problems = checksum_problems(path)
     if not problems and manifest.get("kind") == "logical":
         problems.extend(_verify_ledger_snapshot(path / "ledger.db", manifest["collections"]))
     elif not problems:
@@ -277,8 +306,9 @@ def describe(path: Path) -> dict[str, Any]:
 
 
 def list_backups(config: Config) -> list[dict[str, Any]]:
-    """Complete backups, oldest first. Partial ones (a crash mid-backup) are not listed."""
-    if not config.backups_path.exists():
+    """Complete backups, oldest first. Partial ones (a crash mid-backup) are not listed, nor
+    anything where the backups folder should be and is not a folder (said when backing up)."""
+    if not config.backups_path.is_dir():
         return []
     out = []
     for path in sorted(config.backups_path.iterdir()):

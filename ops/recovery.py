@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ops.backup import list_backups, newest_verified
+from ops.backup import checksum_problems, discredit, list_backups
 from ops.integrity import INTERRUPTED_RESTORE, Report, check_home
 from pipeline import alerts
 from pipeline.batches import batched
@@ -64,14 +64,21 @@ RECOVERY_MARGIN = 4 * 2**20
 REPLAY_OVERHEAD = 3
 
 
-def plan(report: Report, config: Config, source: str | None = None) -> dict[str, Any]:
-    """What recovery would do about a check report."""
+def plan(report: Report, config: Config, source: str | None = None, record: bool = True) -> dict[str, Any]:
+    """What recovery would do about a check report. A verified backup whose files no longer
+    match their checksums is not restored (and, with ``record``, no longer counts as verified):
+    the next older one is, or the ledger rebuilds the directory."""
     if source:
         backup = next((b for b in list_backups(config) if b["name"] == source or b["path"] == source), None)
         if backup is None:
             raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
         if not backup["verified"]:
             raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
+        if problems := _changed(backup, record):
+            raise RecoveryFailedError(
+                f"backup {backup['name']} changed since it was verified ({problems[0]}); it was not restored",
+                hint="restore another (indexq backups), or let `indexq recover` choose",
+            )
         return {"action": RESTORE, "backup": backup["name"], "reason": "restore asked for"}
     if report.healthy:
         return {"action": NONE, "reason": "healthy"}
@@ -88,10 +95,21 @@ def plan(report: Report, config: Config, source: str | None = None) -> dict[str,
         # The ledger holds every committed chunk with its embedding: rebuilding the
         # damaged collections from it is exact, and needs no backup.
         return {"action": REBUILD, "reason": reason + " (rebuilding the damaged collections from the ledger)"}
-    backup = newest_verified(config, kind="full")
-    if backup is None:
-        return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
-    return {"action": RESTORE, "backup": backup["name"], "reason": reason}
+    for backup in reversed(list_backups(config)):  # the newest intact verified backup
+        if backup["verified"] and backup["kind"] == "full":
+            if not (problems := _changed(backup, record)):
+                return {"action": RESTORE, "backup": backup["name"], "reason": reason}
+            logger.warning("backup %s changed since it was verified (%s): not restored", backup["name"], problems[0])
+    return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
+
+
+def _changed(backup: dict[str, Any], record: bool) -> list[str]:
+    """Files of a verified backup changed or gone since (checked again before each restore,
+    since a restore trusts them); with ``record``, it is then no longer verified."""
+    problems = checksum_problems(Path(backup["path"]))
+    if problems and record:
+        discredit(Path(backup["path"]), problems)
+    return problems
 
 
 def recover(config: Config, source: str | None = None, dry_run: bool = False) -> dict[str, Any]:
@@ -112,7 +130,10 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
                     report = check_home(config, deep=True)
                 except StorageError as exc:
                     raise StorageError(f"cannot recover {config.home}; nothing was changed: {exc}", exc.hint) from exc
-                result: dict[str, Any] = {**plan(report, config, source), "found": [str(p) for p in report.problems]}
+                result: dict[str, Any] = {
+                    **plan(report, config, source, record=not dry_run),
+                    "found": [str(p) for p in report.problems],
+                }
                 result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})
                 if result["action"] != NONE:
                     try:
@@ -138,6 +159,13 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             result["pause_seconds"] = round(time.monotonic() - started, 3)
             result["healthy"] = final.healthy
             result["remaining"] = [str(p) for p in final.problems]
+            if result["action"] == RESTORE and not final.healthy:
+                # Not again: the next recovery takes an older backup, or rebuilds from the ledger.
+                restored = next((b for b in list_backups(config) if b["name"] == result["backup"]), None)
+                if restored is not None:
+                    discredit(
+                        Path(restored["path"]), [f"restoring it left the data home damaged: {result['remaining'][0]}"]
+                    )
     finally:
         lock.close()
     summary = f"recovery {result['action']}: " + (
@@ -246,7 +274,9 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
         return _swap_in(config, ledger, backup, step["reason"])
     quarantined = _quarantine(config, step["reason"])
     config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
-    return {"quarantine": str(quarantined), **replay(config, ledger)}
+    result = {"quarantine": str(quarantined), **replay(config, ledger)}
+    _replayed(config)  # every committed chunk: a restore's unfinished replay is done too
+    return result
 
 
 def restore_backup(config: Config, name: str, watermark: int | None = None) -> dict[str, Any]:

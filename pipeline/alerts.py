@@ -13,6 +13,7 @@ logger = logging.getLogger(__name__)
 
 
 def raise_alert(config: Config, ledger: Ledger, message: str) -> None:
+    message = " ".join(message.split())  # one line in alerts.log, whatever SQLite's message holds
     logger.critical(message)
     config.logs_path.mkdir(parents=True, exist_ok=True, mode=0o700)
     line = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} CRITICAL {message}\n"

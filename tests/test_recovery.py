@@ -7,6 +7,7 @@ not matter to damage and recovery, and a collection past Chroma's first HNSW per
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -191,6 +192,73 @@ def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
     assert_equals_ledger(home)
 
 
+def _only_backup(home: Path) -> Path:
+    (backup,) = [p for p in (home / "backups").iterdir() if not p.name.startswith(".")]
+    return backup
+
+
+def test_a_backup_changed_since_it_was_verified_is_not_restored(home: Path) -> None:
+    backup = _only_backup(home)
+    db = backup / "chroma" / "chroma.sqlite3"
+    db.write_bytes(db.read_bytes().replace(b"json", b"JSON", 1))  # one byte flipped, after verification
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    # Asked for by name: refused in one line, nothing moved.
+    asked = run_cli(home, "recover", "--from", backup.name, **MODEL)
+    assert asked.returncode == 1
+    assert asked.stderr.splitlines()[0] == (
+        f"Error: backup {backup.name} changed since it was verified (chroma/chroma.sqlite3: checksum differs from"
+        " the manifest); it was not restored"
+    )
+    assert not (home / "quarantine").exists()
+    listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+    assert [(b["name"], b["verified"]) for b in listed] == [(backup.name, False)]
+    # Chosen by recovery: passed over (before, it was restored, and recovery failed on it for ever).
+    result = run_cli(home, "recover", "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["action"] == "rebuild"
+    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
+    assert_equals_ledger(home)
+
+
+def test_a_backup_whose_restore_leaves_damage_is_not_restored_again(home: Path) -> None:
+    backup = _only_backup(home)
+    # Damaged in a way its checksums do not tell (its manifest agrees): a restore cannot heal.
+    overwrite_page(backup)  # a page of its chroma.sqlite3's embeddings table
+    manifest = json.loads((backup / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        manifest["files"][rel] = hashlib.sha256((backup / rel).read_bytes()).hexdigest()
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    first = run_cli(home, "recover", "--json", **MODEL)
+    assert first.returncode == 1
+    assert "recovery restore: still damaged" in first.stderr
+    listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+    assert listed[0]["verified"] is False and "restoring it left the data home damaged" in listed[0]["problems"][0]
+    again = run_cli(home, "recover", "--json", **MODEL)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["action"] == "rebuild"
+    assert_equals_ledger(home)
+
+
+def test_no_folder_for_backups_or_a_damaged_database_is_one_line_and_checks_go_on(home: Path) -> None:
+    shutil.rmtree(home / "backups")
+    (home / "backups").write_text("not a folder\n")
+    made = run_cli(home, "backup", **MODEL)
+    assert made.returncode == 1 and "Traceback" not in made.stderr
+    assert made.stderr.splitlines()[0].startswith(f"Error: cannot keep backups in {home / 'backups'}: [Errno 17]")
+    assert run_cli(home, "backups", **MODEL).stdout.strip() == "no backups"
+    assert run_cli(home, "status", **MODEL).returncode == 0
+    assert run_cli(home, "check", **MODEL).returncode == 0
+    (home / "backups").unlink()
+    truncate(home / "chroma" / "chroma.sqlite3", 0.3)
+    damaged = run_cli(home, "backup", **MODEL)
+    assert damaged.returncode == 1 and "Traceback" not in damaged.stderr, damaged.stderr
+    assert damaged.stderr.splitlines() == [
+        f"Error: cannot back up {home / 'chroma'}: database disk image is malformed",
+        "Hint: `indexq check` says what is damaged; `indexq recover` repairs it",
+    ]
+
+
 def test_dry_run_changes_nothing(home: Path) -> None:
     (home / "chroma" / "chroma.sqlite3").unlink()
     result = run_cli(home, "recover", "--dry-run", **MODEL)
@@ -201,13 +269,14 @@ def test_dry_run_changes_nothing(home: Path) -> None:
 
 def test_busy_lock_is_reported_as_busy_not_damage(home: Path) -> None:
     lock = CommitLock(home / "commit.lock")
+    before = time.time()  # the golden home's own healthy check is older, however soon after it this runs
     with lock.held():
         result = run_cli(home, "check", INDEXQ_LOCK_TIMEOUT="1", **MODEL)
     lock.close()
     assert result.returncode == 4
     assert result.stderr.startswith(f"Error: the commit lock {home / 'commit.lock'} stayed busy for 1s")
     assert not (home / "logs" / "alerts.log").exists()
-    events = ledger_query(home, "SELECT count(*) FROM events WHERE kind='check' AND time > ?", time.time() - 60)
+    events = ledger_query(home, "SELECT count(*) FROM events WHERE kind='check' AND time >= ?", before)
     assert events[0][0] == 0
 
 
@@ -444,3 +513,18 @@ def test_a_restore_killed_in_its_replay_is_reported_and_finished(tmp_path: Path,
     assert not (home / "replay.pending").exists()
     assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
     assert_equals_ledger(home)
+
+
+def test_an_alert_is_one_line_whatever_its_message_holds(tmp_path: Path) -> None:
+    from pipeline import alerts
+    from pipeline.ledger import Ledger
+
+    config = Config(home=tmp_path / "home")
+    config.ensure_home()
+    ledger = Ledger(config.ledger_path)
+    try:
+        alerts.raise_alert(config, ledger, "check found damage: *** in database main ***\nOn tree page 566 cell 3")
+    finally:
+        ledger.close()
+    (line,) = config.alerts_path.read_text().splitlines()
+    assert line.endswith(" CRITICAL check found damage: *** in database main *** On tree page 566 cell 3")
