@@ -91,6 +91,22 @@ def checksum_problems(path: Path) -> list[str]:
             if actual.get(rel) != digest]  # fmt: skip
 
 
+def home_of(path: Path) -> str | None:
+    """The id of the data home a backup was made of (its ledger snapshot's), or None (a
+    backup made before homes had one, or a snapshot that cannot be read: the checks say)."""
+    try:
+        conn = sqlite3.connect(f"file:{path / 'ledger.db'}?mode=ro&immutable=1", uri=True)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='home'").fetchone()
+        return str(row[0]) if row else None
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+
+
 def discredit(path: Path, problems: list[str]) -> None:
     """Record that the backup at ``path`` must not be restored (its verdict: not verified)."""
     verdict = {"verified": False, "time": time.time(), "seconds": 0.0, "problems": problems}

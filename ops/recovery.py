@@ -42,7 +42,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from ops.backup import checksum_problems, discredit, list_backups
+from ops.backup import checksum_problems, discredit, home_of, list_backups
 from ops.integrity import INTERRUPTED_RESTORE, Report, check_home
 from pipeline import alerts
 from pipeline.batches import batched
@@ -64,16 +64,24 @@ RECOVERY_MARGIN = 4 * 2**20
 REPLAY_OVERHEAD = 3
 
 
-def plan(report: Report, config: Config, source: str | None = None, record: bool = True) -> dict[str, Any]:
+def plan(
+    report: Report, config: Config, source: str | None = None, record: bool = True, home: str | None = None
+) -> dict[str, Any]:
     """What recovery would do about a check report. A verified backup whose files no longer
     match their checksums is not restored (and, with ``record``, no longer counts as verified):
-    the next older one is, or the ledger rebuilds the directory."""
+    the next older one is, or the ledger rebuilds the directory. Nor is a backup of another
+    data home than ``home`` (the ledger's id)."""
     if source:
         backup = next((b for b in list_backups(config) if b["name"] == source or b["path"] == source), None)
         if backup is None:
             raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
         if not backup["verified"]:
             raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
+        if _foreign(backup, home):
+            raise RecoveryFailedError(
+                f"backup {backup['name']} was made of another data home; it was not restored",
+                hint="restore one of this home's backups (indexq backups), or let `indexq recover` choose",
+            )
         if problems := _changed(backup, record):
             raise RecoveryFailedError(
                 f"backup {backup['name']} changed since it was verified ({problems[0]}); it was not restored",
@@ -96,11 +104,19 @@ def plan(report: Report, config: Config, source: str | None = None, record: bool
         # damaged collections from it is exact, and needs no backup.
         return {"action": REBUILD, "reason": reason + " (rebuilding the damaged collections from the ledger)"}
     for backup in reversed(list_backups(config)):  # the newest intact verified backup
-        if backup["verified"] and backup["kind"] == "full":
+        if _foreign(backup, home):
+            logger.warning("backup %s was made of another data home: not restored", backup["name"])
+        elif backup["verified"] and backup["kind"] == "full":
             if not (problems := _changed(backup, record)):
                 return {"action": RESTORE, "backup": backup["name"], "reason": reason}
             logger.warning("backup %s changed since it was verified (%s): not restored", backup["name"], problems[0])
     return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
+
+
+def _foreign(backup: dict[str, Any], home: str | None) -> bool:
+    """Whether ``backup`` was made of another data home (one made before homes had an id: no)."""
+    theirs = home_of(Path(backup["path"]))
+    return home is not None and theirs is not None and theirs != home
 
 
 def _changed(backup: dict[str, Any], record: bool) -> list[str]:
@@ -131,7 +147,7 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
                 except StorageError as exc:
                     raise StorageError(f"cannot recover {config.home}; nothing was changed: {exc}", exc.hint) from exc
                 result: dict[str, Any] = {
-                    **plan(report, config, source, record=not dry_run),
+                    **plan(report, config, source, record=not dry_run, home=ledger.home_id()),
                     "found": [str(p) for p in report.problems],
                 }
                 result["damaged"] = sorted({p.where for p in report.problems if p.layer in ("ledger", "deep")})

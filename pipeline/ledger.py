@@ -22,6 +22,7 @@ import contextlib
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from pipeline.rows import COMMITTED, DELETING, OUTSTANDING, ROW_COLUMNS, Row, id
 from pipeline.sources import Sources
 
 # Tables are created "if not exists": a bump adds what a newer version needs.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None:
@@ -128,7 +129,15 @@ class Ledger:
                 chunks.add_column("committed_hash", str)
                 # A committed row's text is the one committed (failed rows' is unknown: left NULL).
                 self.conn.execute("UPDATE chunks SET committed_hash=hash WHERE state='committed'")
+            # Version 7: the data home's own id, which its backups' ledger snapshots carry, so
+            # that a backup of another home is never restored into this one.
+            self.conn.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('home', ?)", (uuid.uuid4().hex,))
             self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def home_id(self) -> str | None:
+        """The id of the data home this ledger belongs to (schema 7; None before)."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key='home'").fetchone()
+        return str(row[0]) if row else None
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = True) -> Iterator[sqlite3.Connection]:

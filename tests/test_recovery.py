@@ -220,6 +220,33 @@ def test_a_backup_changed_since_it_was_verified_is_not_restored(home: Path) -> N
     assert_equals_ledger(home)
 
 
+def test_a_backup_of_another_data_home_is_not_restored(home: Path) -> None:
+    own = _only_backup(home)
+    foreign = home / "backups" / "29991231T000000Z"  # the newest: what recovery would take first
+    shutil.copytree(own, foreign)
+    conn = sqlite3.connect(foreign / "ledger.db")
+    conn.execute("UPDATE meta SET value='another-home' WHERE key='home'")
+    conn.commit()
+    conn.close()
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest.update(name=foreign.name, time=manifest["time"] + 1)
+    for rel in manifest["files"]:
+        manifest["files"][rel] = hashlib.sha256((foreign / rel).read_bytes()).hexdigest()
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    asked = run_cli(home, "recover", "--from", foreign.name, **MODEL)
+    assert asked.returncode == 1
+    assert (
+        asked.stderr.splitlines()[0]
+        == f"Error: backup {foreign.name} was made of another data home; it was not restored"
+    )
+    assert not (home / "quarantine").exists()
+    result = run_cli(home, "recover", "--json", **MODEL)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["backup"] == own.name
+    assert_equals_ledger(home)
+
+
 def test_a_backup_whose_restore_leaves_damage_is_not_restored_again(home: Path) -> None:
     backup = _only_backup(home)
     # Damaged in a way its checksums do not tell (its manifest agrees): a restore cannot heal.
