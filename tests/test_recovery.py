@@ -182,14 +182,28 @@ def test_check_detects_and_recovery_restores_the_committed_set(home: Path, damag
     assert "check found damage" in (home / "logs" / "alerts.log").read_text()
 
 
-def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
-    shutil.rmtree(home / "backups")
-    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+def rebuilt_from_the_ledger(home: Path) -> None:
+    """`indexq recover` rebuilds the directory from the ledger, and it ends healthy."""
     result = run_cli(home, "recover", "--json", **MODEL)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["action"] == "rebuild"
     assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
     assert_equals_ledger(home)
+
+
+def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
+    shutil.rmtree(home / "backups")
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    rebuilt_from_the_ledger(home)
+
+
+def reseal(backup: Path, **fields: object) -> None:
+    """Rewrite a backup's manifest with the checksums of its files as they are now (and ``fields``)."""
+    manifest = json.loads((backup / "manifest.json").read_text())
+    manifest.update(fields)
+    for rel in manifest["files"]:
+        manifest["files"][rel] = hashlib.sha256((backup / rel).read_bytes()).hexdigest()
+    (backup / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _only_backup(home: Path) -> Path:
@@ -213,11 +227,7 @@ def test_a_backup_changed_since_it_was_verified_is_not_restored(home: Path) -> N
     listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
     assert [(b["name"], b["verified"]) for b in listed] == [(backup.name, False)]
     # Chosen by recovery: passed over (before, it was restored, and recovery failed on it for ever).
-    result = run_cli(home, "recover", "--json", **MODEL)
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["action"] == "rebuild"
-    assert run_cli(home, "check", "--deep", **MODEL).returncode == 0
-    assert_equals_ledger(home)
+    rebuilt_from_the_ledger(home)
 
 
 def test_a_backup_of_another_data_home_is_not_restored(home: Path) -> None:
@@ -228,11 +238,7 @@ def test_a_backup_of_another_data_home_is_not_restored(home: Path) -> None:
     conn.execute("UPDATE meta SET value='another-home' WHERE key='home'")
     conn.commit()
     conn.close()
-    manifest = json.loads((foreign / "manifest.json").read_text())
-    manifest.update(name=foreign.name, time=manifest["time"] + 1)
-    for rel in manifest["files"]:
-        manifest["files"][rel] = hashlib.sha256((foreign / rel).read_bytes()).hexdigest()
-    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    reseal(foreign, name=foreign.name, time=json.loads((own / "manifest.json").read_text())["time"] + 1)
     truncate(vector_folder(home) / "data_level0.bin", 0.5)
     asked = run_cli(home, "recover", "--from", foreign.name, **MODEL)
     assert asked.returncode == 1
@@ -251,20 +257,14 @@ def test_a_backup_whose_restore_leaves_damage_is_not_restored_again(home: Path) 
     backup = _only_backup(home)
     # Damaged in a way its checksums do not tell (its manifest agrees): a restore cannot heal.
     overwrite_page(backup)  # a page of its chroma.sqlite3's embeddings table
-    manifest = json.loads((backup / "manifest.json").read_text())
-    for rel in manifest["files"]:
-        manifest["files"][rel] = hashlib.sha256((backup / rel).read_bytes()).hexdigest()
-    (backup / "manifest.json").write_text(json.dumps(manifest))
+    reseal(backup)
     truncate(vector_folder(home) / "data_level0.bin", 0.5)
     first = run_cli(home, "recover", "--json", **MODEL)
     assert first.returncode == 1
     assert "recovery restore: still damaged" in first.stderr
     listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
     assert listed[0]["verified"] is False and "restoring it left the data home damaged" in listed[0]["problems"][0]
-    again = run_cli(home, "recover", "--json", **MODEL)
-    assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["action"] == "rebuild"
-    assert_equals_ledger(home)
+    rebuilt_from_the_ledger(home)
 
 
 def test_no_folder_for_backups_or_a_damaged_database_is_one_line_and_checks_go_on(home: Path) -> None:
