@@ -102,7 +102,7 @@ def test_a_collection_of_many_copies_of_one_text_is_noted_not_damaged(tmp_path: 
     report = json.loads(checked.stdout)
     info = report["collections"]["docs"]
     assert report["healthy"] and info["copies"] == 1200 and info["count"] == 2000
-    # How many the sample finds out of reach varies with the build (0 to 7 seen): a note each time there are any.
+    # How many the sample finds out of reach varies from run to run (0 to 7 seen): a note whenever there are any.
     assert report["notes"] == (
         [
             f"docs: {info['recall_failures']} of 50 vectors are out of reach of Chroma's index beside 1200 copies"
@@ -111,8 +111,12 @@ def test_a_collection_of_many_copies_of_one_text_is_noted_not_damaged(tmp_path: 
         if info["recall_failures"]
         else []
     )
-    text = run_cli(home, "check", "--deep", timeout=600, INDEXQ_MODEL="hash:384").stdout
-    assert text.startswith("healthy (deep check") and text.count("note: ") == len(report["notes"])
+    # A second check finds its own number out of reach (Chroma's searches differ between processes).
+    again = run_cli(home, "check", "--deep", timeout=600, INDEXQ_MODEL="hash:384")
+    assert again.returncode == 0, again.stdout + again.stderr
+    first, *notes = again.stdout.splitlines()
+    assert first.startswith("healthy (deep check")
+    assert all(n.startswith("note: docs: ") and "beside 1200 copies of one chunk text" in n for n in notes)
 
 
 def test_vectors_out_of_reach_are_damage_unless_beside_many_copies_of_one() -> None:
