@@ -210,9 +210,7 @@ def walk(
             yield Skipped(shown(os.path.realpath(exc.filename)), f"unreadable: {exc.strerror or exc}")
         refused.clear()
 
-    for root in paths:
-        if _inside(root, hidden):
-            continue
+    for root in paths:  # a root in a private folder: folder() and one() pass it over
         if not root.is_dir():
             found = one(root, root.name)
             if found is not None:
