@@ -22,6 +22,7 @@ the unverified backup is removed and StorageError raised.
 
 from __future__ import annotations
 
+import calendar
 import contextlib
 import fcntl
 import hashlib
@@ -53,8 +54,11 @@ MANIFEST = "manifest.json"
 VERIFICATION = "verification.json"
 
 
+NAME_FORMAT = "%Y%m%dT%H%M%SZ"  # a backup's name: the UTC time it was taken
+
+
 def _name(now: float) -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    return time.strftime(NAME_FORMAT, time.gmtime(now))
 
 
 def snapshot_chroma(chroma: Path, target: Path) -> None:
@@ -84,11 +88,44 @@ def _checksums(root: Path) -> dict[str, str]:
 
 
 def checksum_problems(path: Path) -> list[str]:
-    """The files of a backup that no longer match its manifest (changed or gone)."""
+    """What no longer matches in a backup: files changed or gone since its manifest was
+    written, files added to its Chroma directory (a restore would copy them in: a journal
+    beside ``chroma.sqlite3`` would be played into it), and a manifest whose watermark or
+    counts are not its ledger snapshot's (the checksums do not cover the manifest itself,
+    and a restore replays every commit after that watermark)."""
     manifest = json.loads((path / MANIFEST).read_text())
     actual = _checksums(path)
-    return [f"{rel}: checksum differs from the manifest" for rel, digest in manifest["files"].items()
-            if actual.get(rel) != digest]  # fmt: skip
+    problems = [f"{rel}: checksum differs from the manifest" for rel, digest in manifest["files"].items()
+                if actual.get(rel) != digest]  # fmt: skip
+    problems += [f"{rel}: not in the manifest" for rel in actual
+                 if rel.startswith("chroma/") and rel not in manifest["files"]]  # fmt: skip
+    if problems or "ledger.db" not in manifest["files"]:
+        return problems
+    figures = _snapshot_figures(path / "ledger.db")
+    if isinstance(figures, str):
+        return [figures]
+    watermark, counts = figures
+    if manifest.get("watermark") != watermark:
+        problems.append(f"{MANIFEST}: watermark {manifest.get('watermark')!r}, its ledger snapshot's is {watermark}")
+    if manifest.get("collections") != counts:
+        problems.append(f"{MANIFEST}: committed counts {manifest.get('collections')!r}, its ledger snapshot's {counts}")
+    return problems
+
+
+def _snapshot_figures(snapshot: Path) -> tuple[int, dict[str, int]] | str:
+    """A ledger snapshot's watermark and committed chunks per collection (what a backup's
+    manifest records, read under the same commit lock), or why they cannot be read."""
+    # immutable: read the file as it is, without creating WAL side files in the backup.
+    conn = sqlite3.connect(f"file:{snapshot}?mode=ro&immutable=1", uri=True)
+    try:
+        (watermark,) = conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key='seq'").fetchone()
+        counts = dict(conn.execute(
+            "SELECT collection, count(*) FROM chunks WHERE state='committed' GROUP BY collection"))  # fmt: skip
+        return int(watermark), counts
+    except (sqlite3.Error, TypeError) as exc:  # TypeError: no watermark row
+        return f"ledger.db: {first_line(exc)}"
+    finally:
+        conn.close()
 
 
 def home_of(path: Path) -> str | None:
@@ -251,7 +288,7 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
     manifest = json.loads((path / MANIFEST).read_text())
     problems = checksum_problems(path)
     if not problems and manifest.get("kind") == "logical":
-        problems.extend(_verify_ledger_snapshot(path / "ledger.db", manifest["collections"]))
+        problems.extend(_verify_ledger_snapshot(path / "ledger.db"))
     elif not problems:
         # Opening Chroma may write to its directory: check a scratch copy, never the backup.
         scratch = config.backups_path / f".verify-{path.name}"
@@ -275,8 +312,9 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
     return verdict
 
 
-def _verify_ledger_snapshot(snapshot: Path, expected: dict[str, int]) -> list[str]:
-    """A logical backup restores from its ledger: it must be sound and hold every committed embedding."""
+def _verify_ledger_snapshot(snapshot: Path) -> list[str]:
+    """A logical backup restores from its ledger: it must be sound and hold every committed
+    embedding (its counts were matched to the manifest's with the checksums)."""
     # immutable: read the file as it is, without creating WAL side files in the backup.
     conn = sqlite3.connect(f"file:{snapshot}?mode=ro&immutable=1", uri=True)
     try:
@@ -284,10 +322,6 @@ def _verify_ledger_snapshot(snapshot: Path, expected: dict[str, int]) -> list[st
         if verdict != ["ok"]:
             return [f"ledger.db: {'; '.join(verdict[:3])}"]
         problems = []
-        counts = dict(conn.execute(
-            "SELECT collection, count(*) FROM chunks WHERE state='committed' GROUP BY collection"))  # fmt: skip
-        if counts != expected:
-            problems.append(f"ledger.db holds committed counts {counts}, the manifest says {expected}")
         (bad,) = conn.execute(
             "SELECT count(*) FROM chunks WHERE state='committed' AND (embedding IS NULL OR length(embedding) % 4)"
         ).fetchone()
@@ -306,7 +340,6 @@ def describe(path: Path) -> dict[str, Any]:
         verdict = json.loads((path / VERIFICATION).read_text())
     except (OSError, ValueError):
         verdict = {"verified": None}
-    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return {
         "name": manifest["name"],
         "kind": manifest.get("kind", "full"),
@@ -317,23 +350,53 @@ def describe(path: Path) -> dict[str, Any]:
         "pause_seconds": manifest["pause_seconds"],
         "verified": verdict.get("verified"),
         "problems": verdict.get("problems", []),
-        "size_bytes": size,
+        "size_bytes": _size(path),
     }
 
 
+def _unreadable(path: Path, exc: Exception) -> dict[str, Any]:
+    """A backup whose manifest cannot be read: listed as failed (so that retention removes
+    it and nothing restores it), dated by its name, else by its folder."""
+    try:
+        when = float(calendar.timegm(time.strptime(path.name, NAME_FORMAT)))
+    except ValueError:
+        when = path.stat().st_mtime
+    reason = f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, KeyError) else first_line(exc)
+    return {
+        "name": path.name,
+        "kind": "unknown",
+        "path": str(path),
+        "time": when,
+        "watermark": None,
+        "collections": {},
+        "pause_seconds": None,
+        "verified": False,
+        "problems": [f"{MANIFEST} cannot be read: {reason}"],
+        "size_bytes": _size(path),
+    }
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def list_backups(config: Config) -> list[dict[str, Any]]:
-    """Complete backups, oldest first. Partial ones (a crash mid-backup) are not listed, nor
-    anything where the backups folder should be and is not a folder (said when backing up)."""
+    """Complete backups, oldest first; one whose manifest cannot be read, as failed. Partial
+    ones (a crash mid-backup) are not listed, nor anything where the backups folder should
+    be and is not a folder (said when backing up)."""
     if not config.backups_path.is_dir():
         return []
     out = []
     for path in sorted(config.backups_path.iterdir()):
-        if path.name.startswith(".") or not (path / MANIFEST).exists():
+        if path.name.startswith(".") or not path.is_dir() or not (path / MANIFEST).exists():
             continue
         try:
             out.append(describe(path))
-        except (OSError, ValueError, KeyError):
-            continue
+        except (ValueError, KeyError, TypeError) as exc:
+            out.append(_unreadable(path, exc))
+        except OSError as exc:
+            with contextlib.suppress(OSError):  # gone meanwhile (a prune): not listed
+                out.append(_unreadable(path, exc))
     return sorted(out, key=lambda b: b["time"])
 
 

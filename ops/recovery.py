@@ -72,21 +72,7 @@ def plan(
     the next older one is, or the ledger rebuilds the directory. Nor is a backup of another
     data home than ``home`` (the ledger's id)."""
     if source:
-        backup = next((b for b in list_backups(config) if b["name"] == source or b["path"] == source), None)
-        if backup is None:
-            raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
-        if not backup["verified"]:
-            raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
-        if _foreign(backup, home):
-            raise RecoveryFailedError(
-                f"backup {backup['name']} was made of another data home; it was not restored",
-                hint="restore one of this home's backups (indexq backups), or let `indexq recover` choose",
-            )
-        if problems := _changed(backup, record):
-            raise RecoveryFailedError(
-                f"backup {backup['name']} changed since it was verified ({problems[0]}); it was not restored",
-                hint="restore another (indexq backups), or let `indexq recover` choose",
-            )
+        backup = _asked_for(config, source, record, home)
         return {"action": RESTORE, "backup": backup["name"], "reason": "restore asked for"}
     if report.healthy:
         return {"action": NONE, "reason": "healthy"}
@@ -111,6 +97,28 @@ def plan(
                 return {"action": RESTORE, "backup": backup["name"], "reason": reason}
             logger.warning("backup %s changed since it was verified (%s): not restored", backup["name"], problems[0])
     return {"action": REBUILD, "reason": reason + " (no verified backup: rebuilding from the ledger)"}
+
+
+def _asked_for(config: Config, source: str, record: bool = True, home: str | None = None) -> dict[str, Any]:
+    """The backup named (by name or folder) for a restore, if it may be restored: verified,
+    of this data home (the ledger's id ``home``), and its files as they were verified (with
+    ``record``, one that changed is no longer verified). Otherwise one line, nothing restored."""
+    backup = next((b for b in list_backups(config) if source in (b["name"], b["path"])), None)
+    if backup is None:
+        raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
+    if not backup["verified"]:
+        raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
+    if _foreign(backup, home):
+        raise RecoveryFailedError(
+            f"backup {backup['name']} was made of another data home; it was not restored",
+            hint="restore one of this home's backups (indexq backups), or let `indexq recover` choose",
+        )
+    if problems := _changed(backup, record):
+        raise RecoveryFailedError(
+            f"backup {backup['name']} changed since it was verified ({problems[0]}); it was not restored",
+            hint="restore another (indexq backups), or let `indexq recover` choose",
+        )
+    return backup
 
 
 def _foreign(backup: dict[str, Any], home: str | None) -> bool:
@@ -296,19 +304,16 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
 
 
 def restore_backup(config: Config, name: str, watermark: int | None = None) -> dict[str, Any]:
-    """Restore the verified backup ``name`` and replay from the ledger every chunk committed
-    after ``watermark`` (the backup's own unless given; 0 replays them all), the writer
-    paused. No check before or after, no event: ``recover(config, source=name)`` is the
-    operator's way; this is the restore step alone (the benchmark times it)."""
-    backup = next((b for b in list_backups(config) if b["name"] == name), None)
-    if backup is None:
-        raise NotFoundError(f"no backup {name!r} in {config.backups_path}", hint="indexq backups lists them")
-    if not backup["verified"]:
-        raise RecoveryFailedError(f"backup {name} is not verified; only verified backups are restored")
+    """Restore the backup ``name`` and replay from the ledger every chunk committed after
+    ``watermark`` (the backup's own unless given; 0 replays them all), the writer paused. The
+    backup is refused as ``recover(config, source=name)`` refuses it (``asked_for``). No check
+    before or after, no event: ``recover`` is the operator's way; this is the restore step
+    alone (the benchmark times it)."""
     lock = CommitLock(config.commit_lock_path)
     ledger = Ledger(config.ledger_path)
     try:
         with lock.held(timeout=config.lock_timeout):
+            backup = _asked_for(config, name, home=ledger.home_id())
             _new_generation(config)
             return _swap_in(config, ledger, backup, f"restore of {name} asked for", watermark)
     finally:

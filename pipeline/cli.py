@@ -576,7 +576,8 @@ def backups(as_json: bool, home: Path) -> None:
     for b in found:
         state = {True: "verified", False: "FAILED", None: "unverified"}[b["verified"]]
         age = _age(b["time"])
-        click.echo(f"{b['name']}  {state:<10} {age:>10} ago  watermark {b['watermark']}  {b['size_bytes'] // 2**20} MB")
+        mark = "?" if b["watermark"] is None else b["watermark"]  # a manifest that cannot be read
+        click.echo(f"{b['name']}  {state:<10} {age:>10} ago  watermark {mark}  {b['size_bytes'] // 2**20} MB")
 
 
 def _clock(when: float) -> str:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -228,6 +229,53 @@ def test_a_backup_changed_since_it_was_verified_is_not_restored(home: Path) -> N
     assert [(b["name"], b["verified"]) for b in listed] == [(backup.name, False)]
     # Chosen by recovery: passed over (before, it was restored, and recovery failed on it for ever).
     rebuilt_from_the_ledger(home)
+
+
+def test_a_manifest_that_disagrees_with_its_backup_is_not_restored(home: Path) -> None:
+    from ops.recovery import restore_backup
+
+    backup = _only_backup(home)
+    watermark = json.loads((backup / "manifest.json").read_text())["watermark"]
+    # Its files' checksums still hold, but a restore would replay only after this watermark.
+    reseal(backup, watermark=watermark + 40)
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    asked = run_cli(home, "recover", "--from", backup.name, **MODEL)
+    assert asked.returncode == 1
+    assert asked.stderr.splitlines()[0] == (
+        f"Error: backup {backup.name} changed since it was verified (manifest.json: watermark {watermark + 40},"
+        f" its ledger snapshot's is {watermark}); it was not restored"
+    )
+    assert not (home / "quarantine").exists()
+    # The restore step alone (the benchmark's) refuses it the same way.
+    reseal(backup, watermark=watermark)
+    (backup / "verification.json").write_text(json.dumps({"verified": True, "problems": []}))
+    (backup / "chroma" / "chroma.sqlite3-journal").write_bytes(b"\0" * 512)  # a journal a restore would play
+    from pipeline.errors import RecoveryFailedError
+
+    with pytest.raises(RecoveryFailedError, match=re.escape("(chroma/chroma.sqlite3-journal: not in the manifest)")):
+        restore_backup(Config(home=home, model="hash:384"), backup.name)
+    assert not (home / "quarantine").exists()
+    rebuilt_from_the_ledger(home)
+
+
+def test_a_backup_whose_manifest_cannot_be_read_is_listed_as_failed_and_pruned(home: Path) -> None:
+    from ops.backup import list_backups, prune
+
+    backup = _only_backup(home)
+    (backup / "manifest.json").write_text('{"name": "' + backup.name)  # cut short
+    listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+    assert [(b["name"], b["kind"], b["verified"], b["watermark"]) for b in listed] == [
+        (backup.name, "unknown", False, None)
+    ]
+    assert listed[0]["problems"][0].startswith("manifest.json cannot be read: ")
+    assert abs(listed[0]["time"] - json.loads((backup / "verification.json").read_text())["time"]) < 120
+    assert f"{backup.name}  FAILED" in run_cli(home, "backups", **MODEL).stdout
+    assert "FAILED verification" in run_cli(home, "status", **MODEL).stdout
+    # Nothing restores it: recovery rebuilds from the ledger; retention removes it.
+    truncate(vector_folder(home) / "data_level0.bin", 0.5)
+    rebuilt_from_the_ledger(home)
+    assert prune(Config(home=home, model="hash:384")) == [backup.name]
+    assert not backup.exists() and list_backups(Config(home=home, model="hash:384")) == []
 
 
 def test_a_backup_of_another_data_home_is_not_restored(home: Path) -> None:
