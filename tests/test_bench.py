@@ -52,7 +52,14 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert data["commit_path"]["ratio"] > 0 and data["commit_path"]["ratio_records"] > 0
     assert data["resume"]["chunks_embedded_twice"] <= 32
     assert data["query"]["collection_size"] == data["corpus_chunks"]
-    assert data["query"]["chroma_p50_ms"] > 0
+    # Both kinds of query, each kind's texts all asked: questions, and code fragments longer in tokens.
+    from ops.tools.retrieval import QUESTIONS
+
+    for kind in ("questions", "fragments"):
+        assert data["query"][kind]["queries"] == len(QUESTIONS)
+        assert data["query"][kind]["chroma_p50_ms"] > 0
+    assert data["query"]["fragments"]["tokens_p50"] > data["query"]["questions"]["tokens_p50"]
+    assert "query p50 / p95, code fragments" in result.stdout
     assert data["query"]["embed_runtime"] == "hash"
     assert data["operations"]["restore_replay_chunks"] == data["corpus_chunks"]
     assert data["memory"]["small_chunks"] < data["memory"]["large_chunks"]
