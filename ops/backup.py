@@ -213,10 +213,13 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
                         hint="`indexq check` says what is damaged; `indexq recover` repairs it",
                     ) from None
             ledger.backup_to(partial / "ledger.db")
-            watermark = ledger.watermark()
-            counts = {c: n for c, n in ledger.conn.execute(
-                "SELECT collection, count(*) FROM chunks WHERE state='committed' GROUP BY collection")}  # fmt: skip
             pause = time.monotonic() - paused
+        # From the snapshot, not the live ledger: a producer may change a committed row (its
+        # file edited) after the copy, which the manifest must not count.
+        figures = _snapshot_figures(partial / "ledger.db")
+        if isinstance(figures, str):
+            raise BackupFailedError(f"cannot back up {config.ledger_path}: {figures}")
+        watermark, counts = figures
         fault_point("backup-copied")
         manifest = {
             "name": name,
