@@ -280,9 +280,23 @@ class Store:
         )
 
     def upsert_rows(self, collection: str, rows: Sequence[Row]) -> None:
-        """Ledger rows with their stored embeddings (the writer's commit and recovery's replay)."""
+        """Ledger rows with their stored embeddings (the writer's commit and recovery's replay).
+
+        Chroma merges an upsert's metadata into that of the record it replaces: a key the
+        new metadata no longer has (a field taken out of a JSONL record, a heading gone from
+        a Markdown file, the ordinal of a record now one chunk) would stay. Each such key of
+        the records held under these ids is given as None, which Chroma takes as "remove".
+        Read for every commit (about half a millisecond for ten ids beside some 30 ms for the
+        upsert): whether Chroma already holds an id is not the ledger's to know after a kill
+        between an upsert and its checkpoint."""
+        ids = [r.id for r in rows]
         vectors = np.stack([np.frombuffer(r.embedding or b"", dtype=np.float32) for r in rows])
-        self.upsert(collection, [r.id for r in rows], vectors, [r.text for r in rows], [r.metadata for r in rows])
+        held = self.collection(collection).get(ids=ids, include=["metadatas"])
+        before = {id_: meta or {} for id_, meta in zip(held["ids"], held["metadatas"] or [], strict=True)}
+        metadatas = [
+            {**r.metadata, **dict.fromkeys(before.get(r.id, {}).keys() - r.metadata.keys())} for r in rows
+        ]  # fmt: skip
+        self.upsert(collection, ids, vectors, [r.text for r in rows], metadatas)
 
     def ids(self, collection: str) -> set[str]:
         col = self.collection(collection, create=False)

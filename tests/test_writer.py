@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,6 +181,37 @@ def test_a_chunk_refused_for_new_metadata_keeps_its_current_text_in_chroma(write
     # under c0 is the backup's, not the committed text; the replay deletes it.
     assert replay(writer.config, writer.ledger, 0)["deleted"] == 2
     assert sorted(writer.store.dump(COLLECTION)) == ["c2"]
+
+
+def test_metadata_keys_a_resubmission_drops_leave_chroma_too(writer: Writer, tmp_path: Path) -> None:
+    """Chroma merges an upsert's metadata into the record it replaces: a key the new version
+    has no more must go (a field taken out of a record, a heading gone from a file), on a
+    commit and on a replay over an older copy of the directory; the deep check agrees."""
+    from ops.integrity import check
+    from ops.recovery import replay
+
+    first = rows(writer.ledger, 2)
+    first[0]["metadata"] = json.dumps({"n": 0, "topic": "x", "heading": "Install"})
+    ids = seed(writer.ledger, first)
+    assert writer.index(COLLECTION, ids) == 2
+    chroma = writer.config.chroma_dir
+    writer.store.close()
+    shutil.copytree(chroma, tmp_path / "older")  # Chroma as a backup would hold it
+    edited = rows(writer.ledger, 1)
+    edited[0].update(metadata=json.dumps({"n": 0}), hash="h0-retagged")
+    seed(writer.ledger, edited)
+    assert writer.index(COLLECTION, ids) == 1
+    assert writer.store.dump(COLLECTION)["c0"]["metadata"] == {"n": 0}
+    writer.store.close()
+    assert check(chroma, writer.config.ledger_path, deep=True).healthy
+    # A restore of the older copy, then the replay of every committed chunk.
+    shutil.rmtree(chroma)
+    shutil.copytree(tmp_path / "older", chroma)
+    assert not check(chroma, writer.config.ledger_path, deep=True).healthy
+    replay(writer.config, writer.ledger, 0)
+    writer.store.close()
+    assert writer.store.dump(COLLECTION)["c0"]["metadata"] == {"n": 0}
+    assert check(chroma, writer.config.ledger_path, deep=True).healthy
 
 
 def test_the_committed_hash_is_what_chroma_holds(writer: Writer) -> None:
