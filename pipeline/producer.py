@@ -138,8 +138,10 @@ class Producer:
         prune: bool = False, follow_symlinks: bool = False,
     ) -> Submission:  # fmt: skip
         """Index the files under ``paths``; with ``prune``, remove files indexed from under
-        them that no longer exist."""
+        them that no longer exist. One path or one glob may be given alone, not in a list."""
         self._check_collection(collection)
+        paths = _listed(paths, "paths", (str, os.PathLike))
+        include, exclude = _listed(include, "include", (str,)), _listed(exclude, "exclude", (str,))
         roots = check_paths(paths)
         private = self._private()
         for root in roots:
@@ -173,6 +175,12 @@ class Producer:
                         starts=next(starts), headings=doc.headings,
                     )  # fmt: skip
                     records = [file_record(source, c, doc.place(c.start_line, c.end_line)) for c in chunks]
+                    if (held := self._held(collection, source, records)) is not None:
+                        # Never written over; what the file had is kept, as for one not read.
+                        logger.warning("skipped %s: %s", source, held)
+                        sub.skipped.append(Skipped(source, held))
+                        unreadable.add(source)
+                        continue
                     spool.add(source, source, records)
             if prune:
                 spec = {"roots": [str(r) for r in roots], "include": list(include), "exclude": list(exclude)}
@@ -192,6 +200,8 @@ class Producer:
         """Records ``{"id"?, "text", "metadata"?}`` or LangChain/LlamaIndex documents (``check_record``);
         without an id, source and text make one."""
         self._check_collection(collection)
+        if isinstance(records, (str, bytes, dict)) or not isinstance(records, Iterable):
+            raise BadInputError(f"records must be a list (or another iterable) of them, got {type(records).__name__}")
         values = ((n, raw, f"record {n}") for n, raw in enumerate(records))
         return self._submit_records(values, collection, source, "records")
 
@@ -262,6 +272,19 @@ class Producer:
                 problems.raise_any()
             return self._write(spool, sub, kind, [label], f"{label} holds no record with text")
 
+    def _held(self, collection: str, source: str, records: list[dict[str, Any]]) -> str | None:
+        """Why a file cannot be indexed when a record of the collection holds one of its chunk
+        ids (a record may be given any id: one copied from an export, say); else None. A
+        remote producer cannot see the ledger: the writer's intake skips such a file."""
+        if self.ledger is None or not records:
+            return None
+        owners = self.ledger.sources.owners(collection, [r["id"] for r in records])
+        for ordinal, record in enumerate(records):
+            owner = owners.get(record["id"])
+            if owner is not None and owner != source:
+                return f"the id {record['id']!r} of its chunk {ordinal} is already held by {_spelled(owner)}"
+        return None
+
     def _check_owners(self, spool: Spool, collection: str, problems: Problems) -> None:
         """An id the ledger already holds for another source (a record's own id equal to a
         chunk id of an earlier record, ``c`` and ``c#1``) would silently replace it."""
@@ -315,6 +338,11 @@ class Producer:
             batch.files.append({"source": source, "total": len(chunks), "chunks": chunks})
             return
         plan = self.ledger.sources.plan(sub.collection, source, records, self.config.model)
+        # An id another source took since it was checked: that chunk is not written.
+        sub.skipped.extend(
+            Skipped(source, f"the id {id_!r} of one of its chunks is already held by {_spelled(owner)}")
+            for id_, owner in plan.collisions
+        )
         batch.rows.extend(plan.rows)
         batch.retag.extend(plan.retag)
         batch.to_index.extend(plan.to_index)
@@ -438,6 +466,20 @@ def _record_chunk(record: Record, base: str, chunk: Chunk, total: int) -> dict[s
     id_ = base if chunk.ordinal == 0 else f"{base}#{chunk.ordinal}"
     meta.update(_node_keys(id_, meta))
     return {"id": id_, "ordinal": chunk.ordinal, "text": chunk.text, "metadata": meta, "hash": chunk.hash}
+
+
+def _listed(value: Any, what: str, kinds: tuple[type, ...]) -> list[Any]:
+    """``value`` as a list: one string (or path) alone is one item, not its characters."""
+    if isinstance(value, (str, os.PathLike)):
+        value = [value]
+    elif isinstance(value, (bytes, dict)) or not isinstance(value, Iterable):
+        raise BadInputError(f"{what} must be a list, got {type(value).__name__}")
+    items = list(value)
+    for item in items:
+        if not isinstance(item, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            raise BadInputError(f"{what}: {item!r} is a {type(item).__name__}, not a {wanted}")
+    return items
 
 
 def document_id(source: str) -> str:

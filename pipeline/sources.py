@@ -88,9 +88,8 @@ class Sources:
         plan = SourcePlan()
         identities: dict[str, str] = {}  # model name -> model_identity, once per plan (it reads the disk)
         existing = self._by_source(collection, source)
-        owners: dict[str, str] = {}
-        if source.startswith("id:"):  # file ids are hashes of their own source: they cannot collide
-            owners = self.owners(collection, [c["id"] for c in chunks])
+        # A file's ids are hashes of its path, but a record may have been given one as its id.
+        owners = self.owners(collection, [c["id"] for c in chunks])
         for chunk in chunks:
             id_ = chunk["id"]
             owner = owners.get(id_)

@@ -107,6 +107,31 @@ def test_record_id_equal_to_a_chunk_id_is_refused_with_its_line(tmp_path: Path) 
     assert ledger_query(home, "SELECT count(*) FROM jobs") == [(1,)]
 
 
+def test_a_file_whose_chunk_id_a_record_holds_is_skipped_and_the_record_kept(tmp_path: Path) -> None:
+    """A record may be given any id, a file chunk's among them (copied from an export):
+    indexing the file then must not replace the acknowledged record."""
+    from pipeline.ids import chunk_id
+
+    home, tree = tmp_path / "home", tmp_path / "tree"
+    tree.mkdir()
+    (tree / "victim.txt").write_text("the file's own text about penguins\n")
+    (tree / "other.txt").write_text("another file about walruses\n")
+    taken = chunk_id(str((tree / "victim.txt").resolve()), 0)
+    records = tmp_path / "records.jsonl"
+    records.write_text(json.dumps({"id": taken, "text": "record text about giraffes"}) + "\n")
+    _index(home, "--jsonl", str(records), "-c", "notes")
+    out = _index(home, str(tree), "-c", "notes", "--prune")
+    assert out["skipped"] == [{
+        "source": str((tree / "victim.txt").resolve()),
+        "reason": f"the id {taken!r} of its chunk 0 is already held by record {taken!r}",
+    }]  # fmt: skip
+    assert ledger_query(home, "SELECT text FROM chunks WHERE id=?", taken) == [("record text about giraffes",)]
+    assert {r[0] for r in ledger_query(home, "SELECT source FROM chunks")} == {
+        f"id:{taken}",
+        str((tree / "other.txt").resolve()),
+    }
+
+
 # ---- 2. one file, one source, whatever path spells it -------------------------------
 
 
