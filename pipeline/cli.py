@@ -498,14 +498,16 @@ def search(
         click.echo("no results")
     for rank, hit in enumerate(hits, start=1):
         meta = hit["metadata"]
+        # What indexq writes; a record, or a collection another client filled, may hold any
+        # of these keys, or none.
         where = meta.get("source", hit["id"])
         if "start_line" in meta:
-            where = f"{where}:{meta['start_line']}-{meta['end_line']}"
+            where = f"{where}:{meta['start_line']}" + (f"-{meta['end_line']}" if "end_line" in meta else "")
         if "page" in meta:  # PDFs: the page the chunk starts on
             where = f"{where} page {meta['page']}"
         if meta.get("heading"):  # Markdown, HTML, DOCX: the heading path
             where = f"{where} ({meta['heading']})"
-        snippet = " ".join(hit["document"].split())[:100]
+        snippet = " ".join((hit["document"] or "").split())[:100]
         click.echo(f"{rank}. {hit['distance']:.3f}  {where}\n   {snippet}")
 
 

@@ -317,3 +317,26 @@ def test_a_folder_where_the_socket_goes_leaves_no_bound_socket_behind(tmp_path: 
     (tmp_path / "query.sock").mkdir()
     assert serve(tmp_path / "query.sock", HashEmbedder("hash:384")) is None  # searches load the model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["query.sock"]
+
+
+def test_search_shows_records_whatever_metadata_and_document_they_hold(tmp_path: Path) -> None:
+    """A record's own metadata, or a collection another Chroma client filled, may hold a start
+    line and no end line, or no document: shown, not a traceback."""
+    import chromadb
+
+    home = tmp_path / "home"
+    assert run_cli(home, "resume").returncode == 0  # makes the data home
+    client = chromadb.PersistentClient(path=str(home / "chroma"))
+    col = client.get_or_create_collection("others", embedding_function=None)
+    vectors = HashEmbedder("hash:384").embed(["to be or not to be", "no document here"])
+    col.upsert(
+        ids=["quote-7", "bare"], embeddings=vectors, documents=["to be or not to be", None],
+        metadatas=[{"start_line": 12, "source": "hamlet"}, None],
+    )  # fmt: skip
+    del col, client
+    shown = run_cli(home, "search", "to be or not to be", "-c", "others", INDEXQ_MODEL="hash:384")
+    assert shown.returncode == 0, shown.stderr
+    assert "hamlet:12\n   to be or not to be" in shown.stdout
+    assert "bare\n" in shown.stdout
+    hits = json.loads(run_cli(home, "search", "x", "-c", "others", "--json", INDEXQ_MODEL="hash:384").stdout)
+    assert {h["id"]: h["document"] for h in hits} == {"quote-7": "to be or not to be", "bare": None}
