@@ -21,6 +21,7 @@ import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, MAX_SEARCH_RESULTS, Config, private_umask
 from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, first_line
+from pipeline.ids import validate_collection
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
 from pipeline.locks import writer_alive
@@ -327,8 +328,11 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.queryserver import ask
     from pipeline.writer import open_store
 
+    if not isinstance(text, str):
+        raise BadInputError(f"the search text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise BadInputError("the search text is empty", hint="search for some words")
+    validate_collection(collection)
     if (problem := unicode_problem(text)) is not None:
         raise BadInputError(
             f"the search text {problem}",

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import numbers
 import os
 import re
 import stat
@@ -298,6 +299,40 @@ def parse_flag(setting: str, value: str) -> bool:
     return flag in _TRUE
 
 
+# (field, the types it takes, whether None is taken): Config._check_types. The classes of
+# ``numbers`` take numpy's integers and floats too.
+_PATH, _WHOLE, _REAL = (str, os.PathLike), (numbers.Integral,), (numbers.Real,)
+_KIND_NAMES: dict[tuple[type, ...], str] = {
+    _PATH: "a path", _WHOLE: "a whole number", _REAL: "a number", (str,): "a string", (bool,): "True or False",
+}  # fmt: skip
+_FIELD_TYPES: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+    ("home", _PATH, False),
+    ("chroma_path", _PATH, True),
+    ("model", (str,), False),
+    ("memory_threshold", _REAL, False),
+    ("commit_batch", _WHOLE, False),
+    ("micro_batch", _WHOLE, True),
+    ("device", (str,), False),
+    ("precision", (str,), False),
+    ("query_runtime", (str,), False),
+    ("chunk_tokens", _WHOLE, True),
+    ("chunk_overlap", _WHOLE, False),
+    ("min_free_mb", _WHOLE, False),
+    ("backup_interval", _REAL, False),
+    ("retention", _REAL, False),
+    ("quick_check_interval", _REAL, False),
+    ("deep_check_interval", _REAL, False),
+    ("requeue_interval", _REAL, False),
+    ("auto_recover", (bool,), False),
+    ("full_text", (bool,), True),
+    ("lock_timeout", _REAL, False),
+    ("queue_url", (str,), True),
+    ("chroma_url", (str,), True),
+    ("metrics_port", _WHOLE, True),
+    ("metrics_addr", (str,), False),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a producer, the writer or an operator command needs to know."""
@@ -333,6 +368,7 @@ class Config:
     metrics_addr: str = DEFAULT_METRICS_ADDR
 
     def __post_init__(self) -> None:
+        self._check_types()
         object.__setattr__(self, "queue_url", parse_queue_url("queue URL", self.queue_url))
         object.__setattr__(self, "chroma_url", parse_chroma_url("Chroma URL", self.chroma_url))
         # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
@@ -373,6 +409,19 @@ class Config:
             )
         if self.metrics_port is not None and not 1 <= self.metrics_port <= 65535:
             raise _refused("metrics_port", f"metrics port must be between 1 and 65535, got {self.metrics_port!r}")
+
+    def _check_types(self) -> None:
+        """Each setting of the type it must have (a caller of the Python API gives them as it
+        likes): one line naming the setting, not a TypeError from deep inside."""
+        for name, kinds, optional in _FIELD_TYPES:
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+                kind = _KIND_NAMES[kinds]
+                raise _refused(name, f"{name} must be {kind}{' or None' if optional else ''}, got {value!r}")
+        if isinstance(self.home, str) and not self.home.strip():
+            raise _refused("home", "the data home is empty (it would make the current folder the data home)")
 
     def micro_batch_for(self, device: str) -> int:
         """The micro-batch on ``device`` ("cpu", "cuda:0", "mps"): the one set, else its default."""

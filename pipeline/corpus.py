@@ -20,6 +20,7 @@ import fnmatch
 import json
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -391,6 +392,12 @@ def _record(raw: Any, position: int, where: str) -> Record:
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
     id_ = raw.get("id")
+    if isinstance(id_, int) and not isinstance(id_, bool):
+        try:
+            id_ = str(id_)
+        except ValueError:  # past Python's limit on an integer's digits
+            limit = sys.get_int_max_str_digits()
+            raise ValueError(f'{where}: "id" is an integer of more than {limit} digits') from None
     if id_ is not None and (isinstance(id_, bool) or not isinstance(id_, (str, int)) or str(id_) == ""):
         raise ValueError(f'{where}: "id" must be a non-empty string or an integer')
     text = raw.get("text")
@@ -399,7 +406,8 @@ def _record(raw: Any, position: int, where: str) -> Record:
     for name, value in (("id", id_), ("text", text)):
         _check_unicode(value, f'{where}: "{name}"')
     _check_nul(id_, f'{where}: "id"')
-    metadata = raw.get("metadata") or {}
+    metadata = raw.get("metadata")
+    metadata = {} if metadata is None else metadata  # null: none
     if not isinstance(metadata, dict):
         raise ValueError(f'{where}: "metadata" must be an object')
     if len(metadata) > MAX_METADATA_KEYS:
@@ -518,5 +526,7 @@ def jsonl_values(path: Path) -> Iterator[tuple[int, Any, str]]:
                 yield number, json.loads(text), where
             except json.JSONDecodeError as exc:
                 yield number, ValueError(f"{where}: not valid JSON ({exc.msg})"), where
+            except ValueError:  # Python's limit on integer digits (sys.get_int_max_str_digits())
+                yield number, ValueError(f"{where}: a number of more than {sys.get_int_max_str_digits()} digits"), where
             except RecursionError:
                 yield number, ValueError(f"{where}: nested too deeply"), where

@@ -23,6 +23,8 @@ def content_hash(text: str) -> str:
 
 def validate_collection(name: str) -> str:
     """Return ``name`` if Chroma will accept it as a collection name, else raise."""
+    if not isinstance(name, str):
+        raise BadInputError(f"a collection name must be a string, got {type(name).__name__} {name!r}")
     problem = None
     if not _COLLECTION.match(name):
         problem = "3-512 characters from [a-zA-Z0-9._-], starting and ending with a letter or digit"

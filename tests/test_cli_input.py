@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,64 @@ def test_a_nul_in_an_id_is_refused_with_its_line(
         "Hint: nothing was enqueued; fix the records and submit again",
     ]
     assert jobs(home) == [] and queued(home) == 0
+
+
+def test_a_huge_integer_or_metadata_that_is_no_object_is_refused_with_its_line(home: Path, tmp_path: Path) -> None:
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        '{"id": "a", "text": "first record"}\n'
+        '{"id": ' + "1" * 5000 + ', "text": "hi"}\n'
+        '{"id": "c", "text": "third", "metadata": {"n": ' + "9" * 5000 + "}}\n"
+        + "".join(f'{{"id": "m{n}", "text": "t", "metadata": {value}}}\n' for n, value in enumerate(("false", "0", '""')))
+        + '{"id": "ok", "text": "t", "metadata": null}\n'
+    )
+    code, _, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
+    assert code == 2, err
+    limit = sys.get_int_max_str_digits()
+    assert err.splitlines()[0] == (
+        f"Error: {records}: line 2: a number of more than {limit} digits; line 3: a number of more than {limit}"
+        ' digits; line 4: "metadata" must be an object; line 5: "metadata" must be an object; line 6:'
+        ' "metadata" must be an object'
+    )
+    assert jobs(home) == [] and queued(home) == 0
+
+
+def test_the_python_api_refuses_what_it_cannot_take_in_one_line(home: Path, tmp_path: Path) -> None:
+    """Wrong types from a caller are BadInputError or ConfigError naming what is wrong,
+    and a single string is one path or one glob, not a list of its characters."""
+    from pipeline import api
+    from pipeline.errors import BadInputError, ConfigError
+
+    config = Config(home=home, model="hash:384")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.md").write_text("markdown doc text\n")
+    (tree / "b.txt").write_text("plain text that --include '*.md' leaves out\n")
+    api.submit_paths(str(tree), "inc", include="*.md", config=config)
+    with sqlite3.connect(home / "ledger.db") as conn:
+        assert [s for (s,) in conn.execute("SELECT DISTINCT source FROM chunks")] == [str(tree / "a.md")]
+    refused: list[tuple[Any, str]] = [
+        (lambda: api.submit_records(None, "docs", config=config), "records must be a list"),
+        (lambda: api.submit_records({"text": "x"}, "docs", config=config), "records must be a list"),
+        (lambda: api.submit_records([{"id": 10**5000, "text": "x"}], "docs", config=config), "more than"),
+        (lambda: api.submit_paths(None, "docs", config=config), "paths must be a list"),
+        (lambda: api.submit_paths([tree, 3], "docs", config=config), "paths: 3 is a int"),
+        (lambda: api.submit_paths([tree], "docs", exclude=[None], config=config), "exclude: None is a NoneType"),
+        (lambda: api.submit_paths([tree], None, config=config), "a collection name must be a string"),
+        (lambda: api.search(None, "docs", config=config), "the search text must be a string"),
+        (lambda: api.search(b"x", "docs", config=config), "the search text must be a string"),
+        (lambda: api.search("x", None, config=config), "a collection name must be a string"),
+    ]
+    for call, message in refused:
+        with pytest.raises(BadInputError, match=message):
+            call()
+    for fields, message in (
+        ({"home": ""}, "the data home is empty"),
+        ({"home": None}, "home must be a path, got None"),
+        ({"chunk_tokens": "10"}, "chunk_tokens must be a whole number or None, got '10'"),
+        ({"commit_batch": True}, "commit_batch must be a whole number, got True"),
+        ({"auto_recover": 1}, "auto_recover must be True or False, got 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            Config(**fields)
+    assert not (Path.cwd() / "queue.key").exists()
