@@ -246,8 +246,11 @@ class Ledger:
                         )
         return {other or "?": n for other, n in found.items()}
 
-    def checkpoint(self, collection: str, items: Sequence[tuple[str, str]]) -> int:
-        """Mark (id, hash) committed under one new commit sequence number.
+    def checkpoint(self, collection: str, items: Sequence[tuple[str, str, str | None]]) -> int:
+        """Mark (id, hash, metadata) committed under one new commit sequence number: only a
+        row that still has that text and that metadata (JSON as the ledger holds it; None:
+        any). A producer that gave the row new metadata while the writer upserted the old
+        leaves it outstanding, and its task upserts the new.
 
         Not fsynced (``synchronous=NORMAL``): in WAL mode the commit is in the OS's page
         cache when this returns, so a kill -9 of the writer loses nothing; a power loss can
@@ -263,14 +266,14 @@ class Ledger:
             ).fetchone()
             done = conn.executemany(
                 "UPDATE chunks SET state='committed', seq=?, committed_at=?, updated=?"
-                " WHERE collection=? AND id=? AND hash=? AND state='embedded'",
-                [(seq, now, now, collection, id_, hash_) for id_, hash_ in items],
+                " WHERE collection=? AND id=? AND hash=? AND state='embedded' AND (?7 IS NULL OR metadata = ?7)",
+                [(seq, now, now, collection, id_, hash_, meta) for id_, hash_, meta in items],
             ).rowcount
             # What Chroma now holds under each id, whatever the row says: a producer that
             # replaced the text meanwhile left the row outstanding, and Chroma has this one.
             conn.executemany(
                 "UPDATE chunks SET committed_hash=? WHERE collection=? AND id=?",
-                [(hash_, collection, id_) for id_, hash_ in items],
+                [(hash_, collection, id_) for id_, hash_, _ in items],
             )
             _tally(conn, "committed", collection, done)
         return int(seq)

@@ -41,12 +41,15 @@ class Row:
     hash: str
     state: str
     embedding: bytes | None
+    # The metadata as the ledger holds it (JSON text): a checkpoint marks the row committed
+    # only if it still is (a producer may give new metadata to a row while it is committed).
+    metadata_json: str | None = None
 
     @classmethod
     def of(cls, values: Sequence[Any]) -> Row:
         """A row selected as ``ROW_COLUMNS``."""
         collection, id_, text, metadata, hash_, state, embedding = values
-        return cls(collection, id_, text, json.loads(metadata or "{}"), hash_, state, embedding)
+        return cls(collection, id_, text, json.loads(metadata or "{}"), hash_, state, embedding, metadata)
 
 
 def id_lists(ids: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:

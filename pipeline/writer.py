@@ -415,7 +415,7 @@ class Writer:
         with COMMIT_SECONDS.time(), self.commit_lock.held():
             self._follow_restore()
             self.store.upsert_rows(collection, group)
-            seq = self.ledger.checkpoint(collection, [(r.id, r.hash) for r in group])
+            seq = self.ledger.checkpoint(collection, [(r.id, r.hash, r.metadata_json) for r in group])
         logger.debug("commit %d: %d chunks of %s", seq, len(group), collection)
         return seq
 

@@ -436,7 +436,7 @@ def test_only_the_writers_checkpoint_skips_its_fsync(tmp_path: Path) -> None:
     ledger.store_embeddings(COLLECTION, [("a", "h", np.ones(4, dtype=np.float32).tobytes())], "m")
     producer_writes = list(seen)
     del seen[:]
-    ledger.checkpoint(COLLECTION, [("a", "h")])
+    ledger.checkpoint(COLLECTION, [("a", "h", None)])
     # A producer's rows, the count of an embedding attempt (invariant 4's evidence must
     # survive a power loss) and the stored embeddings commit under FULL; the checkpoint under
     # NORMAL, and the connection is FULL again right after it.

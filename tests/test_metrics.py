@@ -379,7 +379,7 @@ def _home_with_work(tmp_path: Path) -> tuple[Config, Ledger]:
     ledger.begin_embedding("docs", ["c0", "c1", "c2", "c3"])
     ledger.begin_embedding("docs", ["c0"])  # resumed after a kill: c0 embedded twice
     ledger.store_embeddings("docs", [(f"c{i}", f"h{i}", b"\0" * 32) for i in range(4)], "hash:8")
-    ledger.checkpoint("docs", [("c0", "h0"), ("c1", "h1")])
+    ledger.checkpoint("docs", [("c0", "h0", None), ("c1", "h1", None)])
     ledger.fail("docs", [("c2", "h2", "refused by Chroma")])
     return config, ledger
 

@@ -190,7 +190,7 @@ def test_metadata_only_change_through_the_intake_keeps_the_embedding(tmp_path: P
     ledger = Ledger(tmp_path / "ledger.db")
     ledger.sources.ingest("k1", _part("j1", [("a.py", ["one"])]), "m")
     ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\x01" * 8)], "m")
-    ledger.checkpoint("docs", [("a.py#0", "h-one")])
+    ledger.checkpoint("docs", [("a.py#0", "h-one", None)])
     moved = _part("j2", [("a.py", ["one"])])
     moved["files"][0]["chunks"][0]["metadata"] = {"source": "a.py", "start_line": 3}
     to_index, _ = ledger.sources.ingest("k2", moved, "m") or ([], [])
@@ -232,7 +232,7 @@ def test_progress_lost_to_a_kill_is_published_again_at_start(tmp_path: Path) -> 
     ledger.sources.ingest("k1", _part("j1", [("a.py", ["one", "two"])]), "m")
     ledger.store_embeddings("docs", [("a.py#0", "h-one", b"\0" * 16), ("a.py#1", "h-two", b"\0" * 16)], "m")
     # Committed, then the writer died before publishing: nothing in the queue says so.
-    ledger.checkpoint("docs", [("a.py#0", "h-one"), ("a.py#1", "h-two")])
+    ledger.checkpoint("docs", [("a.py#0", "h-one", None), ("a.py#1", "h-two", None)])
     intake = Intake(SqliteStorage("t", filename=str(tmp_path / "q.db")), "key")
     assert intake.progress("j1") is None
     publisher = Publisher(config, intake)

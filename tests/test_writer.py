@@ -226,7 +226,7 @@ def test_the_committed_hash_is_what_chroma_holds(writer: Writer) -> None:
     # The writer upserts B; before its checkpoint a producer puts A back.
     writer.store.upsert(COLLECTION, ["c0"], writer.embedder.embed(["text B\n"]), ["text B\n"], [{"n": 0}])
     seed(writer.ledger, rows(writer.ledger, 1))
-    writer.ledger.checkpoint(COLLECTION, [("c0", "hB")])
+    writer.ledger.checkpoint(COLLECTION, [("c0", "hB", None)])
     assert writer.ledger.conn.execute("SELECT state, hash, committed_hash FROM chunks WHERE id='c0'").fetchone() == (
         "pending",
         "h0",
@@ -298,6 +298,24 @@ def test_text_replaced_while_in_flight_is_not_marked_committed(writer: Writer) -
     assert states(writer.ledger) == {"c0": "pending"}
     assert writer.index(COLLECTION, ids) == 1
     assert writer.store.dump(COLLECTION)["c0"]["document"] == "new text"
+
+
+def test_metadata_replaced_while_in_flight_is_not_marked_committed(writer: Writer) -> None:
+    """Lines added above a chunk while the writer commits it: the writer upserts the metadata
+    it loaded; the row, whose metadata the producer changed meanwhile, stays outstanding
+    and its own task upserts the new (before, the ledger said committed, Chroma had the old)."""
+    ids = seed(writer.ledger, rows(writer.ledger, 1))
+    row = writer.ledger.load(COLLECTION, ids, ("pending",))[0]
+    writer._embed(COLLECTION, [row])()  # embedded and stored
+    # The producer's metadata-only update (its plan's retag): same text and hash, the row still embedded.
+    job = writer.ledger.jobs.create(COLLECTION, "records", ["test"])
+    writer.ledger.sources.write(job, COLLECTION, [], ids, [], retag=[("c0", json.dumps({"n": 0, "start_line": 9}))])
+    writer._commit(COLLECTION, [row])
+    assert states(writer.ledger) == {"c0": "embedded"}
+    assert writer.store.dump(COLLECTION)["c0"]["metadata"] == {"n": 0}
+    assert writer.index(COLLECTION, ids) == 1
+    assert states(writer.ledger) == {"c0": "committed"}
+    assert writer.store.dump(COLLECTION)["c0"]["metadata"] == {"n": 0, "start_line": 9}
 
 
 def test_stale_chunks_are_deleted_from_chroma_then_the_ledger(config: Config, tmp_path: Path, writer: Writer) -> None:
