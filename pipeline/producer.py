@@ -304,7 +304,9 @@ class Producer:
         candidates = self.ledger.sources.under(collection, spec["roots"])
 
         def seen(source: str) -> bool:
-            return spool.has_source(source) is not None or kept(source)
+            # On disk after all: created after this walk passed by (and indexed by another
+            # producer meanwhile, say), it is not gone.
+            return spool.has_source(source) is not None or kept(source) or os.path.lexists(source)
 
         for source in gone(candidates, seen, map(Path, spec["roots"]), spec["include"], spec["exclude"]):
             spool.add(source, source, [])

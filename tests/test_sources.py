@@ -193,6 +193,46 @@ def test_emptied_binary_and_non_utf8_files_lose_their_chunks(procs: list[Proc], 
     assert sources == {str(corpus.resolve() / "notes.md"), str(corpus.resolve() / "soon-unreadable.txt")}
 
 
+def test_prune_keeps_a_file_made_and_indexed_after_its_walk_passed_by(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prune compares its walk with the ledger as it is after the walk: a file another
+    producer indexed meanwhile is in the ledger and not in the walk, yet it is not gone."""
+    import pipeline.producer as producer_module
+    from pipeline.config import Config
+    from pipeline.producer import Producer
+
+    config = Config(home=tmp_path / "home", model="hash:384")
+    tree = _tree(tmp_path / "tree")
+    first = Producer(config)
+    try:
+        first.submit_paths([tree], "docs")
+    finally:
+        first.close()
+    late = tree / "aaa" / "new.txt"
+    real_walk = producer_module.walk
+
+    def walk_then_another_producer(*args: Any, **kwargs: Any) -> Any:
+        yield from real_walk(*args, **kwargs)
+        monkeypatch.setattr(producer_module, "walk", real_walk)  # the other producer's own walk
+        late.parent.mkdir()
+        late.write_text("made while the prune walked\n")
+        other = Producer(config)
+        try:
+            other.submit_paths([late], "docs")
+        finally:
+            other.close()
+
+    monkeypatch.setattr(producer_module, "walk", walk_then_another_producer)
+    pruning = Producer(config)
+    try:
+        sub = pruning.submit_paths([tree], "docs", prune=True)
+    finally:
+        pruning.close()
+    assert (sub.pruned, sub.stale) == (0, 0)
+    assert ledger_query(config.home, "SELECT state FROM chunks WHERE source=?", str(late)) == [("pending",)]
+
+
 def test_prune_removes_files_that_are_gone_and_only_with_the_flag(procs: list[Proc], tmp_path: Path) -> None:
     home = tmp_path / "home"
     corpus = _tree(tmp_path / "corpus")
@@ -467,3 +507,29 @@ def test_a_remote_prune_keeps_what_lies_under_a_folder_the_producer_could_not_re
     finally:
         ledger.close()
     assert result is not None and result[1] == ["/corpus/gone.txt"]
+
+
+def test_a_file_or_folder_swapped_for_a_symlink_after_the_walk_is_not_read(tmp_path: Path) -> None:
+    """The walk checks a path; the read must read that file, not where a symlink put there
+    since leads (a file outside the paths read under an inside name)."""
+    from pipeline.corpus import Skipped, read_document
+
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("the api key is hunter2\n")
+    inside = tmp_path / "tree" / "sub" / "f.txt"
+    inside.parent.mkdir(parents=True)
+    inside.write_text("ordinary text\n")
+    assert not isinstance(read_document(inside), Skipped)
+    inside.unlink()
+    inside.symlink_to(secret)  # the file, swapped after the walk
+    skipped = read_document(inside)
+    assert isinstance(skipped, Skipped)
+    assert skipped.reason == "unreadable: it became a symlink after the walk found it"
+    inside.unlink()
+    inside.parent.rename(tmp_path / "tree" / "moved")
+    inside.parent.symlink_to(secret.parent)  # a folder on the way, swapped
+    (secret.parent / "f.txt").write_text("another secret\n")
+    skipped = read_document(inside)
+    assert isinstance(skipped, Skipped)
+    assert skipped.reason.startswith("unreadable: it was moved or replaced after the walk found it")
