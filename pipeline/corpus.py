@@ -280,11 +280,27 @@ def gone(
 
 
 def _read_bytes(path: Path) -> bytes | Skipped:
-    """The file's bytes (at most MAX_FILE_BYTES), or why it is skipped."""
+    """The file's bytes (at most MAX_FILE_BYTES), or why it is skipped.
+
+    ``path`` is the real path the walk checked. The file is opened without following a
+    symlink, and (where /proc tells) must still be at that path once open: a file swapped
+    for a symlink, or a folder on the way for one, between the walk and the read would
+    otherwise let a file from outside the paths be read under an inside name. Such a file
+    is skipped as unreadable: its chunks of before stay until the next run reads it."""
     try:
-        with path.open("rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return Skipped(str(path), "unreadable: it became a symlink after the walk found it")
+        return Skipped(str(path), f"unreadable: {exc.strerror or exc}")
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
                 return Skipped(str(path), "not a regular file")
+            opened = _opened_as(fd)
+            if opened is not None and opened != str(path):
+                return Skipped(str(path), f"unreadable: it was moved or replaced after the walk found it ({opened})")
+            os.set_blocking(fd, True)
             # Read one byte past the limit rather than trust st_size: a file may grow.
             data = handle.read(MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
@@ -292,6 +308,14 @@ def _read_bytes(path: Path) -> bytes | Skipped:
     except OSError as exc:
         return Skipped(str(path), f"unreadable: {exc.strerror or exc}")
     return data
+
+
+def _opened_as(fd: int) -> str | None:
+    """Where the file open as ``fd`` lies (Linux's /proc), or None where that cannot be told."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
 
 
 def _decode(path: Path, data: bytes) -> str | Skipped:

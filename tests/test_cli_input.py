@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,14 +75,14 @@ def test_binary_non_utf8_and_unreadable_files_are_skipped_and_counted(
     locked.write_text("secret\n")
     if os.geteuid() == 0:
         # root reads anything: make this one file fail the way an unreadable file does.
-        real = Path.open
+        real = os.open
 
-        def open_(self: Path, *args: Any, **kwargs: Any) -> Any:
-            if self == locked:
+        def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+            if Path(path) == locked:
                 raise PermissionError(13, "Permission denied")
-            return real(self, *args, **kwargs)
+            return real(path, flags, *args, **kwargs)
 
-        monkeypatch.setattr(Path, "open", open_)
+        monkeypatch.setattr(os, "open", open_)
     else:
         locked.chmod(0)
     code, out, err = invoke(home, "index", str(corpus), "-c", "docs", "--json")
@@ -296,8 +296,10 @@ def test_a_huge_integer_or_metadata_that_is_no_object_is_refused_with_its_line(h
     records.write_text(
         '{"id": "a", "text": "first record"}\n'
         '{"id": ' + "1" * 5000 + ', "text": "hi"}\n'
-        '{"id": "c", "text": "third", "metadata": {"n": ' + "9" * 5000 + "}}\n"
-        + "".join(f'{{"id": "m{n}", "text": "t", "metadata": {value}}}\n' for n, value in enumerate(("false", "0", '""')))
+        '{"id": "c", "text": "third", "metadata": {"n": '
+        + "9" * 5000
+        + "}}\n"
+        + "".join(f'{{"id": "m{n}", "text": "t", "metadata": {v}}}\n' for n, v in enumerate(("false", "0", '""')))
         + '{"id": "ok", "text": "t", "metadata": null}\n'
     )
     code, _, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
