@@ -503,6 +503,11 @@ class Config:
         return self.home / "commit.lock"
 
     @property
+    def producer_lock_path(self) -> Path:
+        """Held by a producer while it compares its submission with the ledger and writes it."""
+        return self.home / "producer.lock"
+
+    @property
     def secret_path(self) -> Path:
         return self.home / "queue.key"
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -267,10 +268,7 @@ class Producer:
                 if collision:
                     problems.add(f"{where}: {collision}")
             problems.raise_any()
-            if self.ledger is not None:
-                self._check_owners(spool, collection, problems)
-                problems.raise_any()
-            return self._write(spool, sub, kind, [label], f"{label} holds no record with text")
+            return self._write(spool, sub, kind, [label], f"{label} holds no record with text", problems)
 
     def _held(self, collection: str, source: str, records: list[dict[str, Any]]) -> str | None:
         """Why a file cannot be indexed when a record of the collection holds one of its chunk
@@ -312,10 +310,41 @@ class Producer:
             spool.add(source, source, [])
             sub.pruned += 1
 
-    def _write(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
-        """Everything is known good: write the ledger (or hand the parts over), then enqueue."""
-        if self.ledger is not None:  # settings other than the collection's are refused before anything is written
-            self.ledger.sources.settings(sub.collection, self.config.full_text, self.config.model)
+    def _write(
+        self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str, owners: Problems | None = None
+    ) -> Submission:
+        """Everything is known good: write the ledger (or hand the parts over), then enqueue.
+        With ``owners``, records whose ids another source holds are refused first."""
+        with self._alone():
+            if self.ledger is not None:  # settings other than the collection's are refused before anything is written
+                self.ledger.sources.settings(sub.collection, self.config.full_text, self.config.model)
+                if owners is not None:
+                    self._check_owners(spool, sub.collection, owners)
+                    owners.raise_any()
+            return self._write_alone(spool, sub, kind, sources, empty)
+
+    @contextlib.contextmanager
+    def _alone(self) -> Iterator[None]:
+        """The data home's producer lock, while a submission is compared with the ledger and
+        written: two producers that plan the same ids at once would each plan against the
+        ledger as it was (chunks of both versions kept, an id's owner check passed by
+        both). A remote producer writes no ledger: the writer records its parts one by one."""
+        if self.ledger is None:
+            yield
+            return
+        with storage_errors(f"cannot submit to the data home {self.config.home}", self.config.home):
+            fd = os.open(self.config.producer_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another producer to finish writing its submission")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _write_alone(self, spool: Spool, sub: Submission, kind: str, sources: list[str], empty: str) -> Submission:
         job = _LazyJob(self.ledger, sub.collection, kind, sources)
         batch = _Batch()
         try:

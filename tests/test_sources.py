@@ -533,3 +533,44 @@ def test_a_file_or_folder_swapped_for_a_symlink_after_the_walk_is_not_read(tmp_p
     skipped = read_document(inside)
     assert isinstance(skipped, Skipped)
     assert skipped.reason.startswith("unreadable: it was moved or replaced after the walk found it")
+
+
+def test_two_producers_writing_one_record_at_once_leave_one_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Producer A holds its write back a moment; B submits the same record, shorter. B's plan
+    must see A's chunks (and make its extra ones stale), not the ledger of before A."""
+    import threading
+
+    from pipeline.config import Config
+    from pipeline.producer import Producer
+
+    config = Config(home=tmp_path / "home", model="hash:384")
+    config.ensure_home()
+    long_text, short_text = "alpha words " * 2000, "beta words " * 200
+    inside, real = threading.Event(), Producer._write_alone
+
+    def slowly(self: Producer, *args: Any) -> Any:
+        if not inside.is_set():
+            inside.set()  # A is writing; B starts now
+            time.sleep(1.0)
+        return real(self, *args)
+
+    monkeypatch.setattr(Producer, "_write_alone", slowly)
+
+    def submit(text: str) -> None:
+        producer = Producer(config)
+        try:
+            producer.submit_records([{"id": "r1", "text": text}], "notes")
+        finally:
+            producer.close()
+
+    first = threading.Thread(target=submit, args=(long_text,))
+    first.start()
+    assert inside.wait(30)
+    submit(short_text)
+    first.join()
+    rows = ledger_query(config.home, "SELECT id, text, state FROM chunks ORDER BY id")
+    live = [(id_, text) for id_, text, state in rows if state != "deleting"]
+    assert len(rows) > len(live) > 0
+    assert all(text.startswith("beta") for _, text in live), live[:3]
