@@ -90,16 +90,22 @@ def _checksums(root: Path) -> dict[str, str]:
 def checksum_problems(path: Path) -> list[str]:
     """What no longer matches in a backup: files changed or gone since its manifest was
     written, files added to its Chroma directory (a restore would copy them in: a journal
-    beside ``chroma.sqlite3`` would be played into it), and a manifest whose watermark or
-    counts are not its ledger snapshot's (the checksums do not cover the manifest itself,
-    and a restore replays every commit after that watermark)."""
+    beside ``chroma.sqlite3`` would be played into it), and a manifest whose watermark is
+    not its ledger snapshot's (the checksums do not cover the manifest itself, and a
+    restore replays every commit after that watermark). Every backup holds ``ledger.db``:
+    a manifest that does not list it is a changed one. A logical backup's counts, which
+    its restore trusts, must be the snapshot's too (a full backup's are for the listing:
+    those of a backup taken before they were read from the snapshot may differ)."""
     manifest = json.loads((path / MANIFEST).read_text())
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or "ledger.db" not in files:
+        return [f"{MANIFEST}: its list of files is not a backup's (ledger.db is not in it)"]
     actual = _checksums(path)
-    problems = [f"{rel}: checksum differs from the manifest" for rel, digest in manifest["files"].items()
+    problems = [f"{rel}: checksum differs from the manifest" for rel, digest in files.items()
                 if actual.get(rel) != digest]  # fmt: skip
     problems += [f"{rel}: not in the manifest" for rel in actual
-                 if rel.startswith("chroma/") and rel not in manifest["files"]]  # fmt: skip
-    if problems or "ledger.db" not in manifest["files"]:
+                 if rel.startswith("chroma/") and rel not in files]  # fmt: skip
+    if problems:
         return problems
     figures = _snapshot_figures(path / "ledger.db")
     if isinstance(figures, str):
@@ -107,7 +113,7 @@ def checksum_problems(path: Path) -> list[str]:
     watermark, counts = figures
     if manifest.get("watermark") != watermark:
         problems.append(f"{MANIFEST}: watermark {manifest.get('watermark')!r}, its ledger snapshot's is {watermark}")
-    if manifest.get("collections") != counts:
+    if manifest.get("kind") == "logical" and manifest.get("collections") != counts:
         problems.append(f"{MANIFEST}: committed counts {manifest.get('collections')!r}, its ledger snapshot's {counts}")
     return problems
 
@@ -338,11 +344,19 @@ def _verify_ledger_snapshot(snapshot: Path) -> list[str]:
 
 
 def describe(path: Path) -> dict[str, Any]:
+    """A backup's listing entry; ValueError when its manifest is not a backup's."""
     manifest = json.loads((path / MANIFEST).read_text())
+    if not isinstance(manifest, dict):
+        raise ValueError(f"not an object but {type(manifest).__name__}")
+    for key, kinds in _MANIFEST_FIELDS:
+        if not isinstance(manifest.get(key), kinds) or isinstance(manifest.get(key), bool):
+            raise ValueError(f"its {key!r} is {manifest.get(key)!r}")
     try:
         verdict = json.loads((path / VERIFICATION).read_text())
     except (OSError, ValueError):
-        verdict = {"verified": None}
+        verdict = None
+    if not isinstance(verdict, dict) or verdict.get("verified") not in (True, False, None):
+        verdict = {"verified": None}  # not readable: not verified, so never restored
     return {
         "name": manifest["name"],
         "kind": manifest.get("kind", "full"),
@@ -352,9 +366,15 @@ def describe(path: Path) -> dict[str, Any]:
         "collections": manifest["collections"],
         "pause_seconds": manifest["pause_seconds"],
         "verified": verdict.get("verified"),
-        "problems": verdict.get("problems", []),
+        "problems": list(verdict.get("problems") or []),
         "size_bytes": _size(path),
     }
+
+
+# What describe() reads of a manifest, with the types it must have.
+_MANIFEST_FIELDS: tuple[tuple[str, type | tuple[type, ...]], ...] = (
+    ("name", str), ("time", (int, float)), ("watermark", int), ("collections", dict), ("pause_seconds", (int, float)),
+)  # fmt: skip
 
 
 def _unreadable(path: Path, exc: Exception) -> dict[str, Any]:
@@ -364,7 +384,7 @@ def _unreadable(path: Path, exc: Exception) -> dict[str, Any]:
         when = float(calendar.timegm(time.strptime(path.name, NAME_FORMAT)))
     except ValueError:
         when = path.stat().st_mtime
-    reason = f"{type(exc).__name__}: {first_line(exc)}" if isinstance(exc, KeyError) else first_line(exc)
+    reason = first_line(exc)
     return {
         "name": path.name,
         "kind": "unknown",
@@ -384,9 +404,11 @@ def _size(path: Path) -> int:
 
 
 def list_backups(config: Config) -> list[dict[str, Any]]:
-    """Complete backups, oldest first; one whose manifest cannot be read, as failed. Partial
-    ones (a crash mid-backup) are not listed, nor anything where the backups folder should
-    be and is not a folder (said when backing up)."""
+    """Complete backups, oldest first. One whose manifest is not a backup's (broken JSON,
+    fields of other types) is listed as failed; one whose manifest cannot be read now
+    (permissions, a disk error) is neither listed nor pruned, with a warning. Partial ones
+    (a crash mid-backup) are not listed, nor anything where the backups folder should be
+    and is not a folder (said when backing up)."""
     if not config.backups_path.is_dir():
         return []
     out = []
@@ -395,11 +417,11 @@ def list_backups(config: Config) -> list[dict[str, Any]]:
             continue
         try:
             out.append(describe(path))
-        except (ValueError, KeyError, TypeError) as exc:
-            out.append(_unreadable(path, exc))
-        except OSError as exc:
+        except ValueError as exc:  # JSON that is not a backup's manifest
             with contextlib.suppress(OSError):  # gone meanwhile (a prune): not listed
                 out.append(_unreadable(path, exc))
+        except OSError as exc:  # not readable now (permissions, I/O): neither listed nor pruned
+            logger.warning("backup %s is not listed: %s cannot be read (%s)", path.name, MANIFEST, first_line(exc))
     return sorted(out, key=lambda b: b["time"])
 
 

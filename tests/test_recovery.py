@@ -246,7 +246,16 @@ def test_a_manifest_that_disagrees_with_its_backup_is_not_restored(home: Path) -
         f" its ledger snapshot's is {watermark}); it was not restored"
     )
     assert not (home / "quarantine").exists()
+    # Nor may the manifest stop listing the ledger snapshot that would tell it.
+    (backup / "verification.json").write_text(json.dumps({"verified": True, "problems": []}))
+    manifest = json.loads((backup / "manifest.json").read_text())
+    del manifest["files"]["ledger.db"]
+    (backup / "manifest.json").write_text(json.dumps(manifest))
+    asked = run_cli(home, "recover", "--from", backup.name, **MODEL)
+    assert asked.returncode == 1 and "(manifest.json: its list of files is not a backup's" in asked.stderr
     # The restore step alone (the benchmark's) refuses it the same way.
+    manifest["files"]["ledger.db"] = "0"
+    (backup / "manifest.json").write_text(json.dumps(manifest))
     reseal(backup, watermark=watermark)
     (backup / "verification.json").write_text(json.dumps({"verified": True, "problems": []}))
     (backup / "chroma" / "chroma.sqlite3-journal").write_bytes(b"\0" * 512)  # a journal a restore would play
@@ -262,6 +271,17 @@ def test_a_backup_whose_manifest_cannot_be_read_is_listed_as_failed_and_pruned(h
     from ops.backup import list_backups, prune
 
     backup = _only_backup(home)
+    good = json.loads((backup / "manifest.json").read_text())
+    # Fields of other types: listed as failed, not a crash of every command that lists backups.
+    (backup / "manifest.json").write_text(json.dumps({**good, "time": "yesterday"}))
+    odd = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+    assert [(b["kind"], b["verified"]) for b in odd] == [("unknown", False)]
+    # A verification.json that is not one: unverified, so never restored, and listed.
+    (backup / "manifest.json").write_text(json.dumps(good))
+    verdict = (backup / "verification.json").read_text()
+    (backup / "verification.json").write_text("[]")
+    assert [b["verified"] for b in json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)] == [None]
+    (backup / "verification.json").write_text(verdict)
     (backup / "manifest.json").write_text('{"name": "' + backup.name)  # cut short
     listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
     assert [(b["name"], b["kind"], b["verified"], b["watermark"]) for b in listed] == [
