@@ -332,7 +332,9 @@ def _decode(path: Path, data: bytes) -> str | Skipped:
 
 
 def read_text(path: Path) -> str | Skipped:
-    """The file's text, or why it is skipped."""
+    """The file's text, or why it is skipped: a tool's read, of any spelling of the path
+    (resolved first). The producer reads the walk's real paths with ``read_document``."""
+    path = Path(os.path.realpath(path))
     data = _read_bytes(path)
     return data if isinstance(data, Skipped) else _decode(path, data)
 

@@ -273,7 +273,8 @@ class Producer:
     def _held(self, collection: str, source: str, records: list[dict[str, Any]]) -> str | None:
         """Why a file cannot be indexed when a record of the collection holds one of its chunk
         ids (a record may be given any id: one copied from an export, say); else None. A
-        remote producer cannot see the ledger: the writer's intake skips such a file."""
+        remote producer cannot see the ledger: the writer's intake refuses the chunk whose
+        id is held (listed as skipped) and writes the file's other chunks."""
         if self.ledger is None or not records:
             return None
         owners = self.ledger.sources.owners(collection, [r["id"] for r in records])
@@ -302,9 +303,11 @@ class Producer:
         candidates = self.ledger.sources.under(collection, spec["roots"])
 
         def seen(source: str) -> bool:
-            # On disk after all: created after this walk passed by (and indexed by another
-            # producer meanwhile, say), it is not gone.
-            return spool.has_source(source) is not None or kept(source) or os.path.lexists(source)
+            # A file at that very real path after all: made after this walk passed by (and
+            # indexed by another producer meanwhile, say), it is not gone. One reached now
+            # through a link, or a folder where it was, is gone.
+            on_disk = os.path.isfile(source) and os.path.realpath(source) == source
+            return spool.has_source(source) is not None or kept(source) or on_disk
 
         for source in gone(candidates, seen, map(Path, spec["roots"]), spec["include"], spec["exclude"]):
             spool.add(source, source, [])
@@ -332,14 +335,20 @@ class Producer:
         if self.ledger is None:
             yield
             return
+        path = self.config.producer_lock_path
         with storage_errors(f"cannot submit to the data home {self.config.home}", self.config.home):
-            fd = os.open(self.config.producer_lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                logger.info("waiting for another producer to finish writing its submission")
+                # No time limit: a large submission holds it for as long as its writes take.
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                logger.warning("waiting for another producer (pid %s) to finish writing its submission", holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):  # who holds it: for a waiter's message only
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             yield
         finally:
             os.close(fd)

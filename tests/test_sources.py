@@ -514,6 +514,7 @@ def test_a_file_or_folder_swapped_for_a_symlink_after_the_walk_is_not_read(tmp_p
     since leads (a file outside the paths read under an inside name)."""
     from pipeline.corpus import Skipped, read_document
 
+    tmp_path = tmp_path.resolve()  # the walk's paths are real ones
     secret = tmp_path / "outside" / "secret.txt"
     secret.parent.mkdir()
     secret.write_text("the api key is hunter2\n")
@@ -574,3 +575,33 @@ def test_two_producers_writing_one_record_at_once_leave_one_version(
     live = [(id_, text) for id_, text, state in rows if state != "deleting"]
     assert len(rows) > len(live) > 0
     assert all(text.startswith("beta") for _, text in live), live[:3]
+
+
+def test_prune_removes_a_file_now_reached_through_a_link_or_turned_into_a_folder(tmp_path: Path) -> None:
+    """A path on disk is not enough to keep a file's chunks: a folder moved and a link to it
+    left behind, or a file replaced by a folder, leave its old source gone."""
+    from pipeline.config import Config
+    from pipeline.producer import Producer
+
+    config = Config(home=tmp_path / "home", model="hash:384")
+    tree = (tmp_path / "tree").resolve()
+    (tree / "a").mkdir(parents=True)
+    (tree / "a" / "f.txt").write_text("first file\n")
+    (tree / "g.txt").write_text("second file\n")
+
+    def submit(prune: bool = False) -> Any:
+        producer = Producer(config)
+        try:
+            return producer.submit_paths([tree], "docs", prune=prune)
+        finally:
+            producer.close()
+
+    submit()
+    (tree / "a").rename(tree / "b")
+    (tree / "a").symlink_to(tree / "b")
+    (tree / "g.txt").unlink()
+    (tree / "g.txt").mkdir()
+    (tree / "g.txt" / "h.txt").write_text("third file\n")
+    assert submit(prune=True).pruned == 2
+    live = ledger_query(config.home, "SELECT DISTINCT source FROM chunks WHERE state != 'deleting'")
+    assert sorted(s for (s,) in live) == [str(tree / "b" / "f.txt"), str(tree / "g.txt" / "h.txt")]
