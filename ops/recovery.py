@@ -306,7 +306,7 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
 def restore_backup(config: Config, name: str, watermark: int | None = None) -> dict[str, Any]:
     """Restore the backup ``name`` and replay from the ledger every chunk committed after
     ``watermark`` (the backup's own unless given; 0 replays them all), the writer paused. The
-    backup is refused as ``recover(config, source=name)`` refuses it (``asked_for``). No check
+    backup is refused as ``recover(config, source=name)`` refuses it (``_asked_for``). No check
     before or after, no event: ``recover`` is the operator's way; this is the restore step
     alone (the benchmark times it)."""
     lock = CommitLock(config.commit_lock_path)
