@@ -69,6 +69,8 @@ def clean_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"metadata key {key!r} holds a NUL character")
         if key.startswith("chroma:"):
             raise ValueError(f"metadata key {key!r} is reserved by Chroma")
+        if key.startswith(("#", "$")):  # Chroma's own keys (#document) and operators ($and)
+            raise ValueError(f"metadata key {key!r} starts with {key[0]!r}, which Chroma refuses")
         if value is None:
             continue
         if not isinstance(value, _SCALARS):

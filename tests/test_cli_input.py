@@ -352,3 +352,23 @@ def test_the_python_api_refuses_what_it_cannot_take_in_one_line(home: Path, tmp_
         with pytest.raises(ConfigError, match=message):
             Config(**fields)
     assert not (Path.cwd() / "queue.key").exists()
+
+
+def test_metadata_keys_chroma_refuses_are_refused_with_their_line(home: Path, tmp_path: Path) -> None:
+    """Chroma refuses a key that starts with '#' or '$' at the commit ("Invalid metadata at
+    index 0"), failing the chunk; the producer says which key, before anything is written."""
+    records = tmp_path / "records.jsonl"
+    records.write_text(
+        "".join(
+            json.dumps({"id": f"r{n}", "text": "t", "metadata": {key: 1}}) + "\n"
+            for n, key in enumerate(("$and", "#document", "chroma:x", "fine$", "ok#"))
+        )
+    )
+    code, _, err = invoke(home, "index", "--jsonl", str(records), "-c", "notes")
+    assert code == 2, err
+    assert err.splitlines()[0] == (
+        f"Error: {records}: line 1: metadata key '$and' starts with '$', which Chroma refuses; line 2: metadata"
+        " key '#document' starts with '#', which Chroma refuses; line 3: metadata key 'chroma:x' is reserved by"
+        " Chroma"
+    )
+    assert jobs(home) == []
