@@ -63,12 +63,35 @@ class WriterState:
             try:
                 write_json_atomic(self.path, state, indent=None)
             except OSError as exc:  # a full or read-only home must not stop the writer for this
-                logger.warning("could not write %s: %s", self.path, exc)
+                if not self._rewrite_in_place(state):
+                    logger.warning("could not write %s: %s", self.path, exc)
             for sink in self.sinks:
                 try:
                     sink(state)
                 except Exception as exc:  # a queue away: the file is still right
                     logger.warning("could not publish the writer's state: %s", first_line(exc))
+
+    def _rewrite_in_place(self, state: dict[str, Any]) -> bool:
+        """On a full disk the atomic write (a new file, then a rename) finds no room, and
+        ``indexq status`` would go on showing the state of before: "guard: clear" while the
+        disk guard holds commits back. The file's own blocks still take the new state
+        (padded with spaces; not atomic, a reader may miss one publication). False if it
+        does not fit in them, or the file cannot be written."""
+        data = json.dumps(state).encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)  # no O_CREAT: its blocks must exist
+        except OSError:
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            if len(data) > max(size, os.fstat(fd).st_blocks * 512):
+                return False
+            os.pwrite(fd, data.ljust(size), 0)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def guard_changed(self, hold: Hold | None) -> None:
         """ResourceGuard's ``on_change``: which guard holds commits back, or None once released."""

@@ -172,6 +172,37 @@ def test_a_guard_publishes_when_it_starts_and_stops_holding_commits_back(tmp_pat
     assert read_state(config, None) is None
 
 
+def test_a_guard_that_trips_on_a_full_disk_still_reaches_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk guard trips when the disk is full, when writer.state cannot be written anew
+    (a temporary file, then a rename): it is rewritten in its own blocks, so status does not
+    go on saying "clear" while commits are held back."""
+    import errno
+    import time
+
+    import pipeline.state
+    from pipeline.guards import Hold
+    from pipeline.state import WriterState, read_state
+
+    config = Config(home=tmp_path / "home", model="hash:32")
+    config.ensure_home()
+    state = WriterState(config)
+    state.publish()
+    holder = {"pid": os.getpid(), "host": state.state["host"]}
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline.state, "write_json_atomic", full)
+    state.guard_changed(Hold("disk", 0.0, 5.0, time.time()))
+    published = read_state(config, holder)
+    assert published is not None and published["guard"]["guard"] == "disk"
+    state.guard_changed(None)
+    published = read_state(config, holder)
+    assert published is not None and published["guard"] is None
+
+
 def test_status_text_shows_embeddings_computed_and_embedded_more_than_once(tmp_path: Path) -> None:
     from pipeline.writer import Writer
 
