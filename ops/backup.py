@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -93,9 +94,9 @@ def checksum_problems(path: Path) -> list[str]:
     beside ``chroma.sqlite3`` would be played into it), and a manifest whose watermark is
     not its ledger snapshot's (the checksums do not cover the manifest itself, and a
     restore replays every commit after that watermark). Every backup holds ``ledger.db``:
-    a manifest that does not list it is a changed one. A logical backup's counts, which
-    its restore trusts, must be the snapshot's too (a full backup's are for the listing:
-    those of a backup taken before they were read from the snapshot may differ)."""
+    a manifest that does not list it is a changed one. A logical backup's counts must be
+    the snapshot's too, as its verification always required (a full backup's are for the
+    listing: those of a backup taken before they were read from the snapshot may differ)."""
     manifest = json.loads((path / MANIFEST).read_text())
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or "ledger.db" not in files:
@@ -349,14 +350,20 @@ def describe(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise ValueError(f"not an object but {type(manifest).__name__}")
     for key, kinds in _MANIFEST_FIELDS:
-        if not isinstance(manifest.get(key), kinds) or isinstance(manifest.get(key), bool):
-            raise ValueError(f"its {key!r} is {manifest.get(key)!r}")
+        value = manifest.get(key)
+        finite = not isinstance(value, float) or math.isfinite(value)  # JSON's Infinity and NaN parse
+        if not isinstance(value, kinds) or isinstance(value, bool) or not finite:
+            raise ValueError(f"its {key!r} is {value!r}")
+    if not isinstance(manifest.get("files"), dict) or "ledger.db" not in manifest["files"]:
+        raise ValueError("its list of files does not hold ledger.db")
     try:
         verdict = json.loads((path / VERIFICATION).read_text())
     except (OSError, ValueError):
         verdict = None
-    if not isinstance(verdict, dict) or verdict.get("verified") not in (True, False, None):
+    if not isinstance(verdict, dict) or not any(verdict.get("verified") is v for v in (True, False, None)):
         verdict = {"verified": None}  # not readable: not verified, so never restored
+    problems = verdict.get("problems")
+    problems = [str(p) for p in problems] if isinstance(problems, list) else [] if problems is None else [str(problems)]
     return {
         "name": manifest["name"],
         "kind": manifest.get("kind", "full"),
@@ -366,7 +373,7 @@ def describe(path: Path) -> dict[str, Any]:
         "collections": manifest["collections"],
         "pause_seconds": manifest["pause_seconds"],
         "verified": verdict.get("verified"),
-        "problems": list(verdict.get("problems") or []),
+        "problems": problems,
         "size_bytes": _size(path),
     }
 

@@ -347,8 +347,9 @@ class Producer:
                 logger.warning("waiting for another producer (pid %s) to finish writing its submission", holder)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             with contextlib.suppress(OSError):  # who holds it: for a waiter's message only
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                mark = f"{os.getpid()}\n".encode()
+                os.pwrite(fd, mark, 0)  # first: a waiter never reads an empty file
+                os.ftruncate(fd, len(mark))
             yield
         finally:
             os.close(fd)

@@ -2,8 +2,9 @@
 
 ``indexq status`` runs in another process with its own defaults, so it cannot know the
 memory threshold the writer was started with, nor that a guard holds every commit
-back. The writer writes ``writer.state`` in the data home (JSON, atomically, 0600)
-when it starts and whenever a guard starts or stops holding commits back: never per
+back. The writer writes ``writer.state`` in the data home (JSON, atomically, 0600; on a
+full disk over the file in its own blocks) when it starts and whenever a guard starts
+or stops holding commits back: never per
 commit, whose path must stay lean. A reader trusts the file only while the writer
 lock is held by the process it names, so a file left by a killed writer is never
 shown as live.

@@ -251,8 +251,11 @@ def test_a_manifest_that_disagrees_with_its_backup_is_not_restored(home: Path) -
     manifest = json.loads((backup / "manifest.json").read_text())
     del manifest["files"]["ledger.db"]
     (backup / "manifest.json").write_text(json.dumps(manifest))
+    listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+    assert [(b["kind"], b["verified"]) for b in listed] == [("unknown", False)]
+    assert "its list of files does not hold ledger.db" in listed[0]["problems"][0]
     asked = run_cli(home, "recover", "--from", backup.name, **MODEL)
-    assert asked.returncode == 1 and "(manifest.json: its list of files is not a backup's" in asked.stderr
+    assert asked.returncode == 1 and f"backup {backup.name} is not verified" in asked.stderr
     # The restore step alone (the benchmark's) refuses it the same way.
     manifest["files"]["ledger.db"] = "0"
     (backup / "manifest.json").write_text(json.dumps(manifest))
@@ -273,14 +276,19 @@ def test_a_backup_whose_manifest_cannot_be_read_is_listed_as_failed_and_pruned(h
     backup = _only_backup(home)
     good = json.loads((backup / "manifest.json").read_text())
     # Fields of other types: listed as failed, not a crash of every command that lists backups.
-    (backup / "manifest.json").write_text(json.dumps({**good, "time": "yesterday"}))
-    odd = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
-    assert [(b["kind"], b["verified"]) for b in odd] == [("unknown", False)]
+    for odd_time in ('"yesterday"', "Infinity", "NaN"):
+        spelled = json.dumps(good).replace(f'"time": {good["time"]}', f'"time": {odd_time}')
+        (backup / "manifest.json").write_text(spelled)
+        odd = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+        assert [(b["kind"], b["verified"]) for b in odd] == [("unknown", False)], odd_time
+        assert run_cli(home, "status", **MODEL).returncode == 0
     # A verification.json that is not one: unverified, so never restored, and listed.
     (backup / "manifest.json").write_text(json.dumps(good))
     verdict = (backup / "verification.json").read_text()
-    (backup / "verification.json").write_text("[]")
-    assert [b["verified"] for b in json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)] == [None]
+    for odd_verdict in ("[]", '{"verified": 1, "problems": 5}', '{"verified": true, "problems": 5}'):
+        (backup / "verification.json").write_text(odd_verdict)
+        shown = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
+        assert [(b["verified"], b["problems"]) for b in shown] in ([(None, [])], [(True, ["5"])]), odd_verdict
     (backup / "verification.json").write_text(verdict)
     (backup / "manifest.json").write_text('{"name": "' + backup.name)  # cut short
     listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
