@@ -276,19 +276,22 @@ def test_a_backup_whose_manifest_cannot_be_read_is_listed_as_failed_and_pruned(h
     backup = _only_backup(home)
     good = json.loads((backup / "manifest.json").read_text())
     # Fields of other types: listed as failed, not a crash of every command that lists backups.
+    config = Config(home=home, model="hash:384")
     for odd_time in ('"yesterday"', "Infinity", "NaN"):
         spelled = json.dumps(good).replace(f'"time": {good["time"]}', f'"time": {odd_time}')
         (backup / "manifest.json").write_text(spelled)
-        odd = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
-        assert [(b["kind"], b["verified"]) for b in odd] == [("unknown", False)], odd_time
-        assert run_cli(home, "status", **MODEL).returncode == 0
+        assert [(b["kind"], b["verified"]) for b in list_backups(config)] == [("unknown", False)], odd_time
+    assert run_cli(home, "status", **MODEL).returncode == 0  # NaN: an age that cannot be rounded
     # A verification.json that is not one: unverified, so never restored, and listed.
     (backup / "manifest.json").write_text(json.dumps(good))
     verdict = (backup / "verification.json").read_text()
-    for odd_verdict in ("[]", '{"verified": 1, "problems": 5}', '{"verified": true, "problems": 5}'):
+    for odd_verdict, shown in (
+        ("[]", (None, [])),
+        ('{"verified": 1, "problems": 5}', (None, [])),
+        ('{"verified": true, "problems": 5}', (True, ["5"])),
+    ):
         (backup / "verification.json").write_text(odd_verdict)
-        shown = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
-        assert [(b["verified"], b["problems"]) for b in shown] in ([(None, [])], [(True, ["5"])]), odd_verdict
+        assert [(b["verified"], b["problems"]) for b in list_backups(config)] == [shown], odd_verdict
     (backup / "verification.json").write_text(verdict)
     (backup / "manifest.json").write_text('{"name": "' + backup.name)  # cut short
     listed = json.loads(run_cli(home, "backups", "--json", **MODEL).stdout)
