@@ -176,12 +176,6 @@ class Producer:
                         starts=next(starts), headings=doc.headings,
                     )  # fmt: skip
                     records = [file_record(source, c, doc.place(c.start_line, c.end_line)) for c in chunks]
-                    if (held := self._held(collection, source, records)) is not None:
-                        # Never written over; what the file had is kept, as for one not read.
-                        logger.warning("skipped %s: %s", source, held)
-                        sub.skipped.append(Skipped(source, held))
-                        unreadable.add(source)
-                        continue
                     spool.add(source, source, records)
             if prune:
                 spec = {"roots": [str(r) for r in roots], "include": list(include), "exclude": list(exclude)}
@@ -270,20 +264,6 @@ class Producer:
             problems.raise_any()
             return self._write(spool, sub, kind, [label], f"{label} holds no record with text", problems)
 
-    def _held(self, collection: str, source: str, records: list[dict[str, Any]]) -> str | None:
-        """Why a file cannot be indexed when a record of the collection holds one of its chunk
-        ids (a record may be given any id: one copied from an export, say); else None. A
-        remote producer cannot see the ledger: the writer's intake refuses the chunk whose
-        id is held (listed as skipped) and writes the file's other chunks."""
-        if self.ledger is None or not records:
-            return None
-        owners = self.ledger.sources.owners(collection, [r["id"] for r in records])
-        for ordinal, record in enumerate(records):
-            owner = owners.get(record["id"])
-            if owner is not None and owner != source:
-                return f"the id {record['id']!r} of its chunk {ordinal} is already held by {_spelled(owner)}"
-        return None
-
     def _check_owners(self, spool: Spool, collection: str, problems: Problems) -> None:
         """An id the ledger already holds for another source (a record's own id equal to a
         chunk id of an earlier record, ``c`` and ``c#1``) would silently replace it."""
@@ -370,20 +350,29 @@ class Producer:
             raise
 
     def _add(self, sub: Submission, batch: _Batch, source: str, records: list[dict[str, Any]]) -> None:
-        sub.chunks += len(records)
-        batch.linked.extend(r["id"] for r in records)
         if self.ledger is None:
+            sub.chunks += len(records)
+            batch.linked.extend(r["id"] for r in records)
             # The part is JSON itself: metadata travels as an object (the intake refuses a
-            # part whose metadata is not one), not as the spool's JSON text.
+            # part whose metadata is not one), not as the spool's JSON text. A remote producer
+            # cannot see the ledger: the intake refuses a chunk whose id another source holds.
             chunks = [{**r, "metadata": json.loads(r["metadata"])} for r in records]
             batch.files.append({"source": source, "total": len(chunks), "chunks": chunks})
             return
         plan = self.ledger.sources.plan(sub.collection, source, records, self.config.model)
-        # An id another source took since it was checked: that chunk is not written.
-        sub.skipped.extend(
-            Skipped(source, f"the id {id_!r} of one of its chunks is already held by {_spelled(owner)}")
-            for id_, owner in plan.collisions
-        )
+        if plan.collisions:
+            # A record holds one of the file's chunk ids (a record may be given any id: one
+            # copied from an export, say; records' own collisions were refused under this same
+            # lock): the file is skipped whole, never written over the record, and what it
+            # had is kept.
+            id_, owner = plan.collisions[0]
+            ordinal = next(n for n, r in enumerate(records) if r["id"] == id_)
+            reason = f"the id {id_!r} of its chunk {ordinal} is already held by {_spelled(owner)}"
+            logger.warning("skipped %s: %s", source, reason)
+            sub.skipped.append(Skipped(source, reason))
+            return
+        sub.chunks += len(records)
+        batch.linked.extend(r["id"] for r in records)
         batch.rows.extend(plan.rows)
         batch.retag.extend(plan.retag)
         batch.to_index.extend(plan.to_index)
