@@ -19,6 +19,7 @@ import array
 import bisect
 import codecs
 import dataclasses
+import functools
 import io
 import posixpath
 import re
@@ -27,7 +28,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from pipeline.guards import clean_text
+from pipeline.guards import clean_text, unicode_problem
 
 # Extension -> format. Anything else is read as UTF-8 text.
 FORMATS = {
@@ -73,7 +74,13 @@ _EVERY = 4096
 GONE_REASONS = ("encrypted PDF", "cannot parse", "no text", "not a PDF", "more than")
 # HTML elements whose content is not visible text.
 _HTML_HIDDEN = frozenset(
-    "head script style noscript template svg math iframe object embed canvas button select option".split()
+    "head script style noscript template svg math iframe object canvas button select option".split()
+)
+# HTML's void elements have no content, so neither they nor a ``hidden`` attribute on one
+# hides anything. libxml2 2.14 does not know some of them (embed, source, track, wbr) and
+# nests the rest of the page inside: taken as hidden, they hid all that followed.
+_HTML_VOID = frozenset(
+    "area base basefont bgsound br col embed frame hr img input keygen link meta param source track wbr".split()
 )
 # HTML elements that begin a new line of text.
 _HTML_BLOCKS = frozenset(
@@ -81,6 +88,14 @@ _HTML_BLOCKS = frozenset(
     " footer form header hgroup hr li main nav ol p section summary table tbody td tfoot th thead tr ul".split()
 )
 _HTML_HEADINGS = {f"h{n}": n for n in range(1, 7)}
+# A heading's inline markup is parsed (markdown-it) from its first this many characters:
+# its title is cut at MAX_HEADING_CHARS anyway, and inline parsing can take time that
+# grows with the square of a crafted heading's length (a heading of "![" a million times
+# took 60 s; the deadline is now also checked at every inline token).
+_MARKDOWN_TITLE_SOURCE = 20 * MAX_HEADING_CHARS
+# Lone UTF-16 surrogates, which a PDF's font may map a glyph to: no tokenizer, SQLite or
+# Chroma takes one, so extracted text gets U+FFFD in their place.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def _short(title: str) -> str:
@@ -118,7 +133,12 @@ class Document:
 
     def place(self, start: int, end: int) -> dict[str, Any]:
         """Metadata for a chunk of lines ``start..end``: lines, page where it starts, heading path."""
-        meta: dict[str, Any] = {"start_line": start, "end_line": end} if self.file_lines else {}
+        meta: dict[str, Any] = {}
+        if self.file_lines:
+            numbers = self._file_line_numbers
+            meta = {"start_line": start, "end_line": end} if numbers is None else {
+                "start_line": numbers[start - 1], "end_line": numbers[end - 1]
+            }  # fmt: skip
         if self.pages:
             meta["page"] = _at(self.pages, start)
         if self.paths:
@@ -130,6 +150,27 @@ class Document:
             if path:
                 meta["heading"] = path
         return meta
+
+    @functools.cached_property
+    def _file_line_numbers(self) -> Sequence[int] | None:
+        """The file's line number of each line the chunker counts, or None where they agree.
+
+        The chunker's lines are ``str.splitlines``', which also end at a form feed, a
+        vertical tab, \\x1c-\\x1e, \\x85, U+2028 and U+2029; an editor or ``grep -n`` ends
+        a line only at \\n, \\r\\n or \\r (CPython's own sources hold form feeds).
+        """
+        if not _ODD_LINE_ENDS.search(self.text):
+            return None
+        numbers, number = array.array("q"), 1
+        for line in self.text.splitlines(keepends=True):
+            numbers.append(number)
+            if line.endswith(("\n", "\r")):
+                number += 1
+        return numbers
+
+
+# Line ends of str.splitlines that are not a file's line ends.
+_ODD_LINE_ENDS = re.compile("[\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 def _at(marks: tuple[tuple[int, Any], ...], line: int) -> Any:
@@ -155,6 +196,12 @@ def parse(kind: str, data: bytes | str) -> Document:
     if kind == "html":
         return html(data)
     raise ValueError(f"unknown format {kind!r}")
+
+
+def _extracted(text: str) -> str:
+    """Text as a parser gave it, made fit to index: no NUL bytes, no lone surrogates."""
+    text = clean_text(text)
+    return _SURROGATE.sub("\ufffd", text) if unicode_problem(text) is not None else text
 
 
 def _deadline() -> float:
@@ -186,7 +233,7 @@ class _Builder:
 
     def text(self, text: str) -> None:
         # One line per line the chunker will count (str.splitlines: \f and \u2028 end lines too).
-        for line in clean_text(text).splitlines():
+        for line in _extracted(text).splitlines():
             line = line.rstrip()
             if line.strip():
                 self.lines.append(line)
@@ -195,7 +242,7 @@ class _Builder:
         self.check()
 
     def heading(self, level: int, title: str) -> None:
-        title = " ".join(clean_text(title).split())
+        title = " ".join(_extracted(title).split())
         if not title:
             return
         while self.stack and self.stack[-1][0] >= level:
@@ -257,12 +304,16 @@ def _pdf(data: bytes, builder: _Builder) -> Document:
     if count > MAX_PDF_PAGES:
         raise Unparsable(f"more than {MAX_PDF_PAGES} pages ({count})")
 
-    def visit(*_: Any) -> None:  # called for each piece of text shown: a slow page stops here
-        builder.check()
+    shown = [0]  # characters of the page in hand so far
+
+    def visit(text: str, *_: Any) -> None:  # called for each piece of text shown: a slow or huge page stops here
+        shown[0] += len(text)
+        builder.check(shown[0])
 
     for number, page in enumerate(reader.pages, start=1):
         builder.check()
         builder.page(number)
+        shown[0] = 0
         builder.text(page.extract_text(visitor_text=visit))
     return builder.document("PDF")
 
@@ -387,13 +438,14 @@ class _DocxBody:
         self.size = 0  # characters in pieces
         self.cells: list[str] = []
         self.cell_lines: list[str] = []
+        self.row_size = 0  # characters in cells and cell_lines: the row in hand, not yet in the builder
 
     def start(self, tag: str, attrib: dict[str, str]) -> None:
         self.depth += 1
         depth = self.depth
         self.events += 1
         if self.events % _EVERY == 0:
-            self.builder.check(self.size)
+            self.builder.check(self.size + self.row_size)
         if tag == f"{_W}p":
             if self.para:
                 self.nested += 1
@@ -405,7 +457,7 @@ class _DocxBody:
             elif tag == f"{_W}tbl" and not self.table and self.body and depth == self.body + 1:
                 self.table = depth
             elif tag == f"{_W}tr" and self.table and depth == self.table + 1:
-                self.cells = []
+                self.cells, self.row_size = [], 0
             elif tag == f"{_W}tc" and self.table and depth == self.table + 2:
                 self.cell, self.cell_lines = depth, []
         elif self.nested:
@@ -431,7 +483,7 @@ class _DocxBody:
         self.size += len(text)
         if self.size > 2**16 and len(self.pieces) > 1024:  # a long paragraph of many runs
             self.pieces[:] = ["".join(self.pieces)]
-            self.builder.check(self.size)
+            self.builder.check(self.size + self.row_size)
 
     def end(self, tag: str) -> None:
         depth = self.depth
@@ -450,6 +502,7 @@ class _DocxBody:
             self.cell = 0
         elif tag == f"{_W}tr" and self.table and depth == self.table + 1:
             self.builder.text(" | ".join(self.cells))
+            self.cells, self.row_size = [], 0
         elif tag == f"{_W}tbl" and depth == self.table:
             self.table = 0
 
@@ -458,6 +511,8 @@ class _DocxBody:
         self.pieces, self.size, self.para = [], 0, 0
         if self.cell:
             self.cell_lines.append(text)
+            self.row_size += len(text) + 1
+            self.builder.check(self.row_size)  # a row's cells are joined only at its end
             return
         style = self.style
         level = _docx_level(self.styles.get(style, style)) if style else None
@@ -490,18 +545,50 @@ def _html(data: bytes, builder: _Builder) -> Document:
 
     if not data.strip():
         raise Unparsable("empty")
-    # UTF-8 when it is (checked piece by piece, not decoded whole); otherwise libxml2
-    # goes by the BOM or the <meta charset> as a browser would.
-    encoding: str | None = "utf-8" if _is_utf8(data) else None
-    parser = etree.HTMLParser(target=_HtmlText(builder), encoding=encoding, no_network=True)
+    # UTF-8 when it is (checked piece by piece, not decoded whole); otherwise decoded here
+    # by its BOM or declared charset, a byte the charset has no character for becoming
+    # U+FFFD. (libxml2 left to decode stops at such a byte: the rest of the page was lost.)
+    decoder = None if _is_utf8(data) else codecs.getincrementaldecoder(_html_charset(data))(errors="replace")
+    parser = etree.HTMLParser(target=_HtmlText(builder), encoding="utf-8", no_network=True)
     for i in range(0, len(data), _PIECE):
-        parser.feed(data[i : i + _PIECE])
+        piece = data[i : i + _PIECE]
+        parser.feed(piece if decoder is None else decoder.decode(piece).encode("utf-8"))
         builder.check()
+    if decoder is not None:
+        parser.feed(decoder.decode(b"", final=True).encode("utf-8"))
     try:
         parser.close()
     except etree.XMLSyntaxError:  # nothing libxml2 could call a document: no text either
         pass
     return builder.document("HTML")
+
+
+# Where a page that is not UTF-8 says what it is: <meta charset=...>, <meta http-equiv
+# content="...; charset=...">, or an XML declaration, looked for in its first bytes (the
+# HTML standard's prescan reads 1,024).
+_HTML_CHARSET = re.compile(
+    rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)|<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)""",
+    re.IGNORECASE,
+)
+_HTML_PRESCAN = 4096
+
+
+def _html_charset(data: bytes) -> str:
+    """The Python codec for a page that is not UTF-8, as a browser would choose it: its BOM,
+    else its declared charset, else windows-1252 (also for ASCII and Latin-1 labels, which
+    browsers read as windows-1252; a UTF-16 label in ASCII-readable markup means UTF-8)."""
+    for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if data.startswith(bom):
+            return name
+    match = _HTML_CHARSET.search(data[:_HTML_PRESCAN])
+    label = (match.group(1) or match.group(2)).decode("ascii") if match else ""
+    try:
+        name = codecs.lookup(label).name if label else "cp1252"
+    except LookupError:
+        return "cp1252"
+    if name.startswith(("utf-16", "utf-32")):
+        return "utf-8"
+    return "cp1252" if name in ("ascii", "iso8859-1") else name
 
 
 def _is_utf8(data: bytes) -> bool:
@@ -540,7 +627,7 @@ class _HtmlText:
             self.builder.check(self.size)
         if self.hidden:
             self.hidden += 1
-        elif tag in _HTML_HIDDEN or "hidden" in attrib:
+        elif (tag in _HTML_HIDDEN or "hidden" in attrib) and tag not in _HTML_VOID:
             self.hidden = 1
         elif self.level:
             self.inside += 1
@@ -620,6 +707,8 @@ def _markdown(text: str, deadline: float) -> Document:
         return False
 
     md.block.ruler.before("table", "deadline", check)
+    # And at every inline token of a heading's title: a crafted one is slow inside one call.
+    md.inline.ruler.before("text", "deadline", lambda state, silent: check())
     env: dict[str, Any] = {}  # link reference definitions, shared by the windows
     titles: list[tuple[int, int, str]] = []  # (line, level, inline source) of each heading
     headings: set[int] = set()
@@ -635,7 +724,7 @@ def _markdown(text: str, deadline: float) -> Document:
         if time.monotonic() > deadline:
             raise _TooSlow
         children: list[Any] = []
-        md.inline.parse(source, md, env, children)
+        md.inline.parse(source[:_MARKDOWN_TITLE_SOURCE], md, env, children)
         title = " ".join(_inline_text(children).split())
         if not title:
             continue
@@ -696,7 +785,7 @@ def _markdown_windows(
 def _inline_text(children: Iterable[Any]) -> str:
     out: list[str] = []
     for child in children:
-        if child.type in ("text", "code_inline"):
+        if child.type in ("text", "code_inline", "text_special"):  # text_special: an entity or escape, decoded
             out.append(child.content)
         elif child.type in ("softbreak", "hardbreak"):
             out.append(" ")

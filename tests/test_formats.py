@@ -388,7 +388,8 @@ def test_deep_nesting_parses_without_recursion() -> None:
     assert formats.markdown("> " * depth + "quoted\n\n# Next\n").paths == ((3, "Next"),)
     brackets = "[" * depth + "title" + "]" * depth
     assert formats.markdown(f"# {brackets}\n").paths == ((1, brackets[: formats.MAX_HEADING_CHARS - 1] + "…"),)
-    assert formats.markdown("# " + "*" * depth + "x" + "*" * depth + "\n").paths == ((1, "x"),)
+    stars = "*" * ((formats._MARKDOWN_TITLE_SOURCE - 1) // 2)  # a title's source is parsed up to that length
+    assert formats.markdown(f"# {stars}x{stars}\n").paths == ((1, "x"),)
     assert formats.markdown("- " * depth + "item\n").body
     xml = W_DOCUMENT % (b"<w:sdt>" * depth + b"</w:sdt>" * depth + b"<w:p><w:r><w:t>after</w:t></w:r></w:p>")
     assert formats.docx(docx_of(xml)).text == "after\n"
@@ -458,3 +459,123 @@ def test_a_pdf_pypdf_reads_past_flaws_in_leaves_the_error_one_line(tmp_path: Pat
     result = run_cli(tmp_path / "home", "index", str(corpus), "-c", "docs", INDEXQ_MODEL="hash:384")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"Error: no indexable text under {corpus} (1 cannot parse PDF skipped)"]
+
+
+def make_pdf_font(content: bytes, font: dict[str, Any], cmap: bytes | None = None) -> bytes:
+    """A one-page PDF showing ``content`` (content-stream operators) in a font of these entries,
+    with this ToUnicode CMap."""
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    entries = {NameObject(k): NameObject(v) for k, v in font.items()}
+    if cmap is not None:
+        unicode_map = DecodedStreamObject()
+        unicode_map.set_data(cmap)
+        entries[NameObject("/ToUnicode")] = writer._add_object(unicode_map)
+    page = writer.add_blank_page(612, 792)
+    stream = DecodedStreamObject()
+    stream.set_data(content)
+    page[NameObject("/Contents")] = writer._add_object(stream)
+    page[NameObject("/Resources")] = DictionaryObject(
+        {NameObject("/Font"): DictionaryObject({NameObject("/F1"): writer._add_object(DictionaryObject(entries))})}
+    )
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+HELVETICA = {"/Type": "/Font", "/Subtype": "/Type1", "/BaseFont": "/Helvetica"}
+# A ToUnicode map that sends "A" to a lone surrogate, as a broken or hostile font may.
+SURROGATE_CMAP = b"""/CIDInit /ProcSet findresource begin 12 dict begin begincmap /CMapName /X def
+1 begincodespacerange <00> <FF> endcodespacerange
+2 beginbfchar <41> <D800> <42> <0042> endbfchar
+endcmap CMapName currentdict /CMap defineresource pop end end"""
+
+
+def test_a_pdf_font_that_maps_to_a_lone_surrogate_is_read_with_a_replacement_character() -> None:
+    # The tokenizer raised TypeError on the surrogate: the producer crashed and the job was lost.
+    doc = formats.pdf(make_pdf_font(b"BT /F1 12 Tf 72 720 Td (AB hello) Tj ET", HELVETICA, SURROGATE_CMAP))
+    assert "\ufffd" in doc.text and "hello" in doc.text
+    doc.text.encode("utf-8")  # no lone surrogate left
+    tokenizer = load_tokenizer("all-MiniLM-L6-v2")
+    assert chunk_text(doc.text, tokenizer, 48, 8)
+
+
+def test_an_aes_encrypted_pdf_with_only_an_owner_password_is_read() -> None:
+    from pypdf import PdfReader, PdfWriter
+
+    writer = PdfWriter(clone_from=PdfReader(io.BytesIO(make_pdf([["restricted but readable"]]))))
+    writer.encrypt(user_password="", owner_password="owner", algorithm="AES-256")
+    out = io.BytesIO()
+    writer.write(out)
+    assert formats.pdf(out.getvalue()).text == "restricted but readable\n"
+
+
+def test_a_pdf_page_over_the_text_bound_stops_while_its_text_is_extracted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Counted as pypdf shows each piece, not once the whole page is a string (1.15 GB for one page).
+    monkeypatch.setattr(formats, "MAX_TEXT_CHARS", 500)
+    added: list[str] = []
+    monkeypatch.setattr(formats._Builder, "text", lambda self, text: added.append(text))
+    content = b"BT /F1 12 Tf 72 720 Td " + (b"(" + b"a" * 100 + b") Tj 0 -14 Td ") * 20 + b"ET"
+    with pytest.raises(formats.Unparsable, match=r"^larger than 0 MB of extracted text$"):
+        formats.pdf(make_pdf_font(content, HELVETICA))
+    assert added == []
+
+
+def test_a_docx_table_row_counts_its_cells_against_the_text_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cells of a row were joined, and counted, only at the row's end: 250 cells of 1 MB
+    # took the producer to 2 GB. Here the row goes on past the bound into XML that does not
+    # parse: counted cell by cell, the bound is met first.
+    monkeypatch.setattr(formats, "MAX_TEXT_CHARS", 1000)
+    cell = b"<w:tc><w:p><w:r><w:t>" + b"x" * 400 + b"</w:t></w:r></w:p></w:tc>"
+    row = b"<w:tbl><w:tr>" + cell * 400 + b"<w:tc><w:p><oops" + b"</w:tr></w:tbl>"
+    with pytest.raises(formats.Unparsable, match=r"^larger than 0 MB of extracted text$"):
+        formats.docx(docx_of(W_DOCUMENT % row))
+
+
+def test_html_void_elements_and_undecodable_bytes_hide_no_text() -> None:
+    # libxml2 2.14 nests what follows an <embed> (or <source hidden>, <wbr hidden>) inside it.
+    for void in (b"<embed src='v.mp4'>", b"<video><source src='v.mp4' hidden></video>", b"<wbr hidden>"):
+        doc = formats.html(b"<h1>Intro</h1><p>before</p>" + void + b"<h2>Install</h2><p>after it</p>")
+        assert doc.text == "Intro\nbefore\nInstall\nafter it\n", void
+        assert doc.paths[-1] == (3, "Intro > Install")
+    # A byte the declared charset has no character for stopped libxml2: the rest was lost.
+    later = b"".join(b"<p>later %d</p>" % n for n in range(50))
+    for head, byte, word in (
+        (b'<meta charset="windows-1252">', b"\x81", "caf\u00e9"),
+        (b'<meta charset="us-ascii">', b"", "caf\u00e9"),  # read as windows-1252, as browsers do
+        (b'<meta http-equiv="Content-Type" content="text/html; charset=shift_jis">', b"\xff", "caf"),
+        (b'<meta charset="utf-8">', b"\xff", "caf"),
+        (b"", b"\x81", "caf\u00e9"),
+    ):
+        doc = formats.html(b"<html><head>" + head + b"</head><body><p>caf\xe9 " + byte + b" one</p>" + later)
+        assert doc.text.startswith(word) and doc.text.endswith("later 49\n"), (head, doc.text[:40])
+    assert formats.html("<p>Grüße</p>".encode("utf-16")).text == "Grüße\n"
+
+
+def test_markdown_heading_titles_decode_entities_and_escapes_and_parse_a_bounded_prefix(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doc = formats.markdown("# Caf&eacute; &amp; Bar\n\n## C\\# guide\n\n## Step &#49;: *install*\n\nbody\n")
+    assert [path for _, path in doc.paths] == ["Café & Bar", "Café & Bar > C# guide", "Café & Bar > Step 1: install"]
+    # Inline parsing of a crafted heading grows with the square of its length ("![" a million
+    # times: 60 s in one call): it reads a prefix long enough for the title it keeps.
+    from markdown_it.parser_inline import ParserInline
+
+    sizes: list[int] = []
+    parse = ParserInline.parse
+    monkeypatch.setattr(ParserInline, "parse", lambda self, src, *a: (sizes.append(len(src)), parse(self, src, *a))[1])
+    doc = formats.markdown("# " + "![" * 1_000_000 + "\n\nbody\n")
+    assert sizes == [formats._MARKDOWN_TITLE_SOURCE]
+    assert doc.paths == ((1, "![" * 99 + "!…"),)
+
+
+def test_line_numbers_are_the_files_own_whatever_else_str_splitlines_ends_a_line_at() -> None:
+    # A form feed (CPython's sources hold them), a vertical tab or U+2028 ends a line for
+    # str.splitlines, not for an editor or grep -n: the chunks' lines were off by one each.
+    text = "one\x0ctwo\nthree\u2028four\x0bfive\r\nsix\rseven\n"
+    doc = formats.Document(text)
+    assert [doc.place(n, n)["start_line"] for n in range(1, 8)] == [1, 1, 2, 2, 2, 3, 4]
+    assert doc.place(2, 7) == {"start_line": 1, "end_line": 4}
+    assert formats.Document("a\nb\r\nc\rd\n").place(2, 4) == {"start_line": 2, "end_line": 4}
