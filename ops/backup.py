@@ -77,15 +77,16 @@ def snapshot_chroma(chroma: Path, target: Path) -> None:
             shutil.copytree(entry, target / entry.name)
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _checksums(root: Path) -> dict[str, str]:
-    sums = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-        sums[path.relative_to(root).as_posix()] = digest.hexdigest()
-    return sums
+    return {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(p for p in root.rglob("*") if p.is_file())}
 
 
 def checksum_problems(path: Path) -> list[str]:
@@ -196,6 +197,9 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
             f"nothing to back up: {config.chroma_dir} has no chroma.sqlite3",
             hint="the writer creates it with its first start; if it was lost, run `indexq recover`",
         )
+    # What a killed backup or verification left (under the lock, nothing else of ours runs):
+    # counted as used space, it made every later backup fail for want of room.
+    _remove_leftovers(config)
     _room_for_backup(config, logical)
     now = time.time()
     name = _name(now)
@@ -315,6 +319,8 @@ def verify_backup(config: Config, path: Path) -> dict[str, Any]:
         "time": time.time(),
         "seconds": round(time.monotonic() - started, 2),
         "problems": problems,
+        # The manifest verified: a listing compares it (the files are checked before a restore).
+        "manifest_sha256": _sha256(path / MANIFEST),
     }
     write_json_atomic(path / VERIFICATION, verdict)
     if problems:
@@ -364,6 +370,9 @@ def describe(path: Path) -> dict[str, Any]:
         verdict = {"verified": None}  # not readable: not verified, so never restored
     problems = verdict.get("problems")
     problems = [str(p) for p in problems] if isinstance(problems, list) else [] if problems is None else [str(problems)]
+    digest = verdict.get("manifest_sha256")  # absent in verdicts written before indexq recorded it
+    if verdict.get("verified") is True and digest is not None and digest != _sha256(path / MANIFEST):
+        verdict, problems = {"verified": False}, [f"{MANIFEST} changed since the backup was verified"]
     return {
         "name": manifest["name"],
         "kind": manifest.get("kind", "full"),
@@ -443,20 +452,31 @@ def prune(config: Config, now: float | None = None) -> list[str]:
         return _prune(config, time.time() if now is None else now)
 
 
-def _prune(config: Config, now: float) -> list[str]:
+def _remove_leftovers(config: Config) -> list[str]:
+    """Remove the ``.partial-*`` and ``.verify-*`` folders a killed backup or verification
+    left (call it under backups_lock); returns their names."""
     removed: list[str] = []
+    if config.backups_path.is_dir():
+        for path in config.backups_path.iterdir():
+            if path.name.startswith((".partial-", ".verify-")):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+    return removed
+
+
+def _prune(config: Config, now: float) -> list[str]:
     if not config.backups_path.exists():
-        return removed
-    for path in config.backups_path.iterdir():
-        if path.name.startswith((".partial-", ".verify-")):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
+        return []
+    removed = _remove_leftovers(config)
     keep = newest_verified(config)
     for backup in list_backups(config):
         if keep and backup["name"] == keep["name"]:
             continue
-        # A backup that failed verification can never be restored: keep none of them.
-        if backup["verified"] is False or now - backup["time"] > config.retention:
+        # A backup that failed verification can never be restored: keep none of them. Nor
+        # one never verified (its verification killed) once a newer one is: only verified
+        # backups are restored, and nothing verifies an older one later.
+        superseded = backup["verified"] is None and keep is not None and backup["time"] < keep["time"]
+        if backup["verified"] is False or superseded or now - backup["time"] > config.retention:
             shutil.rmtree(backup["path"], ignore_errors=True)
             removed.append(backup["name"])
     if removed:

@@ -374,9 +374,13 @@ class Config:
         # CHROMADB_MEMORY_THRESHOLD was a fraction (0.8) in older deployments.
         if 0 < self.memory_threshold <= 1:
             object.__setattr__(self, "memory_threshold", self.memory_threshold * 100)
-        object.__setattr__(self, "home", Path(self.home).expanduser().absolute())
+        # Resolved once, here: a process keeps the folders it started on. A writer started
+        # through a link to one home, the link then turned to another, wrote into the other
+        # home's Chroma (it reopened LINK/chroma on that home's restore generation) while
+        # keeping its own ledger and locks.
+        object.__setattr__(self, "home", Path(os.path.realpath(Path(self.home).expanduser())))
         chroma = self.chroma_path if self.chroma_path is not None else self.home / "chroma"
-        object.__setattr__(self, "chroma_path", Path(chroma).expanduser().absolute())
+        object.__setattr__(self, "chroma_path", Path(os.path.realpath(Path(chroma).expanduser())))
         if not 0 < self.memory_threshold <= 100:
             raise _refused(
                 "memory_threshold", f"memory threshold must be a percentage in (0, 100], got {self.memory_threshold!r}"

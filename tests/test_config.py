@@ -341,3 +341,18 @@ def test_a_home_through_a_symlink_is_made_and_made_private(tmp_path: Path) -> No
     Config(home=tmp_path / "dangling").ensure_home()  # the link's folder is made
     assert (tmp_path / "not-yet" / "chroma").is_dir()
     assert stat.S_IMODE((tmp_path / "not-yet").stat().st_mode) == 0o700
+
+
+def test_a_home_given_through_a_link_is_resolved_once_so_a_process_keeps_its_folders(tmp_path: Path) -> None:
+    # A writer started through LINK -> A, LINK then turned to B, reopened LINK/chroma when B's
+    # restore generation differed from A's, and committed A's ledger into B's Chroma.
+    first, second, link = tmp_path / "a", tmp_path / "b", tmp_path / "link"
+    first.mkdir()
+    second.mkdir()
+    link.symlink_to(first)
+    config = Config(home=link, chroma_path=link / "chroma")
+    (tmp_path / "turned").symlink_to(second)
+    os.replace(tmp_path / "turned", link)  # as `mv -T` swaps a link, atomically
+    assert config.home == first and config.chroma_dir == first / "chroma"
+    assert config.generation_path.parent == first and config.ledger_path.parent == first
+    assert Config(home=link).home == second

@@ -198,6 +198,18 @@ def test_storage_errors_are_told_from_damage() -> None:
     assert not from_chroma(wrapped)
 
 
+def test_an_error_chroma_does_not_explain_is_a_full_disk_with_little_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import errors
+
+    compaction = Exception("Error in compaction: Failed to apply logs to the metadata segment")
+    # A recovery's replay failed so with 2 MB free; taken for damage, it discredited a backup.
+    for free, full in ((2 * 2**20, True), (errors.CHROMA_NEARLY_FULL - 1, True), (errors.CHROMA_NEARLY_FULL, False)):
+        monkeypatch.setattr(errors, "_filesystem", lambda path, free=free: (free, False))
+        found = errors.storage_error(compaction, "x", "/h", unexplained=True)
+        assert (found is not None and found.reason.startswith("no space left")) is full, free
+        assert errors.storage_error(compaction, "x", "/h") is None  # only Chroma's errors are judged so
+
+
 # ---- 6: a check on a full disk is "cannot check"; recovery moves nothing ---------------
 
 
@@ -392,3 +404,82 @@ def test_the_maintenance_consumer_backs_off_on_a_full_disk(home: Path, small_fs:
     assert consumer.terminate() == 0
     events = ledger_query(home, "SELECT count(*) FROM events WHERE kind='recovery'")
     assert events[0][0] == 0, "a full disk must never start a recovery"
+
+
+# ---- recovery and backups that meet a full disk midway --------------------------------
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_restore_whose_replay_runs_out_of_room_is_a_full_disk_and_the_backup_stays_verified(
+    home: Path, small_fs: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chromadb.errors import InternalError
+
+    from ops import recovery
+    from ops.backup import list_backups
+    from pipeline.config import Config
+    from pipeline.errors import StorageError
+
+    config = Config.from_env(ENV, home=home)
+    (home / "chroma" / "chroma.sqlite3").unlink()  # damage that needs the backup restored
+
+    def no_room(*args: object, **kwargs: object) -> None:  # what Chroma's compaction says on a full disk
+        raise InternalError("Error in compaction: Failed to apply logs to the metadata segment")
+
+    monkeypatch.setattr(recovery, "replay", no_room)
+    with pytest.raises(StorageError, match=r"^recovery restore failed: no space left \("):
+        recovery.recover(config)
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    # Not damage: the backup it restored is as verified as before, and the replay is owed.
+    assert [b["verified"] for b in list_backups(config)] == [True]
+    assert config.pending_replay_path.exists()
+    monkeypatch.undo()
+    result = recovery.recover(config)
+    assert result["action"] == "replay" and result["healthy"] is True
+    assert not config.pending_replay_path.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_what_a_killed_backup_left_does_not_block_the_next_one(home: Path, small_fs: Path) -> None:
+    from ops.backup import create_backup, prune
+    from pipeline.config import Config
+
+    config = Config.from_env(ENV, home=home)
+    # A backup killed in its verification: its scratch copy, and the backup never verified.
+    (verified,) = list(config.backups_path.glob("2*"))
+    unverified = config.backups_path / "20200101T000000Z"
+    shutil.copytree(verified, unverified)
+    (unverified / "verification.json").unlink()
+    manifest = json.loads((unverified / "manifest.json").read_text())
+    manifest.update(name=unverified.name, time=manifest["time"] - 60)  # within the retention
+    (unverified / "manifest.json").write_text(json.dumps(manifest))
+    leftover = config.backups_path / f".verify-{unverified.name}"
+    leftover.mkdir()
+    home_bytes = sum(f.stat().st_size for f in (home / "chroma").rglob("*") if f.is_file())
+    home_bytes += (home / "ledger.db").stat().st_size
+    # As much as leaves room for one copy of the home, not for the copy and its verification.
+    filler = max(shutil.disk_usage(small_fs).free - int(1.5 * home_bytes), 0)
+    (leftover / "copy").write_bytes(b"\0" * filler)
+
+    made = create_backup(config)  # before, exit 6: "not enough free space for a backup"
+    assert made["verified"] is True and not leftover.exists()
+    # The unverified one, older than a verified one, can never be restored: pruned.
+    assert unverified.name in prune(config) and not unverified.exists()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_a_backup_whose_manifest_changed_since_its_verification_is_listed_as_failed(home: Path) -> None:
+    from ops.backup import list_backups
+    from pipeline.config import Config
+
+    config = Config.from_env(ENV, home=home)
+    (backup,) = list_backups(config)
+    manifest = Path(backup["path"]) / "manifest.json"
+    edited = json.loads(manifest.read_text())
+    edited["watermark"] = 99_999
+    manifest.write_text(json.dumps(edited))
+    (listed,) = list_backups(config)
+    assert listed["verified"] is False and listed["problems"] == ["manifest.json changed since the backup was verified"]
