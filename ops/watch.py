@@ -75,7 +75,9 @@ class View:
 
     @staticmethod
     def jobs(info: dict[str, Any]) -> list[tuple[str, ...]]:
-        return [tuple(str(job[column if column != "job" else "id"]) for column in JOB_COLUMNS) for job in info["jobs"]]
+        # A producer's machine has no ledger, so no jobs (its status says where to follow them).
+        jobs = info.get("jobs", [])
+        return [tuple(str(job[column if column != "job" else "id"]) for column in JOB_COLUMNS) for job in jobs]
 
 
 def _writer(writer: dict[str, Any]) -> str:

@@ -122,20 +122,21 @@ def parse_queue_url(setting: str, url: str | None) -> str | None:
         return None
     url = url.strip()
     parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)  # never a password in a message
     if parts.scheme not in QUEUE_SCHEMES:
-        raise ConfigError(f"{setting} must be sqlite:///PATH or redis://HOST:PORT/DB, got {url!r}")
+        raise ConfigError(f"{setting} must be sqlite:///PATH or redis://HOST:PORT/DB, got {shown!r}")
     if parts.scheme == "sqlite" and not parts.path.strip("/"):
-        raise ConfigError(f"{setting} must name a file, as in sqlite:////var/lib/indexq/queue.db, got {url!r}")
+        raise ConfigError(f"{setting} must name a file, as in sqlite:////var/lib/indexq/queue.db, got {shown!r}")
     if parts.scheme != "sqlite":
         try:
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number
         except ValueError:
-            raise ConfigError(f"{setting} has a bad port: {url!r}") from None
+            raise ConfigError(f"{setting} has a bad port: {shown!r}") from None
         if not parts.hostname:
-            raise ConfigError(f"{setting} must name a host, as in redis://127.0.0.1:6379/0, got {url!r}")
+            raise ConfigError(f"{setting} must name a host, as in redis://127.0.0.1:6379/0, got {shown!r}")
         db = parts.path.strip("/")
         if db and not db.isdigit():
-            raise ConfigError(f"{setting} must end with a database number, as in redis://host:6379/0, got {url!r}")
+            raise ConfigError(f"{setting} must end with a database number, as in redis://host:6379/0, got {shown!r}")
     return url
 
 
@@ -145,12 +146,13 @@ def parse_chroma_url(setting: str, url: str | None) -> str | None:
         return None
     url = url.strip().rstrip("/")
     parts = urllib.parse.urlsplit(url)
+    shown = redact_url(url)  # never a password in a message
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"{setting} has a bad port: {url!r}") from None
+        raise ConfigError(f"{setting} has a bad port: {shown!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path or port is None:
-        raise ConfigError(f"{setting} must be http://HOST:PORT of a Chroma server (`chroma run`), got {url!r}")
+        raise ConfigError(f"{setting} must be http://HOST:PORT of a Chroma server (`chroma run`), got {shown!r}")
     return url
 
 
@@ -169,18 +171,15 @@ def parse_metrics_port(setting: str, value: str | int | None) -> tuple[str, int]
 
 
 def redact_url(url: str | None) -> str:
-    """A URL fit for messages and ``indexq status``: any password replaced by ``***``."""
+    """A URL fit for messages and ``indexq status``: any password replaced by ``***`` (the
+    rest as written, a port that is not a number included, so that a message can name it)."""
     if not url:
         return ""
     parts = urllib.parse.urlsplit(url)
-    try:
-        password, port = parts.password, parts.port
-    except ValueError:  # unparsable port: hide whatever stands before the host
-        password, port = ("***" if "@" in parts.netloc else None), None
-    if password is None:
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
         return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -609,14 +608,19 @@ class Config:
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}  # field -> the variable it was read from
 
-        def pick(*names: str) -> tuple[str, str] | None:
+        # A flag wins over its variable, even one that would not parse: it is not read.
+        given = {k: v for k, v in overrides.items() if v is not None}
+
+        def pick(field: str, *names: str) -> tuple[str, str] | None:
+            if field in given:
+                return None
             for name in names:
                 if env.get(name, "").strip():
                     return name, env[name].strip()
             return None
 
         def number(kind: type, field: str, *names: str) -> None:
-            found = pick(*names)
+            found = pick(field, *names)
             if found:
                 name, raw = found
                 sources[field] = name
@@ -627,22 +631,22 @@ class Config:
                         f"{name} must be {'an integer' if kind is int else 'a number'}, got {raw!r}"
                     ) from None
 
-        if found := pick("INDEXQ_HOME"):
+        if found := pick("home", "INDEXQ_HOME"):
             values["home"] = Path(found[1])
-        if found := pick("INDEXQ_CHROMA_PATH", "CHROMADB_DB_PATH"):
+        if found := pick("chroma_path", "INDEXQ_CHROMA_PATH", "CHROMADB_DB_PATH"):
             values["chroma_path"] = Path(found[1])
-        if found := pick("INDEXQ_QUEUE_URL"):
+        if found := pick("queue_url", "INDEXQ_QUEUE_URL"):
             values["queue_url"] = parse_queue_url(*found)
-        if found := pick("INDEXQ_CHROMA_URL"):
+        if found := pick("chroma_url", "INDEXQ_CHROMA_URL"):
             values["chroma_url"] = parse_chroma_url(*found)
-        if found := pick("INDEXQ_METRICS_PORT"):
+        if found := pick("metrics_port", "INDEXQ_METRICS_PORT"):
             values["metrics_addr"], values["metrics_port"] = parse_metrics_port(*found) or (DEFAULT_METRICS_ADDR, None)
-        if found := pick("INDEXQ_MODEL"):
+        if found := pick("model", "INDEXQ_MODEL"):
             values["model"] = found[1]
         for field, name in (
             ("device", "INDEXQ_DEVICE"), ("precision", "INDEXQ_PRECISION"), ("query_runtime", "INDEXQ_QUERY_RUNTIME")
         ):  # fmt: skip
-            if found := pick(name):
+            if found := pick(field, name):
                 values[field], sources[field] = found[1], name
         number(float, "memory_threshold", "INDEXQ_MEMORY_THRESHOLD", "CHROMADB_MEMORY_THRESHOLD")
         number(int, "commit_batch", "INDEXQ_COMMIT_BATCH")
@@ -658,13 +662,12 @@ class Config:
             ("deep_check_interval", ("INDEXQ_DEEP_CHECK_INTERVAL",)),
             ("requeue_interval", ("INDEXQ_REQUEUE_INTERVAL",)),
         ):
-            if found := pick(*names):
+            if found := pick(field, *names):
                 values[field] = parse_duration(found[0], found[1])
-        if found := pick("INDEXQ_AUTO_RECOVER"):
+        if found := pick("auto_recover", "INDEXQ_AUTO_RECOVER"):
             values["auto_recover"] = parse_flag(*found)
-        if found := pick("INDEXQ_FULL_TEXT"):
+        if found := pick("full_text", "INDEXQ_FULL_TEXT"):
             values["full_text"] = parse_flag(*found)
-        given = {k: v for k, v in overrides.items() if v is not None}
         values.update(given)
         try:
             return cls(**values)

@@ -101,7 +101,8 @@ def test_parse_duration() -> None:
         ("redis://indexq:hunter2@10.0.0.5:6379/2", "redis://indexq:***@10.0.0.5:6379/2"),
         ("http://10.0.0.6:8000", "http://10.0.0.6:8000"),
         ("http://u@10.0.0.6:8000", "http://u@10.0.0.6:8000"),
-        ("http://u:pw@host:port", "http://u:***@host"),
+        ("http://u:pw@host:port", "http://u:***@host:port"),
+        ("redis://u:p@ss@h:6379/0", "redis://u:***@h:6379/0"),
         (None, ""),
     ],
 )
@@ -356,3 +357,36 @@ def test_a_home_given_through_a_link_is_resolved_once_so_a_process_keeps_its_fol
     assert config.home == first and config.chroma_dir == first / "chroma"
     assert config.generation_path.parent == first and config.ledger_path.parent == first
     assert Config(home=link).home == second
+
+
+def test_a_url_refused_is_shown_without_its_password() -> None:
+    from pipeline.config import parse_chroma_url, parse_queue_url
+
+    for parse, url in (
+        (parse_queue_url, "redis://user:SECRETPW@127.0.0.1:99999/0"),
+        (parse_queue_url, "redis://user:SECRETPW@127.0.0.1:6379/abc"),
+        (parse_queue_url, "http://user:SECRETPW@127.0.0.1:6379/0"),
+        (parse_chroma_url, "http://u:SECRETPW@127.0.0.1"),
+        (parse_chroma_url, "http://u:SECRETPW@127.0.0.1:8000/path"),
+        (parse_chroma_url, "http://u:SECRETPW@127.0.0.1:port"),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            parse("the URL", url)
+        assert "SECRETPW" not in str(refused.value) and ":***@127.0.0.1" in str(refused.value), refused.value
+
+
+def test_a_flag_wins_over_its_variable_even_one_that_does_not_parse() -> None:
+    env = {
+        "INDEXQ_CHUNK_OVERLAP": "abc", "INDEXQ_CHUNK_TOKENS": "abc", "INDEXQ_QUEUE_URL": "http://bad",
+        "INDEXQ_CHROMA_URL": "ftp://bad", "INDEXQ_METRICS_PORT": "junk", "INDEXQ_RETENTION": "soon",
+        "INDEXQ_AUTO_RECOVER": "maybe", "INDEXQ_HOME": "/nowhere",
+    }  # fmt: skip
+    config = Config.from_env(
+        env, chunk_overlap=10, chunk_tokens=100, queue_url="redis://127.0.0.1:6379/0",
+        chroma_url="http://127.0.0.1:8000", metrics_port=9479, retention=3600.0, auto_recover=False, home="/h",
+    )  # fmt: skip
+    assert (config.chunk_overlap, config.chunk_tokens, config.metrics_port, config.retention) == (10, 100, 9479, 3600)
+    assert config.queue_url == "redis://127.0.0.1:6379/0" and config.chroma_url == "http://127.0.0.1:8000"
+    assert config.auto_recover is False and config.home == Path("/h")
+    with pytest.raises(ConfigError, match="INDEXQ_CHUNK_OVERLAP must be an integer, got 'abc'"):
+        Config.from_env({"INDEXQ_CHUNK_OVERLAP": "abc"})  # without the flag, the variable is read and refused

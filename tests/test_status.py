@@ -483,3 +483,16 @@ def test_a_job_runs_while_its_producer_submits_or_a_chunk_is_outstanding(tmp_pat
         assert not ledger.jobs.running("no-such-job")
     finally:
         ledger.close()
+
+
+def test_the_watch_view_of_a_producers_machine_has_no_job_table() -> None:
+    # A producer's machine has no ledger: its status has no "jobs" (KeyError, exit 1, before).
+    from ops.watch import View, plain
+
+    info = {
+        "home": "/h", "producer_only": True, "queue_depth": 3, "intake_parts": 0,
+        "engines": {"queue": "redis", "queue_at": "redis://127.0.0.1:6379/0"}, "writer": {"alive": False},
+    }  # fmt: skip
+    shown = plain(View(), info, None, 2.0)
+    assert "queue:       3 tasks (redis redis://127.0.0.1:6379/0), 0 intake parts waiting" in shown
+    assert "follow a job here with `indexq index --wait`" in shown
