@@ -8,6 +8,7 @@ create files in the data home do so with a private umask (0600 files, 0700 folde
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 import os
 import shutil
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from pipeline.config import DEFAULT_STATUS_JOBS, MAX_SEARCH_RESULTS, Config, private_umask
-from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, first_line
+from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, UnreachableError, first_line
 from pipeline.ids import validate_collection
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
@@ -37,6 +38,9 @@ POLL_SECONDS = 0.5
 # On the writer's machine wait() sees a job end without counting it (Jobs.running), so its
 # counts, for the progress bar only, may cost less: at most 1 % of one core.
 WAIT_COUNT_FACTOR = 100
+# A producer following its job through a shared queue waits this long for a Redis that
+# stopped answering (a restart) before it gives up with exit 5; the job goes on meanwhile.
+WAIT_UNREACHABLE_SECONDS = 120.0
 
 
 def _config(config: Config | None) -> Config:
@@ -136,6 +140,14 @@ def failure_reasons(job_id: str, config: Config | None = None) -> list[tuple[str
         ledger.close()
 
 
+def _say(progress: bool, line: str) -> None:
+    """A line for whoever follows a job: on stderr beside its progress bar, else to the log."""
+    if progress:
+        print(line, file=sys.stderr)
+    else:
+        logging.getLogger(__name__).warning("%s", line)
+
+
 def wait(
     job_id: str, config: Config | None = None, timeout: float | None = None, progress: bool = False
 ) -> JobProgress:
@@ -154,6 +166,9 @@ def wait(
     deadline = None if timeout is None else time.monotonic() + timeout
     state: JobProgress | None = None
     count_at = 0.0  # when the job is counted next (the bar's figures); done is seen sooner
+    lost: float | None = None  # since when the shared queue has not answered
+    lost_said = False
+    serving: Any = True
     try:
         while True:
             now = time.monotonic()
@@ -163,7 +178,29 @@ def wait(
                     time.sleep(POLL_SECONDS)
                     continue
             counting = time.perf_counter()
-            state = _remote_progress(cfg, job_id, queue) if ledger is None else ledger.jobs.progress(job_id)
+            if queue is None:
+                state = ledger.jobs.progress(job_id) if ledger is not None else None
+            else:
+                try:
+                    with queue.reaching():
+                        state = _remote_progress(cfg, job_id, queue)
+                        serving = queue.serving_writer() if progress and not warned else True
+                except UnreachableError as exc:
+                    # A Redis restart: the job goes on meanwhile (the writer requeues what it
+                    # lost), so wait it out; one that stays away ends the wait (exit 5).
+                    lost = lost if lost is not None else time.monotonic()
+                    if time.monotonic() - lost > WAIT_UNREACHABLE_SECONDS or (
+                        deadline is not None and time.monotonic() >= deadline
+                    ):
+                        raise
+                    if not lost_said:
+                        lost_said = True
+                        _say(progress, f"{exc}; waiting up to {WAIT_UNREACHABLE_SECONDS:.0f} s for it")
+                    time.sleep(POLL_SECONDS)
+                    continue
+                if lost_said:
+                    _say(progress, f"the queue at {cfg.queue_shown} answers again")
+                lost, lost_said = None, False
             counted = time.perf_counter() - counting
             count_at = time.monotonic() + poll_interval(POLL_SECONDS, counted, WAIT_COUNT_FACTOR)
             if state is None and not remote:
@@ -184,7 +221,7 @@ def wait(
             if timed_out:
                 raise NotFoundError(f"the writer has not received job {job_id!r} yet", hint="is the writer running?")
             if progress and not warned:
-                if queue is not None and queue.serving_writer() is None:
+                if queue is not None and serving is None:
                     warned = True
                     print(f"waiting for a writer: none serves {cfg.queue_shown} (start one with `indexq worker`)",
                           file=sys.stderr)  # fmt: skip
@@ -387,4 +424,6 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
 @private_umask()
 def resume(config: Config | None = None) -> int:
     """Enqueue every outstanding chunk again; returns the number of tasks enqueued."""
-    return QueueClient(_config(config)).requeue()
+    queue = QueueClient(_config(config))
+    with queue.reaching():  # a Redis that does not answer: exit 5, not a traceback
+        return queue.requeue()

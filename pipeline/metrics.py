@@ -20,11 +20,14 @@ import contextlib
 import importlib.metadata
 import logging
 import shutil
+import socket
+import socketserver
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import psutil
 from prometheus_client import (
@@ -35,7 +38,7 @@ from prometheus_client import (
     Counter,
     Histogram,
     disable_created_metrics,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
@@ -386,6 +389,62 @@ def _version() -> str:
         return "unknown"
 
 
+# A scrape is one short request: the endpoint serves this many connections at once and
+# drops a client silent for longer than this. Without bounds, ~1,000 idle connections
+# (a thread and a file descriptor each) took the writer to its open-file limit, and its
+# commits stopped ("Too many open files") until they closed.
+METRICS_CONNECTIONS = 16
+METRICS_CLIENT_TIMEOUT = 10.0
+
+
+class _Handler(WSGIRequestHandler):
+    """One request, its socket bounded in time; no access log."""
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(METRICS_CLIENT_TIMEOUT)  # each read and write of the request
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _Server(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per request, at most METRICS_CONNECTIONS at once: beyond them a connection is
+    closed at once, so that no client can hold the process's threads or descriptors."""
+
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def _start(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
+    """prometheus_client's start_http_server, with the bounds above."""
+    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    server = type("MetricsHTTPServer", (_Server,), {"address_family": family})
+    httpd: Any = make_server(addr, port, make_wsgi_app(registry), server, handler_class=_Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    return httpd, thread
+
+
 class MetricsServer:
     """The HTTP endpoint of one process; ``close`` stops it and frees the port."""
 
@@ -424,8 +483,8 @@ def serve(
     address = f"[{config.metrics_addr}]" if ":" in config.metrics_addr else config.metrics_addr
     address = f"{address}:{config.metrics_port}"
     try:
-        httpd, thread = start_http_server(config.metrics_port, config.metrics_addr, registry)
-    except OSError as exc:
+        httpd, thread = _start(config.metrics_port, config.metrics_addr, registry)
+    except OSError as exc:  # socket.gaierror (an address that does not resolve) among them
         raise ConfigError(
             f"cannot serve metrics on {address} (--metrics-port, INDEXQ_METRICS_PORT): {exc.strerror or exc}",
             hint="another process listens there, or the address is not this machine's:"

@@ -106,12 +106,25 @@ def queue_secret(config: Config) -> str:
     return path.read_text().strip()
 
 
+# Seconds to connect to Redis, and to wait for one answer: redis-py waits forever by
+# default, so a server that took the connection and never answered (stopped, or a
+# rediss:// URL on a plain port) hung every command instead of exit 5. The writer's
+# blocking pop waits 1 s at a time, well inside the bound.
+REDIS_CONNECT_TIMEOUT = 10.0
+REDIS_SOCKET_TIMEOUT = 30.0
+
+
 def _storage(config: Config) -> tuple[type, dict[str, Any]]:
     if config.queue_engine == "redis":
         from huey.storage import RedisStorage
+        from redis import ConnectionPool
 
+        assert config.queue_url is not None
+        pool = ConnectionPool.from_url(
+            config.queue_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT, socket_timeout=REDIS_SOCKET_TIMEOUT
+        )
         # blocking pop: an idle writer waits on Redis instead of polling it.
-        return RedisStorage, {"url": config.queue_url, "blocking": True, "read_timeout": 1}
+        return RedisStorage, {"connection_pool": pool, "blocking": True, "read_timeout": 1}
     config.queue_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return SqliteStorage, {"filename": str(config.queue_path)}
 

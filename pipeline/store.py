@@ -108,6 +108,34 @@ def lazy_sentence_transformer() -> type:
 Settings = CollectionSettings | Callable[[str], CollectionSettings]
 
 
+# Seconds to connect to a Chroma server, and to wait between bytes of an answer. Chroma's
+# HttpClient waits forever (httpx with timeout=None): a server that took the connection
+# and never answered hung every command instead of exit 5. An upsert of 10 or a query
+# answers in milliseconds; a check's read of a few thousand records in seconds.
+HTTP_CONNECT_TIMEOUT = 10.0
+HTTP_READ_TIMEOUT = 120.0
+
+
+def _answers(url: str) -> None:
+    """Raise unless the server at ``url`` answers an HTTP request in time (any status)."""
+    import httpx
+
+    timeout = httpx.Timeout(HTTP_READ_TIMEOUT, connect=HTTP_CONNECT_TIMEOUT)
+    with httpx.Client(timeout=timeout) as probe:
+        probe.get(f"{url}/api/v2/heartbeat")
+
+
+def _bound_requests(client: Any) -> None:
+    """Give the HTTP session under Chroma's client its timeouts (chromadb offers no setting)."""
+    import httpx
+
+    session = getattr(getattr(client, "_server", None), "_session", None)
+    if not isinstance(session, httpx.Client):  # another chromadb's internals: as it is, and said
+        logger.warning("cannot bound the Chroma server's requests in time: this chromadb has no httpx session")
+        return
+    session.timeout = httpx.Timeout(HTTP_READ_TIMEOUT, connect=HTTP_CONNECT_TIMEOUT)
+
+
 class Store:
     def __init__(
         self, path: Path | None = None, url: str | None = None, model: str | None = None,
@@ -128,10 +156,12 @@ class Store:
         if url:
             parts = urllib.parse.urlsplit(url)
             try:
+                _answers(url)  # HttpClient asks the server before its session can be bounded
                 self.client = chromadb.HttpClient(
                     host=parts.hostname or "localhost", port=parts.port or 8000, ssl=parts.scheme == "https",
                     settings=chroma_settings,
                 )  # fmt: skip
+                _bound_requests(self.client)
                 self.client.heartbeat()
             except Exception as exc:
                 raise UnreachableError(

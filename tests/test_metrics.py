@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -650,3 +651,41 @@ def test_status_watch_draws_a_live_view_on_a_terminal(tmp_path: Path) -> None:
     text = shown.decode(errors="replace")
     assert "indexq status" in text and "NOT RUNNING" in text and "outstanding" in text, text
     assert "\x1b[" in text, "drawn with terminal control sequences"
+
+
+@pytest.mark.timeout(120)
+def test_idle_clients_of_the_metrics_port_hold_no_more_than_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ~1,000 connections that sent half a request held a thread and a descriptor each for
+    # good: the writer reached its open-file limit and its commits stopped.
+    from pipeline import metrics
+
+    monkeypatch.setattr(metrics, "METRICS_CLIENT_TIMEOUT", 1.0)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config, ledger = _home_with_work(tmp_path)
+    ledger.close()
+    server = metrics.serve(Config(home=config.home, model="hash:8", metrics_port=port), "maintenance")
+    assert server is not None
+    process = psutil.Process()
+    before = process.num_fds()
+    idle = []
+    try:
+        for _ in range(200):
+            conn = socket.create_connection(("127.0.0.1", port))
+            conn.sendall(b"GET /metr")  # half a request line, then nothing
+            idle.append(conn)
+        time.sleep(0.5)
+        # The server's side of each: at most the bound (the test's own 200 sockets count too).
+        assert process.num_fds() - before <= 200 + metrics.METRICS_CONNECTIONS + 2
+        for conn in idle:  # those over the bound at once, the others after the client timeout
+            conn.settimeout(10)
+            assert conn.recv(1024) == b""
+        text = urllib.request.urlopen(server.url, timeout=10).read().decode()
+        assert "indexq_backups_total" in text
+    finally:
+        for conn in idle:
+            conn.close()
+        server.close()

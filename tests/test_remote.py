@@ -245,3 +245,81 @@ def test_progress_lost_to_a_kill_is_published_again_at_start(tmp_path: Path) -> 
     # Old finished entries go with the retention.
     assert intake.prune_progress(time.time() + 1) == 1
     assert intake.progress("j1") is None
+
+
+@pytest.fixture
+def silent_server() -> Any:
+    """A TCP port that takes connections and never answers (a stopped server, a wrong protocol)."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = False
+
+    def accept() -> None:
+        while not stop:
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                return
+
+    import threading
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop = True
+    listener.close()
+    for conn in held:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_never_answers_is_unreachable_not_a_hang(
+    silent_server: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py and Chroma's HttpClient wait forever by default: `indexq index`, `status`,
+    # `check` and `search` hung on such a server instead of exiting 5.
+    from pipeline import queue, store
+    from pipeline.errors import UnreachableError
+
+    monkeypatch.setenv("INDEXQ_SECRET", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setattr(queue, "REDIS_SOCKET_TIMEOUT", 0.5)
+    monkeypatch.setattr(store, "HTTP_READ_TIMEOUT", 0.5)
+    config = Config(home=tmp_path / "home", queue_url=f"redis://127.0.0.1:{silent_server}/0", model="hash:384")
+    with pytest.raises(UnreachableError, match=r"^cannot reach the queue at redis://127\.0\.0\.1:\d+/0: Timeout"):
+        queue.QueueClient(config).ping()
+    with pytest.raises(UnreachableError, match=r"^cannot reach the Chroma server at http://127\.0\.0\.1:\d+: "):
+        store.Store(url=f"http://127.0.0.1:{silent_server}", model="hash:384")
+
+
+def test_a_redis_that_stops_answering_is_exit_5_for_resume_and_waited_out_by_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `indexq resume` printed a traceback; `index --wait` died with one when Redis restarted.
+    import redis.exceptions
+
+    from pipeline import api
+    from pipeline.errors import UnreachableError
+    from pipeline.jobs import JobProgress
+
+    monkeypatch.setenv("INDEXQ_SECRET", "0123456789abcdef0123456789abcdef")
+    monkeypatch.setattr(api, "POLL_SECONDS", 0.01)
+    config = Config(home=tmp_path / "home", queue_url="redis://127.0.0.1:1/0", model="hash:384")  # nothing listens
+    with pytest.raises(UnreachableError, match=r"^cannot reach the queue at redis://127\.0\.0\.1:1/0: "):
+        api.resume(config)
+    done = JobProgress("job-1", "docs", "done", 3, 3, 0, 0, time.time(), 0)
+    answers: list[Any] = [redis.exceptions.ConnectionError("Connection refused")] * 3 + [done]
+
+    def progress(*args: Any) -> JobProgress:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(api, "_remote_progress", progress)
+    assert api.wait("job-1", config) == done  # a restart is waited out
+    monkeypatch.setattr(api, "WAIT_UNREACHABLE_SECONDS", 0.05)
+    answers[:] = [redis.exceptions.ConnectionError("Connection refused")] * 1000
+    with pytest.raises(UnreachableError):  # one that stays away ends the wait: exit 5
+        api.wait("job-1", config)
