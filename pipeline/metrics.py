@@ -413,6 +413,7 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
     closed at once, so that no client can hold the process's threads or descriptors."""
 
     daemon_threads = True
+    request_queue_size = 64  # the listen backlog: connections over the bound are closed, not left waiting
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
