@@ -364,8 +364,10 @@ def describe(path: Path) -> dict[str, Any]:
         raise ValueError("its list of files does not hold ledger.db")
     try:
         verdict = json.loads((path / VERIFICATION).read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):  # never verified (a killed verification), or not JSON
         verdict = None
+    # Any other OSError (permissions, I/O) goes up: not readable now, so neither listed nor
+    # pruned (taken as unverified, a verified backup was pruned once a newer one was verified).
     if not isinstance(verdict, dict) or not any(verdict.get("verified") is v for v in (True, False, None)):
         verdict = {"verified": None}  # not readable: not verified, so never restored
     problems = verdict.get("problems")
@@ -421,7 +423,7 @@ def _size(path: Path) -> int:
 
 def list_backups(config: Config) -> list[dict[str, Any]]:
     """Complete backups, oldest first. One whose manifest is not a backup's (broken JSON,
-    fields of other types) is listed as failed; one whose manifest cannot be read now
+    fields of other types) is listed as failed; one whose manifest or verdict cannot be read now
     (permissions, a disk error) is neither listed nor pruned, with a warning. Partial ones
     (a crash mid-backup) are not listed, nor anything where the backups folder should be
     and is not a folder (said when backing up)."""
@@ -437,7 +439,8 @@ def list_backups(config: Config) -> list[dict[str, Any]]:
             with contextlib.suppress(OSError):  # gone meanwhile (a prune): not listed
                 out.append(_unreadable(path, exc))
         except OSError as exc:  # not readable now (permissions, I/O): neither listed nor pruned
-            logger.warning("backup %s is not listed: %s cannot be read (%s)", path.name, MANIFEST, first_line(exc))
+            what = Path(exc.filename).name if exc.filename else MANIFEST
+            logger.warning("backup %s is not listed: %s cannot be read (%s)", path.name, what, first_line(exc))
     return sorted(out, key=lambda b: b["time"])
 
 

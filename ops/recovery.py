@@ -48,6 +48,7 @@ from pipeline import alerts
 from pipeline.batches import batched
 from pipeline.config import Config
 from pipeline.errors import (
+    CHROMA_NEARLY_FULL,
     NotFoundError,
     RecoveryFailedError,
     StorageError,
@@ -184,7 +185,10 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
                 # Chroma's errors may not say why (a full disk fails its compaction with
                 # "Failed to apply logs to the metadata segment"): judged by the free space.
                 doing = f"recovery {result['action']} failed"
-                if (error := storage_error(exc, doing, config.home, unexplained=from_chroma(exc))) is None:
+                error = storage_error(
+                    exc, doing, config.home, unexplained=from_chroma(exc), nearly_full=CHROMA_NEARLY_FULL
+                )
+                if error is None:
                     logger.exception("recovery %s failed", result["action"])
                 else:  # the estimate fell short, or the disk failed meanwhile
                     logger.error("%s", error)
@@ -196,8 +200,11 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             result["remaining"] = [str(p) for p in final.problems]
             if result["action"] == RESTORE and not final.healthy:
                 # Not again: the next recovery takes an older backup, or rebuilds from the ledger.
+                # Unless the disk is nearly full: Chroma may have failed for want of room.
                 restored = next((b for b in list_backups(config) if b["name"] == result["backup"]), None)
-                if restored is not None:
+                if restored is not None and shutil.disk_usage(config.home).free < CHROMA_NEARLY_FULL:
+                    logger.warning("backup %s is not discredited: the disk is nearly full", restored["name"])
+                elif restored is not None:
                     discredit(
                         Path(restored["path"]), [f"restoring it left the data home damaged: {result['remaining'][0]}"]
                     )

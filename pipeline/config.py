@@ -175,12 +175,15 @@ def redact_url(url: str | None) -> str:
     rest as written, a port that is not a number included, so that a message can name it)."""
     if not url:
         return ""
-    parts = urllib.parse.urlsplit(url)
-    userinfo, at, hostport = parts.netloc.rpartition("@")
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() == "sqlite":
+        return url
+    # By the last "@" of the whole rest, not of urlsplit's netloc: a password holding a raw
+    # "/", "?" or "#" (it should be percent-encoded) ends the netloc before its "@".
+    userinfo, at, hostpart = rest.rpartition("@")
     if not at or ":" not in userinfo:
         return url
-    netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
 # The data home holds the queue key and every indexed text: owner only. A process-wide

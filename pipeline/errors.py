@@ -149,11 +149,12 @@ _STORAGE_KINDS: tuple[tuple[frozenset[int], frozenset[int], tuple[str, ...], str
 # Below this much free space, SQLite's "unable to open database file" or an I/O error
 # is the full disk.
 NEARLY_FULL = 2**20
-# Below this much, an error whose cause Chroma did not pass on ("Error in compaction:
-# Failed to apply logs to the metadata segment", seen on a full disk) is taken for the
-# full disk it almost certainly is. Chroma writes in large pieces (an HNSW index grows by
-# a fifth at a time): a recovery's replay failed so with 2 MB free, and was taken for
-# damage (the bound was NEARLY_FULL then), which discredited the backup it restored.
+# A recovery's own failure, an error whose cause Chroma did not pass on ("Error in
+# compaction: Failed to apply logs to the metadata segment"), is a full disk below this
+# much free: Chroma writes in large pieces (an HNSW index grows by a fifth at a time), and
+# a replay failed so with 2 MB free, was taken for damage and discredited the backup it
+# had restored. (Elsewhere NEARLY_FULL holds: the writer's and the maintenance consumer's
+# back-off restart once RESTART_ROOM is free, which must stay above their bound.)
 CHROMA_NEARLY_FULL = 64 * 2**20
 
 
@@ -197,6 +198,7 @@ def storage_error(
     path: str | os.PathLike[str] | None = None,
     *,
     unexplained: bool = False,
+    nearly_full: int = NEARLY_FULL,
 ) -> StorageError | None:
     """The StorageError that ``exc`` stands for if it is a storage problem (disk full,
     read-only, permission, I/O), else None. ``doing`` opens the message.
@@ -205,7 +207,7 @@ def storage_error(
     error that says what really happened. ``path`` (where the failed read or write went)
     lets the filesystem name the cause SQLite only describes ("unable to open database
     file" on a read-only mount); with ``unexplained`` (for Chroma's calls, whose errors
-    may not say why), any error met while it has less than CHROMA_NEARLY_FULL free is a full disk.
+    may not say why), any error met while it has less than ``nearly_full`` free is a full disk.
     """
     if isinstance(exc, StorageError):
         return exc
@@ -218,7 +220,7 @@ def storage_error(
         cause = cause.__cause__ or cause.__context__
     fs = _filesystem(path) if path is not None else None
     if kind is None:
-        if not unexplained or fs is None or fs[0] >= CHROMA_NEARLY_FULL:
+        if not unexplained or fs is None or fs[0] >= nearly_full:
             return None
         kind, detail = FULL, f"{fs[0] // 1024} KB free; {first_line(exc)}"
     elif fs is not None and kind in (CANNOT_OPEN, IO):

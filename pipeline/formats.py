@@ -563,32 +563,54 @@ def _html(data: bytes, builder: _Builder) -> Document:
     return builder.document("HTML")
 
 
-# Where a page that is not UTF-8 says what it is: <meta charset=...>, <meta http-equiv
-# content="...; charset=...">, or an XML declaration, looked for in its first bytes (the
-# HTML standard's prescan reads 1,024).
-_HTML_CHARSET = re.compile(
-    rb"""<meta[^>]*?charset\s*=\s*["']?\s*([A-Za-z0-9._:-]+)|<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)""",
-    re.IGNORECASE,
-)
+# Where a page that is not UTF-8 says what it is, looked for in its first bytes (the HTML
+# standard's prescan reads 1,024): a <meta> with a charset attribute, or one with
+# http-equiv="Content-Type" and a content naming a charset; or an XML declaration at the
+# very start.
 _HTML_PRESCAN = 4096
+_HTML_META = re.compile(rb"<meta\b([^>]*)>", re.IGNORECASE)
+_HTML_ATTRIBUTE = re.compile(rb"""([^\s=/>]+)\s*=\s*("[^"]*"|'[^']*'|[^\s>]+)""")
+_CONTENT_CHARSET = re.compile(rb"""charset\s*=\s*["']?([^\s"';]+)""", re.IGNORECASE)
+_XML_ENCODING = re.compile(rb"""<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._:-]+)""")
+# Python's codec for a label, where browsers read the label as a larger encoding (WHATWG
+# Encoding: ASCII and Latin-1 are windows-1252, Shift_JIS is windows-31j, and so on).
+_WHATWG = {
+    "ascii": "cp1252", "iso8859-1": "cp1252", "iso8859-9": "cp1254", "iso8859-11": "cp874", "tis-620": "cp874",
+    "shift_jis": "cp932", "gb2312": "gb18030", "gbk": "gb18030", "euc_kr": "cp949", "big5": "big5hkscs",
+}  # fmt: skip
+
+
+def _declared_charset(head: bytes) -> str:
+    """The charset label a page declares in ``head`` (its first bytes), or ""."""
+    if match := _XML_ENCODING.match(head.lstrip()):
+        return match.group(1).decode("ascii")
+    for meta in _HTML_META.finditer(head):
+        attributes = {
+            name.lower(): value.strip(b"\"'") for name, value in _HTML_ATTRIBUTE.findall(meta.group(1))
+        }  # fmt: skip
+        if attributes.get(b"charset"):
+            return attributes[b"charset"].strip().decode("ascii", "replace")
+        if attributes.get(b"http-equiv", b"").lower() == b"content-type":
+            if match := _CONTENT_CHARSET.search(attributes.get(b"content", b"")):
+                return match.group(1).decode("ascii", "replace")
+    return ""
 
 
 def _html_charset(data: bytes) -> str:
     """The Python codec for a page that is not UTF-8, as a browser would choose it: its BOM,
-    else its declared charset, else windows-1252 (also for ASCII and Latin-1 labels, which
-    browsers read as windows-1252; a UTF-16 label in ASCII-readable markup means UTF-8)."""
+    else its declared charset (as WHATWG reads the label), else windows-1252; a UTF-16 label
+    in ASCII-readable markup means UTF-8."""
     for bom, name in ((codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
         if data.startswith(bom):
             return name
-    match = _HTML_CHARSET.search(data[:_HTML_PRESCAN])
-    label = (match.group(1) or match.group(2)).decode("ascii") if match else ""
+    label = _declared_charset(data[:_HTML_PRESCAN])
     try:
         name = codecs.lookup(label).name if label else "cp1252"
     except LookupError:
         return "cp1252"
     if name.startswith(("utf-16", "utf-32")):
         return "utf-8"
-    return "cp1252" if name in ("ascii", "iso8859-1") else name
+    return _WHATWG.get(name, name)
 
 
 def _is_utf8(data: bytes) -> bool:

@@ -23,6 +23,7 @@ import shutil
 import socket
 import socketserver
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -390,7 +391,7 @@ def _version() -> str:
 
 
 # A scrape is one short request: the endpoint serves this many connections at once and
-# drops a client silent for longer than this. Without bounds, ~1,000 idle connections
+# drops a connection older than this (each read is bounded by it too). Without bounds, ~1,000 idle connections
 # (a thread and a file descriptor each) took the writer to its open-file limit, and its
 # commits stopped ("Too many open files") until they closed.
 METRICS_CONNECTIONS = 16
@@ -430,10 +431,27 @@ class _Server(socketserver.ThreadingMixIn, WSGIServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # A deadline for the whole connection, not only for each read: a client that sends
+        # a byte now and then would hold its slot for as long as it liked.
+        deadline = threading.Timer(METRICS_CLIENT_TIMEOUT, _cut, (request,))
+        deadline.daemon = True
+        deadline.start()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            deadline.cancel()
             self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client dropped (timed out, cut, gone) is no news; socketserver would print a traceback.
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            logger.warning("metrics request from %s failed: %s", client_address[0], first_line(error or Exception()))
+
+
+def _cut(request: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        request.shutdown(socket.SHUT_RDWR)
 
 
 def _start(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:

@@ -116,12 +116,14 @@ HTTP_CONNECT_TIMEOUT = 10.0
 HTTP_READ_TIMEOUT = 120.0
 
 
-def _answers(url: str) -> None:
-    """Raise unless the server at ``url`` answers an HTTP request in time (any status)."""
+def _answers(url: str, settings: Any) -> None:
+    """Raise unless the server at ``url`` answers an HTTP request in time (any status),
+    asked as Chroma's HttpClient asks it (its TLS verification: CHROMA_SERVER_SSL_VERIFY)."""
     import httpx
 
     timeout = httpx.Timeout(HTTP_READ_TIMEOUT, connect=HTTP_CONNECT_TIMEOUT)
-    with httpx.Client(timeout=timeout) as probe:
+    verify = settings.chroma_server_ssl_verify
+    with httpx.Client(timeout=timeout, **({} if verify is None else {"verify": verify})) as probe:
         probe.get(f"{url}/api/v2/heartbeat")
 
 
@@ -156,7 +158,7 @@ class Store:
         if url:
             parts = urllib.parse.urlsplit(url)
             try:
-                _answers(url)  # HttpClient asks the server before its session can be bounded
+                _answers(url, chroma_settings)  # HttpClient asks the server before its session can be bounded
                 self.client = chromadb.HttpClient(
                     host=parts.hostname or "localhost", port=parts.port or 8000, ssl=parts.scheme == "https",
                     settings=chroma_settings,

@@ -103,6 +103,9 @@ def test_parse_duration() -> None:
         ("http://u@10.0.0.6:8000", "http://u@10.0.0.6:8000"),
         ("http://u:pw@host:port", "http://u:***@host:port"),
         ("redis://u:p@ss@h:6379/0", "redis://u:***@h:6379/0"),
+        ("redis://user:pa/ss@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://:pa?ss@host:6379/0", "redis://:***@host:6379/0"),
+        ("sqlite:////var/a:b@c/queue.db", "sqlite:////var/a:b@c/queue.db"),
         (None, ""),
     ],
 )

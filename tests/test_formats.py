@@ -552,6 +552,11 @@ def test_html_void_elements_and_undecodable_bytes_hide_no_text() -> None:
         doc = formats.html(b"<html><head>" + head + b"</head><body><p>caf\xe9 " + byte + b" one</p>" + later)
         assert doc.text.startswith(word) and doc.text.endswith("later 49\n"), (head, doc.text[:40])
     assert formats.html("<p>Grüße</p>".encode("utf-16")).text == "Grüße\n"
+    # Labels as browsers read them, and only a meta's own charset (or Content-Type) counts.
+    page = '<meta charset="shift_jis"><p>①② ～ text</p>'
+    assert formats.html(page.encode("cp932")).text == "①② ～ text\n"
+    page = '<meta name="x" content="charset=utf-8"><meta charset="koi8-r"><p>Привет</p>'
+    assert formats.html(page.encode("koi8-r")).text == "Привет\n"
 
 
 def test_markdown_heading_titles_decode_entities_and_escapes_and_parse_a_bounded_prefix(

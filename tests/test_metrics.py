@@ -655,7 +655,7 @@ def test_status_watch_draws_a_live_view_on_a_terminal(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_idle_clients_of_the_metrics_port_hold_no_more_than_its_bound(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     # ~1,000 connections that sent half a request held a thread and a descriptor each for
     # good: the writer reached its open-file limit and its commits stopped.
@@ -685,7 +685,17 @@ def test_idle_clients_of_the_metrics_port_hold_no_more_than_its_bound(
             assert conn.recv(1024) == b""
         text = urllib.request.urlopen(server.url, timeout=10).read().decode()
         assert "indexq_backups_total" in text
+        # A client that sends a byte now and then is cut at the deadline all the same.
+        dripping = socket.create_connection(("127.0.0.1", port))
+        idle.append(dripping)
+        cut_at = time.monotonic() + 30
+        with pytest.raises(OSError):  # BrokenPipeError or ConnectionResetError once it is cut
+            while time.monotonic() < cut_at:
+                dripping.sendall(b"G")
+                time.sleep(0.2)
+        assert time.monotonic() < cut_at
     finally:
         for conn in idle:
             conn.close()
         server.close()
+    assert "Traceback" not in capfd.readouterr().err  # a dropped client is no news

@@ -10,6 +10,7 @@ unmounts it when done; the writer embeds with the deterministic ``hash:384`` mod
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -203,11 +205,18 @@ def test_an_error_chroma_does_not_explain_is_a_full_disk_with_little_room(monkey
 
     compaction = Exception("Error in compaction: Failed to apply logs to the metadata segment")
     # A recovery's replay failed so with 2 MB free; taken for damage, it discredited a backup.
+    from pipeline.backoff import RESTART_ROOM
+
+    assert errors.NEARLY_FULL < RESTART_ROOM
     for free, full in ((2 * 2**20, True), (errors.CHROMA_NEARLY_FULL - 1, True), (errors.CHROMA_NEARLY_FULL, False)):
         monkeypatch.setattr(errors, "_filesystem", lambda path, free=free: (free, False))
-        found = errors.storage_error(compaction, "x", "/h", unexplained=True)
+        found = errors.storage_error(compaction, "x", "/h", unexplained=True, nearly_full=errors.CHROMA_NEARLY_FULL)
         assert (found is not None and found.reason.startswith("no space left")) is full, free
         assert errors.storage_error(compaction, "x", "/h") is None  # only Chroma's errors are judged so
+        # The writer's back-off keeps the 1 MiB bound: it restarts once RESTART_ROOM is free,
+        # so a larger bound would restart it in a loop on a disk with room for the restart.
+        found = errors.storage_error(compaction, "x", "/h", unexplained=True)
+        assert (found is not None) is (free < errors.NEARLY_FULL)
 
 
 # ---- 6: a check on a full disk is "cannot check"; recovery moves nothing ---------------
@@ -483,3 +492,33 @@ def test_a_backup_whose_manifest_changed_since_its_verification_is_listed_as_fai
     manifest.write_text(json.dumps(edited))
     (listed,) = list_backups(config)
     assert listed["verified"] is False and listed["problems"] == ["manifest.json changed since the backup was verified"]
+
+
+def test_a_verdict_that_cannot_be_read_now_keeps_its_backup_out_of_the_listing_and_the_prune(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Taken as "unverified", a verified backup was pruned once a newer one was verified.
+    from ops.backup import list_backups, prune
+    from pipeline.config import Config
+
+    config = Config.from_env(ENV, home=home)
+    (verified,) = list(config.backups_path.glob("2*"))
+    older = config.backups_path / "20200101T000000Z"
+    shutil.copytree(verified, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest.update(name=older.name, time=manifest["time"] - 60)
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    verdict = json.loads((older / "verification.json").read_text())
+    verdict["manifest_sha256"] = hashlib.sha256((older / "manifest.json").read_bytes()).hexdigest()
+    (older / "verification.json").write_text(json.dumps(verdict))
+    assert [b["verified"] for b in list_backups(config)] == [True, True]
+    read_text = Path.read_text
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self == older / "verification.json":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert [b["name"] for b in list_backups(config)] == [verified.name]
+    assert prune(config) == [] and older.exists()
