@@ -116,7 +116,8 @@ def _asked_for(config: Config, source: str, record: bool = True, home: str | Non
     if backup is None:
         raise NotFoundError(f"no backup {source!r} in {config.backups_path}", hint="indexq backups lists them")
     if not backup["verified"]:
-        raise RecoveryFailedError(f"backup {backup['name']} is not verified; only verified backups are restored")
+        why = f" ({backup['problems'][0]})" if backup["problems"] else ""
+        raise RecoveryFailedError(f"backup {backup['name']} is not verified{why}; only verified backups are restored")
     if _foreign(backup, home):
         raise RecoveryFailedError(
             f"backup {backup['name']} was made of another data home; it was not restored",

@@ -199,12 +199,17 @@ def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
 
 
 def reseal(backup: Path, **fields: object) -> None:
-    """Rewrite a backup's manifest with the checksums of its files as they are now (and ``fields``)."""
+    """Rewrite a backup's manifest with the checksums of its files as they are now (and
+    ``fields``), and its verdict with that manifest's digest: as if verified so."""
     manifest = json.loads((backup / "manifest.json").read_text())
     manifest.update(fields)
     for rel in manifest["files"]:
         manifest["files"][rel] = hashlib.sha256((backup / rel).read_bytes()).hexdigest()
     (backup / "manifest.json").write_text(json.dumps(manifest))
+    if (backup / "verification.json").exists():
+        verdict = json.loads((backup / "verification.json").read_text())
+        verdict["manifest_sha256"] = hashlib.sha256((backup / "manifest.json").read_bytes()).hexdigest()
+        (backup / "verification.json").write_text(json.dumps(verdict))
 
 
 def _only_backup(home: Path) -> Path:
