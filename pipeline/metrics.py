@@ -391,9 +391,9 @@ def _version() -> str:
 
 
 # A scrape is one short request: the endpoint serves this many connections at once and
-# drops a connection older than this (each read is bounded by it too). Without bounds, ~1,000 idle connections
-# (a thread and a file descriptor each) took the writer to its open-file limit, and its
-# commits stopped ("Too many open files") until they closed.
+# cuts a connection older than this (each read is bounded by it too). Without bounds,
+# ~1,000 idle connections (a thread and a file descriptor each) took the writer to its
+# open-file limit, and its commits stopped ("Too many open files") until they closed.
 METRICS_CONNECTIONS = 16
 METRICS_CLIENT_TIMEOUT = 10.0
 
@@ -456,9 +456,10 @@ def _cut(request: socket.socket) -> None:
 
 def _start(port: int, addr: str, registry: CollectorRegistry) -> tuple[Any, threading.Thread]:
     """prometheus_client's start_http_server, with the bounds above."""
-    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    # As prometheus_client picks the address family: the first the address resolves to.
+    family, _, _, _, where = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server = type("MetricsHTTPServer", (_Server,), {"address_family": family})
-    httpd: Any = make_server(addr, port, make_wsgi_app(registry), server, handler_class=_Handler)
+    httpd: Any = make_server(str(where[0]), port, make_wsgi_app(registry), server, handler_class=_Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     return httpd, thread

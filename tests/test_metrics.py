@@ -678,8 +678,8 @@ def test_idle_clients_of_the_metrics_port_hold_no_more_than_its_bound(
             conn.sendall(b"GET /metr")  # half a request line, then nothing
             idle.append(conn)
         time.sleep(0.5)
-        # The server's side of each: at most the bound (the test's own 200 sockets count too).
-        assert process.num_fds() - before <= 200 + metrics.METRICS_CONNECTIONS + 2
+        # The server's side of each: at most the bound, and a few being closed (the test's own 200 count too).
+        assert process.num_fds() - before <= 200 + metrics.METRICS_CONNECTIONS + 8  # 400 before
         for conn in idle:  # those over the bound at once, the others after the client timeout
             conn.settimeout(10)
             assert conn.recv(1024) == b""
