@@ -352,7 +352,8 @@ def _verify_ledger_snapshot(snapshot: Path) -> list[str]:
 
 def describe(path: Path) -> dict[str, Any]:
     """A backup's listing entry; ValueError when its manifest is not a backup's."""
-    manifest = json.loads((path / MANIFEST).read_text())
+    raw = (path / MANIFEST).read_bytes()  # read once: parsed, and its digest compared below
+    manifest = json.loads(raw)
     if not isinstance(manifest, dict):
         raise ValueError(f"not an object but {type(manifest).__name__}")
     for key, kinds in _MANIFEST_FIELDS:
@@ -373,7 +374,7 @@ def describe(path: Path) -> dict[str, Any]:
     problems = verdict.get("problems")
     problems = [str(p) for p in problems] if isinstance(problems, list) else [] if problems is None else [str(problems)]
     digest = verdict.get("manifest_sha256")  # absent in verdicts written before indexq recorded it
-    if verdict.get("verified") is True and digest is not None and digest != _sha256(path / MANIFEST):
+    if verdict.get("verified") is True and digest is not None and digest != hashlib.sha256(raw).hexdigest():
         verdict, problems = {"verified": False}, [f"{MANIFEST} changed since the backup was verified"]
     return {
         "name": manifest["name"],

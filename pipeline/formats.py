@@ -28,7 +28,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from pipeline.guards import clean_text, unicode_problem
+from pipeline.guards import clean_text
 
 # Extension -> format. Anything else is read as UTF-8 text.
 FORMATS = {
@@ -200,8 +200,7 @@ def parse(kind: str, data: bytes | str) -> Document:
 
 def _extracted(text: str) -> str:
     """Text as a parser gave it, made fit to index: no NUL bytes, no lone surrogates."""
-    text = clean_text(text)
-    return _SURROGATE.sub("\ufffd", text) if unicode_problem(text) is not None else text
+    return _SURROGATE.sub("\ufffd", clean_text(text))
 
 
 def _deadline() -> float:

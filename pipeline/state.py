@@ -84,8 +84,9 @@ class WriterState:
         except OSError:
             return False
         try:
-            size = os.fstat(fd).st_size
-            if len(data) > max(size, os.fstat(fd).st_blocks * 512):
+            info = os.fstat(fd)
+            size = info.st_size
+            if len(data) > max(size, info.st_blocks * 512):
                 return False
             os.pwrite(fd, data.ljust(size), 0)
             return True
