@@ -17,6 +17,12 @@ from typing import Any
 
 import pytest
 
+# Three test workers share two cores: torch's OpenMP threads, one per core, spin waiting for
+# a core another process holds (measured here: a quarter more CPU for the same embeddings).
+# One thread in each process (this one, and every subprocess it starts) does the same work
+# in less CPU, with results equal up to float rounding. Set before anything imports torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 BIN = Path(sys.executable).parent
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # Real text that exists wherever Python does: ~150 chunks, ~5 s of embedding here.
@@ -181,12 +187,28 @@ def ledger_query(home: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         conn.close()
 
 
-def wait_for(predicate: Any, timeout: float = 180, what: str = "condition") -> None:
+def wait_for(predicate: Any, timeout: float = 180, what: str = "condition", every: float = 0.1) -> None:
+    """Until ``predicate()``. A predicate that starts a CLI process costs a second of CPU on
+    a 2-core machine, taken from the writer it waits on: poll the ledger (``job_state``,
+    ``ledger_query``) instead, or such a predicate ``every`` second or more."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+        time.sleep(every)
+
+
+def job_state(home: Path, job: str) -> str:
+    """The job's state as `indexq status` computes it ('running', 'done', 'failed', ...), read
+    from the ledger in this process; 'missing' for a job the ledger does not hold."""
+    from pipeline.ledger import Ledger
+
+    ledger = Ledger(home / "ledger.db")
+    try:
+        progress = ledger.jobs.progress(job)
+    finally:
+        ledger.close()
+    return "missing" if progress is None else progress.state
 
 
 def dump_collection(chroma: Path, name: str) -> dict[str, dict[str, Any]]:

@@ -127,7 +127,7 @@ def test_plain_chroma_client_query_texts_finds_what_indexq_search_finds(tmp_path
     """Real model: a collection made before the configuration named the model (as older
     indexq made them) is given its embedding function when the writer opens it."""
     home = tmp_path / "home"
-    corpus = copy_corpus(tmp_path / "src", FILES)
+    corpus = copy_corpus(tmp_path / "src", FILES[:2])
     chroma = home / "chroma"
     plain_client(
         chroma,

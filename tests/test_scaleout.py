@@ -23,6 +23,7 @@ from tests.conftest import (
     copy_corpus,
     dump_collection,
     env_for,
+    job_state,
     ledger_query,
     run_cli,
     start_worker,
@@ -124,12 +125,9 @@ def test_producers_on_many_machines_writer_killed_server_equals_ledger(
         writer = start_worker(procs, writer_home, **extra)
         writer.wait_started()
 
-    def all_done() -> bool:
-        result = run_cli(writer_home, "status", "--json", **extra)
-        jobs = {j["id"]: j for j in json.loads(result.stdout)["jobs"]}
-        return all(job in jobs and jobs[job]["state"] == "done" for job in acknowledged)
-
-    wait_for(all_done, 600, "every job done")
+    wait_for(lambda: all(job_state(writer_home, job) == "done" for job in acknowledged), 600, "every job done")
+    shown = {j["id"]: j["state"] for j in json.loads(run_cli(writer_home, "status", "--json", **extra).stdout)["jobs"]}
+    assert all(shown.get(job) == "done" for job in acknowledged), shown
     # Every acknowledged chunk once: the ledger's jobs hold exactly what producers sent,
     # and the collection on the server equals the ledger's committed set.
     rows = ledger_query(writer_home, "SELECT job, count(*) FROM job_chunks GROUP BY job")
@@ -410,7 +408,12 @@ def test_redis_killed_mid_job_loses_nothing_acknowledged(tmp_path: Path, procs: 
     redis_server = start_redis(work, port)
     try:
         collection = "redis-crash"
-        extra = engines(f"redis://127.0.0.1:{port}", 0, INDEXQ_MICRO_BATCH="16")
+        # Redis's crash is the model's business no more than the ledger's: hash:384, and
+        # commits slowed to 0.2 s each so that the kill lands in the middle of the job.
+        extra = engines(
+            f"redis://127.0.0.1:{port}", 0, INDEXQ_MICRO_BATCH="16", INDEXQ_MODEL="hash:384",
+            INDEXQ_FAULT_PAUSE="writer-commit:0.2",
+        )  # fmt: skip
         writer_home = tmp_path / "writer"
         writer = start_worker(procs, writer_home, **extra)
         writer.wait_started()
