@@ -7,7 +7,6 @@ not matter to damage and recovery, and a collection past Chroma's first HNSW per
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,6 +32,7 @@ from tests.conftest import (
     copy_corpus,
     dump_collection,
     ledger_query,
+    reseal,
     run_cli,
     start_worker,
     wait_for,
@@ -188,7 +188,8 @@ def rebuilt_from_the_ledger(home: Path) -> None:
     closing deep check, a fresh probe process) and equal to the ledger."""
     result = run_cli(home, "recover", "--json", **MODEL)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["action"] == "rebuild" and json.loads(result.stdout)["healthy"] is True
+    done = json.loads(result.stdout)
+    assert done["action"] == "rebuild" and done["healthy"] is True
     assert_equals_ledger(home)
 
 
@@ -197,20 +198,6 @@ def test_no_backup_rebuilds_from_the_ledger(home: Path) -> None:
     truncate(vector_folder(home) / "data_level0.bin", 0.5)
     rebuilt_from_the_ledger(home)
     assert run_cli(home, "check", "--deep", **MODEL).returncode == 0  # and so says a check of its own
-
-
-def reseal(backup: Path, **fields: object) -> None:
-    """Rewrite a backup's manifest with the checksums of its files as they are now (and
-    ``fields``), and its verdict with that manifest's digest: as if verified so."""
-    manifest = json.loads((backup / "manifest.json").read_text())
-    manifest.update(fields)
-    for rel in manifest["files"]:
-        manifest["files"][rel] = hashlib.sha256((backup / rel).read_bytes()).hexdigest()
-    (backup / "manifest.json").write_text(json.dumps(manifest))
-    if (backup / "verification.json").exists():
-        verdict = json.loads((backup / "verification.json").read_text())
-        verdict["manifest_sha256"] = hashlib.sha256((backup / "manifest.json").read_bytes()).hexdigest()
-        (backup / "verification.json").write_text(json.dumps(verdict))
 
 
 def _only_backup(home: Path) -> Path:

@@ -10,7 +10,6 @@ unmounts it when done; the writer embeds with the deterministic ``hash:384`` mod
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from tests.conftest import (
     Proc,
     copy_corpus,
     ledger_query,
+    reseal,
     run_cli,
     start_worker,
     wait_for,
@@ -505,12 +505,7 @@ def test_a_verdict_that_cannot_be_read_now_keeps_its_backup_out_of_the_listing_a
     (verified,) = list(config.backups_path.glob("2*"))
     older = config.backups_path / "20200101T000000Z"
     shutil.copytree(verified, older)
-    manifest = json.loads((older / "manifest.json").read_text())
-    manifest.update(name=older.name, time=manifest["time"] - 60)
-    (older / "manifest.json").write_text(json.dumps(manifest))
-    verdict = json.loads((older / "verification.json").read_text())
-    verdict["manifest_sha256"] = hashlib.sha256((older / "manifest.json").read_bytes()).hexdigest()
-    (older / "verification.json").write_text(json.dumps(verdict))
+    reseal(older, name=older.name, time=json.loads((older / "manifest.json").read_text())["time"] - 60)
     assert [b["verified"] for b in list_backups(config)] == [True, True]
     read_text = Path.read_text
 
