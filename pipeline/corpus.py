@@ -39,6 +39,8 @@ MAX_FILE_BYTES = 16 * 2**20
 MAX_LINE_BYTES = MAX_FILE_BYTES
 # Text read ahead and tokenized together (a batch runs on every core); bounds memory.
 GROUP_BYTES = 2 * 2**20
+# Bytes asked of the kernel in one read of a file.
+_PIECE = 256 * 1024
 # Bytes looked at to call a file binary (a NUL byte among them), as git does.
 _SNIFF = 8192
 # Problems listed in one error line before "and N more".
@@ -108,6 +110,14 @@ def _real(path: Path) -> Path | None:
     return real
 
 
+def _real_in(path: Path, in_real: bool) -> Path | None:
+    """``_real(path)``, knowing whether ``path``'s folder is spelled by its real path: then a
+    path that is no symlink is its own real path (one lstat instead of one per level)."""
+    if in_real and not path.is_symlink():
+        return path
+    return _real(path)
+
+
 def check_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     """Every path must exist before anything is written; each is resolved to its real path."""
     given = [Path(p).expanduser() for p in paths]
@@ -123,7 +133,17 @@ def check_paths(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
         if real is None:
             raise BadInputError(f"symlink loop: {shown(path.absolute())}")
         if not real.exists():
-            missing.append(shown(path.absolute()))
+            try:
+                kind = os.stat(path).st_mode
+            except OSError:
+                missing.append(shown(path.absolute()))
+                continue
+            # /dev/stdin on a pipe: it opens, but its real path (pipe:[N]) names no file.
+            what = "a pipe" if stat.S_ISFIFO(kind) else "a socket" if stat.S_ISSOCK(kind) else "no file or folder"
+            raise BadInputError(
+                f"{shown(path.absolute())} is {what}, not a file or folder to index",
+                hint="give files or folders; --jsonl takes a file of JSON lines",
+            )
         elif real not in resolved:
             resolved.append(real)
     if missing:
@@ -135,6 +155,74 @@ def _inside(path: Path, roots: Iterable[Path]) -> bool:
     return any(path == root or path.is_relative_to(root) for root in roots)
 
 
+class Private:
+    """Folders a walk never enters (the data home, a Chroma directory kept elsewhere), known
+    by their real paths and by the identity (device, inode) of every folder and file in
+    them: a bind mount of one of their folders, or a hard link to one of their files, is
+    the same folder or file under another path. ``folders`` maps each to what it is."""
+
+    def __init__(self, folders: dict[Path, str]) -> None:
+        self.folders = {Path(os.path.realpath(p)): what for p, what in folders.items()}
+        self._ids: dict[tuple[int, int], str] = {}
+        for folder, what in self.folders.items():
+            pending = [str(folder)]
+            while pending:  # not os.walk: no recursion, and the folders' own identities too
+                top = pending.pop()
+                try:
+                    st = os.stat(top, follow_symlinks=False)
+                    self._ids.setdefault((st.st_dev, st.st_ino), what)
+                    with os.scandir(top) as entries:
+                        for entry in entries:
+                            if entry.is_dir(follow_symlinks=False):
+                                pending.append(entry.path)
+                            elif entry.is_file(follow_symlinks=False):
+                                est = entry.stat(follow_symlinks=False)
+                                self._ids.setdefault((est.st_dev, est.st_ino), what)
+                except OSError:  # not there (yet), or unreadable to this user: its path still counts
+                    continue
+
+    def owner(self, real: Path) -> str | None:
+        """What private folder ``real`` (a real path) is, lies in, or is a folder or file of
+        reached another way; None if none. Raises OSError as ``os.stat`` does, but for a
+        path that does not exist."""
+        for folder, what in self.folders.items():
+            if real == folder or real.is_relative_to(folder):
+                return what
+        try:
+            st = real.stat()
+        except FileNotFoundError:
+            return None
+        return self._ids.get((st.st_dev, st.st_ino))
+
+
+def _tree(
+    root: Path, onerror: Callable[[OSError], Any], followlinks: bool
+) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` top-down, in its order, without its recursion: Python 3.11's
+    recurses once per level, and a tree a thousand folders deep raised RecursionError."""
+    pending = [str(root)]
+    while pending:
+        top = pending.pop()
+        dirs: list[str] = []
+        files: list[str] = []
+        try:
+            with os.scandir(top) as entries:
+                for entry in entries:
+                    try:
+                        is_dir = entry.is_dir()
+                    except OSError:
+                        is_dir = False
+                    (dirs if is_dir else files).append(entry.name)
+        except OSError as exc:
+            onerror(exc)
+            continue
+        yield top, dirs, files  # the caller may prune dirs, as with os.walk
+        for name in reversed(dirs):
+            path = os.path.join(top, name)
+            if followlinks or not os.path.islink(path):
+                pending.append(path)
+
+
 def _matches(rel: str, patterns: Iterable[str]) -> bool:
     name = rel.rsplit("/", 1)[-1]
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -142,7 +230,7 @@ def _matches(rel: str, patterns: Iterable[str]) -> bool:
 
 def walk(
     paths: list[Path], include: tuple[str, ...] = (), exclude: tuple[str, ...] = (), follow_symlinks: bool = False,
-    private: Iterable[Path] = (),
+    private: Private | Iterable[Path] = (),
 ) -> Iterator[Path | Skipped]:  # fmt: skip
     """Files under ``paths`` (resolved real paths) in a stable order, or why one is skipped.
 
@@ -152,23 +240,26 @@ def walk(
     path. With ``follow_symlinks`` a symlink may lead anywhere (a folder is walked
     once however many links lead to it). Nothing in the ``private`` folders (the data
     home: its queue key, ledger and spool) is yielded, not even as skipped, however it
-    is reached. Everything else is skipped with its reason, a folder that cannot be
-    read included (``unreadable: ...``: what was indexed under it keeps its chunks).
+    is reached (a bind mount or a hard link included). Everything else is skipped with its
+    reason, a folder that cannot be read included (``unreadable: ...``: what was indexed
+    under it keeps its chunks), and so is a file that vanished between its folder's
+    listing and its turn (its chunks stay, as only ``--prune`` removes a file's). The
+    files are those each path's globs take, whatever the order of overlapping paths.
     """
     excluded = (*DEFAULT_EXCLUDES, *exclude)
-    hidden = [Path(os.path.realpath(p)) for p in private]
+    hidden = private if isinstance(private, Private) else Private({p: "private" for p in private})
     seen: set[Path] = set()  # real paths already yielded: one file, one source
-    walked: set[Path] = set()  # real folders already walked: no loops through links
-    refused: list[OSError] = []  # folders os.walk could not list, reported in turn
+    refused: list[OSError] = []  # folders the walk could not list, reported in turn
 
-    def one(path: Path, rel: str) -> Path | Skipped | None:
+    def one(path: Path, rel: str, in_real: bool = False) -> Path | Skipped | None:
+        """``in_real``: ``path``'s folder is spelled by its real path."""
         if _matches(rel, excluded) or (include and not _matches(rel, include)):
             return None
         try:
-            real = _real(path)
+            real = _real_in(path, in_real)
             if real is None:
                 return Skipped(shown(path), "symlink loop")
-            if _inside(real, hidden):
+            if hidden.owner(real) is not None:
                 return None
             if path.is_symlink():
                 if not real.exists():
@@ -182,22 +273,29 @@ def walk(
             if real in seen:
                 return None
             seen.add(real)
-            if not real.is_file():
+            try:
+                mode = real.stat().st_mode
+            except FileNotFoundError:  # removed or renamed since its folder was listed: not "gone" yet
+                return Skipped(str(real), "unreadable: it was removed or renamed while the walk ran")
+            if not stat.S_ISREG(mode):
                 return Skipped(str(real), "not a regular file")
         except OSError as exc:  # a folder on the way that can be read but not searched
             return Skipped(shown(os.path.realpath(path)), f"unreadable: {exc.strerror or exc}")
         return real
 
-    def folder(sub: Path) -> Skipped | bool:
+    def folder(sub: Path, in_real: bool = False) -> Skipped | bool:
         """Whether to walk into ``sub``, or why it is skipped."""
         try:
-            real = _real(sub)
+            real = _real_in(sub, in_real)
         except OSError as exc:  # named as the ledger knows what lies under it: by its real path
             return Skipped(shown(os.path.realpath(sub)), f"unreadable: {exc.strerror or exc}")
         if real is None:
             return Skipped(shown(sub), "symlink loop")
-        if _inside(real, hidden):
-            return False
+        try:
+            if hidden.owner(real) is not None:
+                return False
+        except OSError as exc:
+            return Skipped(shown(real), f"unreadable: {exc.strerror or exc}")
         if sub.is_symlink() and not follow_symlinks:
             if not _inside(real, paths):
                 return Skipped(shown(sub), f"symlink to {shown(real)}, outside the paths given (--follow-symlinks)")
@@ -221,10 +319,14 @@ def walk(
             if isinstance(take, Skipped):
                 yield take
             continue
-        for top, dirs, files in os.walk(root, onerror=refused.append, followlinks=follow_symlinks):
+        walked: set[Path] = set()  # real folders this root's walk entered: no loops through links
+        for top, dirs, files in _tree(root, refused.append, follow_symlinks):
             yield from unlisted()
             base = Path(top)
-            real_base = base.resolve()
+            # Without links followed the walk enters no symlink: from a real root, every
+            # folder it enters is spelled by its real path (a realpath per folder and file
+            # costs a lookup per level: minutes for a tree a thousand folders deep).
+            real_base = base.resolve() if follow_symlinks else base
             if real_base in walked:
                 dirs[:] = []
                 continue
@@ -234,7 +336,7 @@ def walk(
                 sub = base / d
                 if _matches(sub.relative_to(root).as_posix(), excluded):
                     continue
-                take = folder(sub)
+                take = folder(sub, not follow_symlinks)
                 if isinstance(take, Skipped):
                     yield take
                 elif take:
@@ -242,7 +344,7 @@ def walk(
             dirs[:] = kept
             for name in sorted(files):
                 path = base / name
-                found = one(path, path.relative_to(root).as_posix())
+                found = one(path, path.relative_to(root).as_posix(), not follow_symlinks)
                 if found is not None:
                     yield found
         yield from unlisted()
@@ -253,17 +355,19 @@ def selected(source: str, roots: Iterable[Path], include: Iterable[str] = (), ex
     path = Path(source)
     excluded = (*DEFAULT_EXCLUDES, *exclude)
     include = tuple(include)
-    for root in roots:
+
+    def takes(root: Path) -> bool:
         if path == root:
             return not _matches(root.name, excluded) and (not include or _matches(root.name, include))
-        if path.is_relative_to(root):
-            parts = path.relative_to(root).parts
-            folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
-            if any(_matches(folder, excluded) for folder in folders):
-                return False
-            rel = "/".join(parts)
-            return not _matches(rel, excluded) and (not include or _matches(rel, include))
-    return False
+        parts = path.relative_to(root).parts
+        folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
+        if any(_matches(folder, excluded) for folder in folders):
+            return False
+        rel = "/".join(parts)
+        return not _matches(rel, excluded) and (not include or _matches(rel, include))
+
+    # Overlapping roots: the file is the walk's if any of them takes it (as the walk does).
+    return any(takes(root) for root in roots if path == root or path.is_relative_to(root))
 
 
 def gone(
@@ -301,13 +405,27 @@ def _read_bytes(path: Path) -> bytes | Skipped:
             if opened is not None and opened != str(path):
                 return Skipped(str(path), f"unreadable: it was moved or replaced after the walk found it ({opened})")
             os.set_blocking(fd, True)
-            # Read one byte past the limit rather than trust st_size: a file may grow.
-            data = handle.read(MAX_FILE_BYTES + 1)
+            data = _read_most(handle, MAX_FILE_BYTES + 1)
         if len(data) > MAX_FILE_BYTES:
             return Skipped(str(path), f"larger than {MAX_FILE_BYTES // 2**20} MB")
     except OSError as exc:
         return Skipped(str(path), f"unreadable: {exc.strerror or exc}")
     return data
+
+
+def _read_most(handle: IO[bytes], limit: int) -> bytes:
+    """At most ``limit`` bytes, read a piece at a time: one byte past the size limit rather
+    than trusting st_size (a file may grow), and no read larger than a piece (a read of
+    16 MB at once is refused with ENOMEM by files such as those under /proc/sys)."""
+    pieces: list[bytes] = []
+    left = limit
+    while left > 0:
+        piece = handle.read(min(left, _PIECE))
+        if not piece:
+            break
+        pieces.append(piece)
+        left -= len(piece)
+    return b"".join(pieces)
 
 
 def _opened_as(fd: int) -> str | None:

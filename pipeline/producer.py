@@ -29,6 +29,7 @@ from pipeline.chunking import Chunk, chunk_budget, chunk_text
 from pipeline.config import Config
 from pipeline.corpus import (
     GROUP_BYTES,
+    Private,
     Problems,
     Record,
     Skipped,
@@ -144,13 +145,22 @@ class Producer:
         paths = _listed(paths, "paths", (str, os.PathLike))
         include, exclude = _listed(include, "include", (str,)), _listed(exclude, "exclude", (str,))
         roots = check_paths(paths)
-        private = self._private()
+        private = Private(self._private())
         for root in roots:
-            for folder, what in private.items():
+            for folder, what in private.folders.items():
                 if root == folder:
                     raise BadInputError(f"{root} is {what}: it is never indexed")
                 if root.is_relative_to(folder):
                     raise BadInputError(f"{root} lies in {what} {folder}: it is never indexed")
+            try:
+                owner = private.owner(root)
+            except OSError:  # unreadable: the walk says so
+                owner = None
+            if owner is not None:
+                raise BadInputError(
+                    f"{shown(root)} is {owner} or lies in it, reached another way (a bind mount or a hard link):"
+                    " it is never indexed"
+                )
         sub = Submission("", collection, remote=self.remote)
         # Files and folders that exist but could not be read keep their chunks (and what
         # lies under them is not pruned).

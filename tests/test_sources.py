@@ -605,3 +605,113 @@ def test_prune_removes_a_file_now_reached_through_a_link_or_turned_into_a_folder
     assert submit(prune=True).pruned == 2
     live = ledger_query(config.home, "SELECT DISTINCT source FROM chunks WHERE state != 'deleting'")
     assert sorted(s for (s,) in live) == [str(tree / "b" / "f.txt"), str(tree / "g.txt" / "h.txt")]
+
+
+# ---- 12. deep trees, hard links and bind mounts, files gone mid-walk, overlapping paths --
+
+
+def test_a_tree_a_thousand_folders_deep_is_walked(tmp_path: Path) -> None:
+    """Python 3.11's os.walk recursed once per level: 1,000 levels (2,000 characters of
+    path) raised RecursionError, and the whole job failed with a traceback."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "top.txt").write_text("a file at the top\n")
+    deep = corpus
+    for _ in range(1100):  # not mkdir(parents=True): it recurses too
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "f.txt").write_text("a file eleven hundred folders down\n")
+    sub = _index(tmp_path / "home", str(corpus), "-c", "docs")
+    assert (sub["chunks"], sub["skipped"]) == (2, [])
+    sources = {s for (s,) in ledger_query(tmp_path / "home", "SELECT DISTINCT source FROM chunks")}
+    assert sources == {str(corpus.resolve() / "top.txt"), str(deep.resolve() / "f.txt")}
+
+
+def test_the_data_home_through_a_hard_link_is_never_indexed(tmp_path: Path) -> None:
+    """A hard link to the queue's signing key is the key under another name: the walk passes
+    it over, and naming it is refused, as for the home's own path."""
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    clean = _index(home, str(corpus), "-c", "docs")
+    os.link(home / "queue.key", corpus / "key.txt")
+    sub = _index(home, str(corpus), "-c", "docs")
+    assert (sub["chunks"], sub["skipped"]) == (clean["chunks"], [])
+    sources = {s for (s,) in ledger_query(home, "SELECT DISTINCT source FROM chunks")}
+    assert str(corpus.resolve() / "key.txt") not in sources
+    out = _index(home, str(corpus / "key.txt"), "-c", "docs", code=2)
+    assert out["stderr"].splitlines()[0] == (
+        f"Error: {corpus.resolve() / 'key.txt'} is the data home or lies in it, reached another way"
+        " (a bind mount or a hard link): it is never indexed"
+    )
+
+
+def test_the_data_home_through_a_bind_mount_is_never_indexed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    corpus = _tree(tmp_path / "corpus")
+    clean = _index(home, str(corpus), "-c", "docs")
+    mount = corpus / "mnt"
+    mount.mkdir()
+    if subprocess.run(["mount", "--bind", str(home), str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need privileges this run does not have")
+    try:
+        sub = _index(home, str(corpus), "-c", "docs")
+        assert (sub["chunks"], sub["skipped"]) == (clean["chunks"], [])
+        sources = {s for (s,) in ledger_query(home, "SELECT DISTINCT source FROM chunks")}
+        assert not any("/mnt/" in s for s in sources), sources
+        for inside in (mount, mount / "queue.key", mount / "logs"):
+            out = _index(home, str(inside), "-c", "docs", code=2)
+            assert "reached another way (a bind mount or a hard link): it is never indexed" in out["stderr"]
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_file_removed_while_the_walk_runs_keeps_its_chunks(tmp_path: Path) -> None:
+    """Between its folder's listing and its turn, a file removed (an editor's save, a
+    rename) is unreadable for this run, not gone: only --prune takes a file's chunks."""
+    from pipeline.corpus import Skipped, content_gone, walk
+
+    tree = (tmp_path / "tree").resolve()
+    tree.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (tree / name).write_text(f"{name} text\n")
+    files = walk([tree])
+    assert next(files) == tree / "a.txt"
+    (tree / "b.txt").rename(tree / "c.txt")  # listed as b.txt, gone by its turn
+    rest = list(files)
+    assert rest == [Skipped(str(tree / "b.txt"), "unreadable: it was removed or renamed while the walk ran")]
+    assert not content_gone(rest[0].reason)
+
+
+def test_overlapping_paths_take_the_same_files_in_either_order(tmp_path: Path) -> None:
+    """A folder named and a folder inside it: the files are those either path's globs take,
+    for the walk and for --prune alike, whatever the order the paths are given in."""
+    corpus = tmp_path / "corpus"
+    (corpus / "x" / "sub").mkdir(parents=True)
+    (corpus / "x" / "top.txt").write_text("a file at the top\n")
+    for name in ("s.md", "t.md"):
+        (corpus / "x" / "sub" / name).write_text(f"{name} in sub\n")
+    outer, inner = str(corpus / "x"), str(corpus / "x" / "sub")
+    real = corpus.resolve() / "x" / "sub"
+    for n, order in enumerate(((outer, inner), (inner, outer))):
+        home = tmp_path / f"home{n}"
+        assert _index(home, *order, "-c", "docs", "--include", "sub/*")["chunks"] == 2
+        sources = ledger_query(home, "SELECT DISTINCT source FROM chunks ORDER BY source")
+        assert sources == [(str(real / "s.md"),), (str(real / "t.md"),)]
+    (corpus / "x" / "sub" / "s.md").unlink()
+    assert _index(tmp_path / "home1", inner, outer, "-c", "docs", "--include", "sub/*", "--prune")["pruned"] == 1
+
+
+def test_proc_files_are_read_and_a_pipe_named_as_a_path_is_refused() -> None:
+    """/proc/sys refuses one read of 16 MB (ENOMEM): files are read a piece at a time. A
+    pipe (``/dev/stdin`` in ``cmd | indexq index /dev/stdin``) has no real path to index."""
+    from pipeline.corpus import check_paths, read_text
+    from pipeline.errors import BadInputError
+
+    assert read_text(Path("/proc/sys/kernel/ostype")) == "Linux\n"
+    read, write = os.pipe()
+    try:
+        with pytest.raises(BadInputError, match=rf"^/proc/self/fd/{read} is a pipe, not a file or folder to index$"):
+            check_paths([f"/proc/self/fd/{read}"])
+    finally:
+        os.close(read)
+        os.close(write)
