@@ -508,7 +508,13 @@ def search(
         if meta.get("heading"):  # Markdown, HTML, DOCX: the heading path
             where = f"{where} ({meta['heading']})"
         snippet = " ".join((hit["document"] or "").split())[:100]
-        click.echo(f"{rank}. {hit['distance']:.3f}  {where}\n   {snippet}")
+        click.echo(f"{rank}. {hit['distance']:.3f}  {_plain(str(where))}\n   {_plain(snippet)}")
+
+
+def _plain(text: str) -> str:
+    """``text`` with what a terminal would act on spelled out (``\\x1b``, ``\\n``, ``\\u202e``):
+    a file name or a chunk cannot colour the screen, move its cursor or forge a line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 @main.command()

@@ -340,3 +340,29 @@ def test_search_shows_records_whatever_metadata_and_document_they_hold(tmp_path:
     assert "bare\n" in shown.stdout
     hits = json.loads(run_cli(home, "search", "x", "-c", "others", "--json", INDEXQ_MODEL="hash:384").stdout)
     assert {h["id"]: h["document"] for h in hits} == {"quote-7": "to be or not to be", "bare": None}
+
+
+def test_search_spells_out_what_a_terminal_would_act_on(tmp_path: Path) -> None:
+    """A file name or a chunk holding escape sequences or a newline cannot colour the
+    screen or forge a result line: such characters are printed spelled out (--json as is)."""
+    import chromadb
+
+    home = tmp_path / "home"
+    assert run_cli(home, "resume").returncode == 0
+    client = chromadb.PersistentClient(path=str(home / "chroma"))
+    col = client.get_or_create_collection("others", embedding_function=None)
+    source, text = "evil\x1b[31mRED\x1b[0m\n2. 0.000  FAKE.txt", "red \x1b[31malert\x1b[0m \u202ereversed"
+    col.upsert(
+        ids=["x"], embeddings=HashEmbedder("hash:384").embed([text]), documents=[text],
+        metadatas=[{"source": source, "start_line": 1}],
+    )  # fmt: skip
+    del col, client
+    shown = run_cli(home, "search", "alert", "-c", "others", INDEXQ_MODEL="hash:384")
+    assert shown.returncode == 0, shown.stderr
+    assert "\x1b" not in shown.stdout and "\u202e" not in shown.stdout
+    assert shown.stdout.splitlines()[1:] == [
+        "   red \\x1b[31malert\\x1b[0m \\u202ereversed",
+    ]
+    assert shown.stdout.splitlines()[0].endswith("  evil\\x1b[31mRED\\x1b[0m\\n2. 0.000  FAKE.txt:1")
+    hits = json.loads(run_cli(home, "search", "alert", "-c", "others", "--json", INDEXQ_MODEL="hash:384").stdout)
+    assert (hits[0]["metadata"]["source"], hits[0]["document"]) == (source, text)
