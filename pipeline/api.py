@@ -20,8 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from pipeline.config import DEFAULT_STATUS_JOBS, MAX_SEARCH_RESULTS, Config, private_umask
-from pipeline.errors import BadInputError, IndexqError, NotFoundError, StoreError, UnreachableError, first_line
+from pipeline.config import DEFAULT_STATUS_JOBS, MAX_SEARCH_RESULTS, MAX_STATUS_JOBS, Config, private_umask
+from pipeline.errors import (
+    BadInputError,
+    ConfigError,
+    IndexqError,
+    NotFoundError,
+    StoreError,
+    UnreachableError,
+    first_line,
+)
 from pipeline.ids import validate_collection
 from pipeline.jobs import JobProgress, poll_interval
 from pipeline.ledger import Ledger
@@ -44,7 +52,32 @@ WAIT_UNREACHABLE_SECONDS = 120.0
 
 
 def _config(config: Config | None) -> Config:
-    return config if config is not None else Config.from_env()
+    if config is None:
+        return Config.from_env()
+    if not isinstance(config, Config):
+        raise ConfigError(
+            f"config must be a pipeline.Config, got {type(config).__name__}",
+            hint="Config.from_env(), or Config(home=...); None reads INDEXQ_* from the environment",
+        )
+    return config
+
+
+def _flag(value: Any, name: str) -> bool:
+    """A yes/no argument: ``prune="false"`` is a string, and truthy (it pruned)."""
+    if not isinstance(value, bool):
+        raise BadInputError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` (numpy's integers too; not a bool or a string)."""
+    try:
+        whole = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        whole = None
+    if whole is None or not low <= whole <= high:
+        raise BadInputError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return whole
 
 
 @private_umask()
@@ -57,7 +90,9 @@ def submit_paths(
     ``prune`` removes the chunks of files indexed from under ``paths`` that no longer
     exist; ``follow_symlinks`` follows symlinks that lead outside ``paths``.
     """
-    producer = Producer(_config(config))
+    cfg = _config(config)
+    prune, follow_symlinks = _flag(prune, "prune"), _flag(follow_symlinks, "follow_symlinks")
+    producer = Producer(cfg)
     try:
         return producer.submit_paths(paths, collection, include, exclude, prune, follow_symlinks).job
     finally:
@@ -74,7 +109,10 @@ def submit_records(
     they are (their id, text and metadata; a node's ``ref_doc_id`` as ``document_id``).
     A record without an id is identified by ``source`` and its text.
     """
-    producer = Producer(_config(config))
+    cfg = _config(config)
+    if not isinstance(source, str) or not source.strip():
+        raise BadInputError(f"source must be a non-empty string, got {source!r}")
+    producer = Producer(cfg)
     try:
         return producer.submit_records(records, collection, source).job
     finally:
@@ -84,7 +122,10 @@ def submit_records(
 @private_umask()
 def submit_jsonl(path: str | os.PathLike[str], collection: str, config: Config | None = None) -> str:
     """Index a JSONL file of records; returns the job id."""
-    producer = Producer(_config(config))
+    cfg = _config(config)
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadInputError(f"path must be a string or a path, got {type(path).__name__}")
+    producer = Producer(cfg)
     try:
         return producer.submit_jsonl(path, collection).job
     finally:
@@ -158,6 +199,10 @@ def wait(
     a job it has not received yet is waited for rather than unknown.
     """
     cfg = _config(config)
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
+    ):
+        raise BadInputError(f"timeout must be None or a number of seconds, 0 or more, got {timeout!r}")
     remote = cfg.remote_producers
     queue = QueueClient(cfg) if remote else None
     ledger = None if remote else _existing_ledger(cfg)
@@ -246,6 +291,7 @@ def status(config: Config | None = None, jobs: int = DEFAULT_STATUS_JOBS) -> dic
     """Jobs, queue depth, writer, commits, memory and disk, as a JSON-ready dict."""
 
     cfg = _config(config)
+    jobs = _whole(jobs, "jobs", 0, MAX_STATUS_JOBS)
     if not cfg.remote_producers:
         cfg.require_home()  # a mistyped home is said so, not made
     cfg.ensure_home()
@@ -375,13 +421,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
             f"the search text {problem}",
             hint="search with UTF-8 text (a command line's byte of another encoding reads as '\\udc80' to '\\udcff')",
         )
-    try:
-        whole = None if isinstance(k, bool) else operator.index(k)  # numpy's integers too
-    except TypeError:
-        whole = None
-    if whole is None or not 1 <= whole <= MAX_SEARCH_RESULTS:
-        raise BadInputError(f"k must be a whole number from 1 to {MAX_SEARCH_RESULTS}, got {k!r}")
-    k = whole
+    k = _whole(k, "k", 1, MAX_SEARCH_RESULTS)
     cfg = _config(config)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense

@@ -338,10 +338,26 @@ def test_the_python_api_refuses_what_it_cannot_take_in_one_line(home: Path, tmp_
         (lambda: api.search(None, "docs", config=config), "the search text must be a string"),
         (lambda: api.search(b"x", "docs", config=config), "the search text must be a string"),
         (lambda: api.search("x", None, config=config), "a collection name must be a string"),
+        # prune="false" is a truthy string: it pruned a deleted file's chunks.
+        (lambda: api.submit_paths([tree], "docs", prune="false", config=config), "prune must be True or False"),
+        (lambda: api.submit_paths([tree], "docs", follow_symlinks="no", config=config), "follow_symlinks must be"),
+        (lambda: api.submit_jsonl(None, "docs", config=config), "path must be a string or a path, got NoneType"),
+        (lambda: api.submit_jsonl(b"/x.jsonl", "docs", config=config), "path must be a string or a path, got bytes"),
+        (lambda: api.submit_records([{"text": "x"}], "docs", source=b"s", config=config), "source must be a non-"),
+        (lambda: api.submit_records([{"text": "x"}], "docs", source=None, config=config), "source must be a non-"),
+        (lambda: api.wait("j", config=config, timeout="5"), "timeout must be None or a number of seconds"),
+        (lambda: api.wait("j", config=config, timeout=float("nan")), "timeout must be None or a number of seconds"),
+        (lambda: api.status(config, jobs=-1), "jobs must be a whole number from 0 to 10000, got -1"),
+        (lambda: api.status(config, jobs="3"), "jobs must be a whole number from 0 to 10000, got '3'"),
     ]
     for call, message in refused:
         with pytest.raises(BadInputError, match=message):
             call()
+    for call in (lambda: api.status(str(home)), lambda: api.resume(str(home)), lambda: api.search("x", "doc", 5, home)):
+        with pytest.raises(ConfigError, match=r"config must be a pipeline.Config, got (str|PosixPath)"):
+            call()
+    with sqlite3.connect(home / "ledger.db") as conn:  # nothing above wrote a row, and nothing was pruned
+        assert conn.execute("SELECT count(*), min(state) FROM chunks").fetchone() == (1, "pending")
     for fields, message in (
         ({"home": ""}, "the data home is empty"),
         ({"home": None}, "home must be a path, got None"),

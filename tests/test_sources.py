@@ -621,10 +621,16 @@ def test_a_tree_a_thousand_folders_deep_is_walked(tmp_path: Path) -> None:
         deep = deep / "a"
         deep.mkdir()
     (deep / "f.txt").write_text("a file eleven hundred folders down\n")
-    sub = _index(tmp_path / "home", str(corpus), "-c", "docs")
-    assert (sub["chunks"], sub["skipped"]) == (2, [])
-    sources = {s for (s,) in ledger_query(tmp_path / "home", "SELECT DISTINCT source FROM chunks")}
-    assert sources == {str(corpus.resolve() / "top.txt"), str(deep.resolve() / "f.txt")}
+    try:
+        sub = _index(tmp_path / "home", str(corpus), "-c", "docs")
+        assert (sub["chunks"], sub["skipped"]) == (2, [])
+        sources = {s for (s,) in ledger_query(tmp_path / "home", "SELECT DISTINCT source FROM chunks")}
+        assert sources == {str(corpus.resolve() / "top.txt"), str(deep.resolve() / "f.txt")}
+    finally:  # shutil.rmtree recurses as well: pytest's clean-up of old runs would fail on it
+        (deep / "f.txt").unlink()
+        while deep != corpus:
+            deep.rmdir()
+            deep = deep.parent
 
 
 def test_the_data_home_through_a_hard_link_is_never_indexed(tmp_path: Path) -> None:
