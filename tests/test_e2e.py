@@ -154,6 +154,32 @@ def test_writer_refuses_to_recycle_its_worker(tmp_path: Path, procs: list[Proc])
     assert "Error: the writer does not recycle its worker: drop --max-tasks" in proc.output()
 
 
+ONE_THREAD = "the maintenance consumer runs exactly one thread worker"
+
+
+@pytest.mark.parametrize(
+    ("module", "flags", "message"),
+    [
+        ("workers.writer.huey", ["-n"], "the writer needs Huey's scheduler for its requeue of what the ledger owes"),
+        ("workers.maintenance.huey", ["-w", "2"], f"{ONE_THREAD}, got workers=2 worker_type='thread'"),
+        ("workers.maintenance.huey", ["-w", "0"], f"{ONE_THREAD}, got workers=0 worker_type='thread'"),
+        ("workers.maintenance.huey", ["-k", "greenlet"], f"{ONE_THREAD}, got workers=1 worker_type='greenlet'"),
+        ("workers.maintenance.huey", ["-n"], "the maintenance consumer needs Huey's scheduler for its backups"),
+    ],
+)
+def test_consumers_refuse_options_they_cannot_run_with(
+    tmp_path: Path, procs: list[Proc], module: str, flags: list[str], message: str
+) -> None:
+    """Two maintenance threads took two backups of one watermark; -w 0 or -n ran nothing
+    while the consumer held its lock and looked healthy; -k greenlet was a traceback."""
+    home = tmp_path / "home"
+    proc = start_worker(procs, home, str(BIN / "huey_consumer"), module, *flags)
+    assert proc.popen.wait(timeout=60) == 2
+    output = proc.output()
+    assert f"Error: {message}" in output and "Traceback" not in output, output
+    assert not (home / "backups").exists() or not any((home / "backups").iterdir())
+
+
 def _embeddings_total(home: Path) -> int:
     return int(ledger_query(home, "SELECT value FROM meta WHERE key='embeddings'")[0][0])
 

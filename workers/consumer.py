@@ -18,7 +18,7 @@ from huey.consumer import Consumer, Scheduler, Worker, WorkerRecycle
 
 from pipeline.backoff import StorageWatch
 from pipeline.config import Config, private_files
-from pipeline.errors import IndexqError, StorageError, describe, storage_error
+from pipeline.errors import ConfigError, IndexqError, StorageError, describe, storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,22 @@ class GracefulConsumer(Consumer):
         # killing the process with the default action.
         if threading.current_thread() is threading.main_thread():
             self._set_signal_handlers()
+
+
+def one_thread_worker(role: str, command: str, options: dict[str, Any], periodic_for: str) -> None:
+    """``huey_consumer`` options a writer or a maintenance consumer cannot run with, refused
+    in one line: more or fewer workers than one thread (two maintenance threads took two
+    backups of one watermark; ``-w 0`` ran nothing while holding the lock), and ``-n``,
+    which turns off the scheduler that runs ``periodic_for``."""
+    workers = options.get("workers", 1)
+    worker_type = options.get("worker_type", "thread")
+    hint = f"run: huey_consumer {command} -w 1 -k thread"
+    if workers != 1 or worker_type != "thread":
+        raise ConfigError(
+            f"the {role} runs exactly one thread worker, got workers={workers} worker_type={worker_type!r}", hint=hint
+        )
+    if not options.get("periodic", True):
+        raise ConfigError(f"the {role} needs Huey's scheduler for {periodic_for}: drop -n/--no-periodic", hint=hint)
 
 
 def exit_with(exc: IndexqError) -> SystemExit:

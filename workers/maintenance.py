@@ -23,7 +23,7 @@ from pipeline.metrics import serve as serve_metrics
 from pipeline.queue import HomeHuey, queue_secret
 from pipeline.serializer import JsonSerializer
 from tasks.maintenance import register
-from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home
+from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home, one_thread_worker
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,9 @@ class MaintenanceHuey(HomeHuey, SqliteHuey):
             return self._start_maintenance(**options)
 
     def _start_maintenance(self, **options: Any) -> GracefulConsumer:
+        one_thread_worker(
+            "maintenance consumer", "workers.maintenance.huey", options, "its backups, checks and recovery"
+        )
         self._lock.acquire()
         try:
             log_to_home(self.config, "maintenance.log")

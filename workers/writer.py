@@ -34,7 +34,7 @@ from pipeline.queryserver import serve as serve_queries
 from pipeline.queue import QueueClient
 from pipeline.writer import Writer
 from tasks.indexing import WriterTasks, register
-from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home
+from workers.consumer import GracefulConsumer, exit_with, lazy_huey, log_to_home, one_thread_worker
 
 logger = logging.getLogger(__name__)
 
@@ -141,17 +141,13 @@ class WriterHuey(QueueClient):
             return self._start_writer(**options)
 
     def _start_writer(self, **options: Any) -> GracefulConsumer:
-        workers = options.get("workers", 1)
-        worker_type = options.get("worker_type", "thread")
         if options.get("max_tasks"):
             # A recycled worker thread would run the shutdown hooks (and give the
             # queue's lease away) while the consumer goes on.
             raise ConfigError("the writer does not recycle its worker: drop --max-tasks")
-        if workers != 1 or worker_type != "thread":
-            raise ConfigError(
-                f"the writer runs exactly one thread worker, got workers={workers} worker_type={worker_type!r}",
-                hint="run: huey_consumer workers.writer.huey -w 1 -k thread",
-            )
+        one_thread_worker(
+            "writer", "workers.writer.huey", options, "its requeue of what the ledger owes (INDEXQ_REQUEUE_INTERVAL)"
+        )
         self.ping()
         self._lock.acquire()
         try:
