@@ -409,7 +409,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.guards import unicode_problem
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
-    from pipeline.writer import open_store
+    from pipeline.writer import has_database, open_store
 
     if not isinstance(text, str):
         raise BadInputError(f"the search text must be a string, got {type(text).__name__}")
@@ -426,6 +426,8 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense
         ledger.sources.check_model(collection, cfg.model)
+        if not has_database(cfg, ledger):  # nothing committed yet: said so, no directory made
+            raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_shown}")
     finally:
         ledger.close()
     # The running writer embeds the query with the model it holds (no torch imported

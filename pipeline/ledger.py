@@ -362,6 +362,10 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         return {state: n for state, n in self.conn.execute("SELECT state, count(*) FROM chunks GROUP BY state")}
 
+    def committed_count(self) -> int:
+        (n,) = self.conn.execute("SELECT count(*) FROM chunks WHERE state='committed'").fetchone()
+        return int(n)
+
     def embeddings_total(self) -> int:
         """Embeddings computed in this data home since it was created (all attempts)."""
         (n,) = self.conn.execute("SELECT CAST(value AS INTEGER) FROM meta WHERE key='embeddings'").fetchone()

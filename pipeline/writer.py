@@ -64,7 +64,27 @@ def _refusal_types() -> tuple[type[BaseException], ...]:
 _REFUSALS = _refusal_types()
 
 
-def open_store(config: Config) -> Store:
+def has_database(config: Config, ledger: Ledger | None = None) -> bool:
+    """Whether the data home's Chroma has its database (a server always has). A local
+    directory without it while the ledger holds committed chunks (a restore killed before
+    it copied, a directory removed) is a StoreError: made afresh, a writer would fill an
+    empty directory and searches would see only its new chunks, until a check found the
+    rest missing."""
+    if config.chroma_url is not None or (config.chroma_dir / "chroma.sqlite3").exists():
+        return True
+    committed = _committed(config, ledger)
+    if committed:
+        raise StoreError(
+            f"the Chroma directory {config.chroma_dir} has no database, but the ledger holds"
+            f" {committed:,} committed chunks",
+            hint="run `indexq recover`: it restores the newest backup or rebuilds from the ledger",
+        )
+    return False
+
+
+def open_store(config: Config, ledger: Ledger | None = None) -> Store:
+    """The data home's Chroma, made if there is none yet (``has_database``)."""
+    has_database(config, ledger)
     try:
         return Store.open(config)
     except UnreachableError:
@@ -74,6 +94,18 @@ def open_store(config: Config) -> Store:
             f"cannot open Chroma at {config.chroma_shown}: {first_line(exc)}",
             hint="run `indexq check` and `indexq recover`",
         ) from exc
+
+
+def _committed(config: Config, ledger: Ledger | None) -> int:
+    if ledger is not None:
+        return ledger.committed_count()
+    if not config.ledger_path.exists():
+        return 0
+    opened = Ledger(config.ledger_path)
+    try:
+        return opened.committed_count()
+    finally:
+        opened.close()
 
 
 def read_generation(config: Config) -> str | None:
@@ -104,7 +136,7 @@ class Writer:
         # Opened under the commit lock: a recovery that is swapping the directory
         # finishes first.
         with self.commit_lock.held():
-            self.store = open_store(config)
+            self.store = open_store(config, self.ledger)
             self._generation = read_generation(config)
             self._stamp = _generation_stamp(config)
         # Published when the writer starts serving (WriterHuey) and on each change of guard state.
@@ -428,7 +460,7 @@ class Writer:
         generation = read_generation(self.config)
         if generation != self._generation:
             logger.warning("the Chroma directory was restored (generation %s): reopening it", generation)
-            self.store = open_store(self.config)
+            self.store = open_store(self.config, self.ledger)
             self._generation = generation
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:

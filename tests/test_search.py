@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -366,3 +367,34 @@ def test_search_spells_out_what_a_terminal_would_act_on(tmp_path: Path) -> None:
     assert shown.stdout.splitlines()[0].endswith("  evil\\x1b[31mRED\\x1b[0m\\n2. 0.000  FAKE.txt:1")
     hits = json.loads(run_cli(home, "search", "alert", "-c", "others", "--json", INDEXQ_MODEL="hash:384").stdout)
     assert (hits[0]["metadata"]["source"], hits[0]["document"]) == (source, text)
+
+
+def test_a_chroma_directory_without_its_database_is_refused_not_made_afresh(tmp_path: Path, procs: list[Proc]) -> None:
+    """The ledger holds committed chunks and chroma/ is gone (a restore killed before it
+    copied): a writer filled an empty directory and searches saw only its new chunks, and
+    a search made the directory. Both now refuse and point at recover, which repairs it."""
+    home = tmp_path / "home"
+    hashed = {"INDEXQ_MODEL": "hash:384"}
+    corpus = copy_corpus(tmp_path / "corpus", ["json/__init__.py"])
+    writer = _writer(procs, home, **hashed)
+    _index(home, corpus, **hashed)
+    assert writer.terminate() == 0
+    shutil.rmtree(home / "chroma")
+    said = f"Error: the Chroma directory {home / 'chroma'} has no database, but the ledger holds"
+    searched = run_cli(home, "search", "decode", "-c", "code", **hashed)
+    assert (searched.returncode, searched.stderr.splitlines()[0].startswith(said)) == (1, True), searched.stderr
+    assert not (home / "chroma").exists()
+    refused = start_worker(procs, home, **hashed)
+    assert refused.popen.wait(timeout=120) == 1
+    assert said in refused.output() and "Hint: run `indexq recover`" in refused.output()
+    assert not (home / "chroma" / "chroma.sqlite3").exists()
+    assert run_cli(home, "recover", timeout=300, **hashed).returncode == 0
+    found = run_cli(home, "search", "decode", "-c", "code", "--json", **hashed)
+    assert found.returncode == 0 and json.loads(found.stdout), found.stderr
+    fresh = tmp_path / "fresh"  # nothing committed yet: no collection, and no directory made
+    assert run_cli(fresh, "resume").returncode == 0
+    shutil.rmtree(fresh / "chroma", ignore_errors=True)
+    nothing = run_cli(fresh, "search", "decode", "-c", "code", **hashed)
+    no_collection = f"Error: no collection 'code' in {fresh / 'chroma'}"
+    assert (nothing.returncode, nothing.stderr.splitlines()[0]) == (1, no_collection)
+    assert not (fresh / "chroma").exists()
