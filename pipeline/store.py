@@ -17,7 +17,7 @@ import logging
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,8 @@ from pipeline.config import Config, redact_url
 from pipeline.embedder import is_hash_model, resolve_model
 from pipeline.errors import UnreachableError, first_line
 from pipeline.rows import Row
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +301,32 @@ class Store:
         fts = (schema.get("keys", {}).get("#document", {}).get("string") or {}).get("fts_index") or {}
         return bool(fts.get("enabled", True))
 
+    def _on(self, name: str, create: bool, op: Callable[[Any], T]) -> T | None:
+        """``op`` on the collection's handle (None: no such collection and ``create`` False).
+
+        A handle this process holds goes stale when another Chroma client deletes the
+        collection (or deletes and makes it again): every call on it then raises Chroma's
+        NotFoundError, for as long as the process lives. The collection is looked up again
+        once, and made again as recorded if this is a write; what it held is then missing,
+        which ``indexq check`` names and ``indexq recover`` puts back."""
+        from chromadb.errors import NotFoundError as ChromaNotFound
+
+        col = self.collection(name, create)
+        if col is None:
+            return None
+        try:
+            return op(col)
+        except ChromaNotFound:
+            self._collections.pop(name, None)
+            self._configured.discard(name)
+            col = self.collection(name, create)
+            logger.warning(
+                "collection %s was deleted by another Chroma client since this process opened it: %s", name,
+                "no longer there" if col is None else "opened again (what it held before is missing until"
+                " `indexq recover`)" if create else "opened again",
+            )  # fmt: skip
+            return None if col is None else op(col)
+
     def upsert(
         self,
         collection: str,
@@ -307,9 +335,9 @@ class Store:
         documents: Sequence[str],
         metadatas: Sequence[dict[str, Any]],
     ) -> None:
-        self.collection(collection).upsert(
+        self._on(collection, True, lambda col: col.upsert(
             ids=list(ids), embeddings=embeddings, documents=list(documents), metadatas=list(metadatas)
-        )
+        ))  # fmt: skip
 
     def upsert_rows(self, collection: str, rows: Sequence[Row]) -> None:
         """Ledger rows with their stored embeddings (the writer's commit and recovery's replay).
@@ -323,37 +351,38 @@ class Store:
         between an upsert and its checkpoint."""
         ids = [r.id for r in rows]
         vectors = np.stack([np.frombuffer(r.embedding or b"", dtype=np.float32) for r in rows])
-        held = self.collection(collection).get(ids=ids, include=["metadatas"])
-        before = {id_: meta or {} for id_, meta in zip(held["ids"], held["metadatas"] or [], strict=True)}
-        metadatas = [
-            {**r.metadata, **dict.fromkeys(before.get(r.id, {}).keys() - r.metadata.keys())} for r in rows
-        ]  # fmt: skip
-        self.upsert(collection, ids, vectors, [r.text for r in rows], metadatas)
+
+        def write(col: Any) -> None:
+            held = col.get(ids=ids, include=["metadatas"])
+            before = {id_: meta or {} for id_, meta in zip(held["ids"], held["metadatas"] or [], strict=True)}
+            metadatas = [
+                {**r.metadata, **dict.fromkeys(before.get(r.id, {}).keys() - r.metadata.keys())} for r in rows
+            ]  # fmt: skip
+            col.upsert(ids=ids, embeddings=vectors, documents=[r.text for r in rows], metadatas=metadatas)
+
+        self._on(collection, True, write)
 
     def ids(self, collection: str) -> set[str]:
-        col = self.collection(collection, create=False)
-        if col is None:
-            return set()
-        out: set[str] = set()
-        total = col.count()
-        for offset in range(0, total, 5000):
-            out.update(col.get(include=[], limit=5000, offset=offset)["ids"])
-        return out
+        def read(col: Any) -> set[str]:
+            out: set[str] = set()
+            total = col.count()
+            for offset in range(0, total, 5000):
+                out.update(col.get(include=[], limit=5000, offset=offset)["ids"])
+            return out
+
+        return self._on(collection, False, read) or set()
 
     def delete(self, collection: str, ids: Sequence[str]) -> None:
         """Deletes neither create the collection nor name its embedding function: they are
         not this model's vectors (a writer of another model removes stale chunks too)."""
-        col = self.collection(collection, create=False)
-        if col is not None:
-            col.delete(ids=list(ids))
+        self._on(collection, False, lambda col: col.delete(ids=list(ids)))
 
     def query(self, collection: str, embedding: np.ndarray, k: int) -> list[dict[str, Any]]:
-        col = self.collection(collection, create=False)
-        if col is None:
-            return []
-        result = col.query(
+        result = self._on(collection, False, lambda col: col.query(
             query_embeddings=embedding.reshape(1, -1), n_results=k, include=["documents", "metadatas", "distances"]
-        )
+        ))  # fmt: skip
+        if result is None:
+            return []
         hits = []
         for id_, doc, meta, dist in zip(
             result["ids"][0], result["documents"][0], result["metadatas"][0], result["distances"][0], strict=True

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.config import Config
@@ -488,3 +489,18 @@ def test_a_collection_that_already_mixes_two_models_is_refused_to_writers_and_su
     writer.ledger.sources.check_model(COLLECTION, "hash:16")
     with pytest.raises(ConfigError):
         writer.ledger.sources.check_model(COLLECTION, "hash:64")
+
+
+def test_a_collection_another_client_deleted_is_made_again_and_the_writer_goes_on(writer: Writer) -> None:
+    """Its handle went stale: every task raised Chroma's NotFoundError and the job never
+    finished, until the writer was restarted. What the collection held before is missing
+    (the deep check names it; recover replays it), and new chunks commit."""
+    first = seed(writer.ledger, rows(writer.ledger, 4))
+    assert writer.index(COLLECTION, first) == 4
+    writer.store.client.delete_collection(COLLECTION)  # as another Chroma client would
+    more = seed(writer.ledger, rows(writer.ledger, 8)[4:])
+    assert writer.index(COLLECTION, more) == 4
+    assert set(states(writer.ledger).values()) == {"committed"}
+    assert sorted(writer.store.dump(COLLECTION)) == sorted(more)
+    writer.store.client.delete_collection(COLLECTION)
+    assert writer.store.query(COLLECTION, np.ones(32, dtype=np.float32), 3) == []  # not a traceback
