@@ -461,10 +461,10 @@ def status(as_json: bool, jobs: int, watch: bool, interval: float, home: Path) -
         )
     if info["jobs"]:
         header = ("job", "collection", "state", "chunks", "committed", "pending", "failed")
-        click.echo("\n{:<24} {:<20} {:<10} {:>7} {:>9} {:>7} {:>6}".format(*header))
+        click.echo("\n{:<25} {:<20} {:<10} {:>7} {:>9} {:>7} {:>6}".format(*header))
         for j in info["jobs"]:
             click.echo(
-                f"{j['id']:<24} {j['collection'][:20]:<20} {j['state']:<10} {j['chunks']:>7} {j['committed']:>9}"
+                f"{j['id']:<25} {j['collection'][:20]:<20} {j['state']:<10} {j['chunks']:>7} {j['committed']:>9}"
                 f" {j['pending']:>7} {j['failed']:>6}"
             )
 

@@ -161,12 +161,13 @@ def parse_metrics_port(setting: str, value: str | int | None) -> tuple[str, int]
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     address, _, port = str(value).strip().rpartition(":")
+    hint = "for example 9464 (at 127.0.0.1), 0.0.0.0:9464 or [::1]:9464; unset, no metrics are served"
+    if ":" in address and not (address.startswith("[") and address.endswith("]")):
+        # "::1" would be the address ":" and port 1: an IPv6 address takes brackets.
+        raise ConfigError(f"{setting}: an IPv6 address goes in brackets, as in [::1]:9464, got {value!r}", hint=hint)
     address = address.strip("[]") or DEFAULT_METRICS_ADDR
     if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:  # "²" is a digit to isdigit
-        raise ConfigError(
-            f"{setting} must be a port (1-65535) or ADDRESS:PORT, got {value!r}",
-            hint="for example 9464 (at 127.0.0.1) or 0.0.0.0:9464; unset, no metrics are served",
-        )
+        raise ConfigError(f"{setting} must be a port (1-65535) or ADDRESS:PORT, got {value!r}", hint=hint)
     return address, int(port)
 
 

@@ -315,6 +315,9 @@ def test_metrics_port_settings() -> None:
     for bad in ("abc", "0", "65536", "host:", "9464:x", "-1"):
         with pytest.raises(ConfigError, match=r"^INDEXQ_METRICS_PORT must be a port \(1-65535\) or ADDRESS:PORT, "):
             parse_metrics_port("INDEXQ_METRICS_PORT", bad)
+    for bad in ("::1", "::9464", "fe80::1:9464"):  # was the address ":" (or "fe80:") and a port
+        with pytest.raises(ConfigError, match=r"^INDEXQ_METRICS_PORT: an IPv6 address goes in brackets, as in \[::1\]"):
+            parse_metrics_port("INDEXQ_METRICS_PORT", bad)
     config = Config.from_env({"INDEXQ_METRICS_PORT": "10.1.2.3:9100"})
     assert (config.metrics_addr, config.metrics_port) == ("10.1.2.3", 9100)
     assert Config.from_env({}).metrics_port is None  # off unless set
@@ -326,7 +329,7 @@ def test_a_bad_metrics_port_is_refused_naming_the_setting(tmp_path: Path) -> Non
     home = tmp_path / "home"
     flag = run_cli(home, "worker", "--metrics-port", "abc", **MODEL)
     assert (flag.returncode, flag.stdout) == (2, "")
-    hint = "Hint: for example 9464 (at 127.0.0.1) or 0.0.0.0:9464; unset, no metrics are served\n"
+    hint = "Hint: for example 9464 (at 127.0.0.1), 0.0.0.0:9464 or [::1]:9464; unset, no metrics are served\n"
     assert flag.stderr == "Error: --metrics-port must be a port (1-65535) or ADDRESS:PORT, got 'abc'\n" + hint
     env = run_cli(home, "maintenance", **MODEL, INDEXQ_METRICS_PORT="70000")
     assert (env.returncode, env.stderr) == (2, "Error: INDEXQ_METRICS_PORT must be a port (1-65535) or ADDRESS:PORT,"

@@ -217,7 +217,11 @@ def test_status_text_shows_embeddings_computed_and_embedded_more_than_once(tmp_p
         assert writer.index("counted", ids) == 5
     finally:
         writer.close()
-    assert "embeddings:  7 computed, 2 chunks embedded more than once\n" in status(home)
+    shown = status(home)
+    assert "embeddings:  7 computed, 2 chunks embedded more than once\n" in shown
+    # The job table's columns line up under their header (job ids are 25 characters).
+    header, row = shown.split("\n\n", 1)[1].splitlines()[:2]
+    assert [header.index(c) for c in ("collection", "state")] == [row.index("counted"), row.index("done")], shown
     info = status_json(home)
     assert (info["embeddings_total"], info["embedded_more_than_once"]) == (7, 2)
 
