@@ -102,3 +102,27 @@ def test_padding_tool_orders_as_the_writer_and_pads_less(tmp_path: Path) -> None
     assert 0 <= data["longest first"]["padding_share"] < data["file order"]["padding_share"]
     assert all(len(data[k]["chunks_per_s"]) == 1 for k in ("file order", "longest first"))
     assert "padding" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--chunks", "0"], "Invalid value for '--chunks': 0 is not in the range x>=1."),  # was a 40,000-chunk run
+        (["--chunks", "-5"], "Invalid value for '--chunks': -5 is not in the range x>=1."),
+        (["--stages", " , "], "Invalid value for --stages: name at least one of producer, bare,"),
+        (["--model", ""], "Invalid value for --model: an empty model: leave --model out for the default model"),
+        (["--model", "no-such-model", "--chunks", "5"], "Error: model 'no-such-model' could not be loaded offline"),
+    ],
+)
+def test_the_benchmark_refuses_bad_arguments_before_it_writes_anything(
+    tmp_path: Path, argv: list[str], message: str
+) -> None:
+    from click.testing import CliRunner
+
+    from ops.tools.bench import main
+
+    output = tmp_path / "results.json"
+    result = CliRunner().invoke(main, [*argv, "--output", str(output)])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not output.exists()

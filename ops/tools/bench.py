@@ -44,6 +44,7 @@ from pipeline.config import (
     QUERY_RUNTIMES,
     Config,
 )
+from pipeline.errors import IndexqError, first_line
 from pipeline.ledger import Ledger
 
 QUICK_CHUNKS = 600
@@ -656,7 +657,9 @@ def report(results: dict[str, Any]) -> str:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--quick", is_flag=True, help=f"Small corpus ({QUICK_CHUNKS} chunks): about two minutes here.")
-@click.option("--chunks", type=int, default=None, help=f"Corpus size in chunks [{FULL_CHUNKS}].")
+@click.option(
+    "--chunks", type=click.IntRange(min=1), default=None, help=f"Corpus size in chunks, 1 or more [{FULL_CHUNKS}]."
+)
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -713,10 +716,14 @@ def main(
     Example:
       python -m ops.tools.bench --quick
     """
-    size = chunks or (QUICK_CHUNKS if quick else FULL_CHUNKS)
+    size = chunks if chunks is not None else QUICK_CHUNKS if quick else FULL_CHUNKS
     chosen = {name.strip() for name in stages.split(",") if name.strip()}
     if chosen - set(STAGES):
         raise click.BadParameter(f"unknown stage(s) {', '.join(sorted(chosen - set(STAGES)))}", param_hint="--stages")
+    if not chosen:
+        raise click.BadParameter(f"name at least one of {', '.join(STAGES)}", param_hint="--stages")
+    if model is not None and not model.strip():
+        raise click.BadParameter("an empty model: leave --model out for the default model", param_hint="--model")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("INDEXQ_", "CHROMADB_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     if model:
@@ -802,6 +809,8 @@ def main(
             "operations: backup, deep check, restore and replay",
             lambda: operations(work / "pipeline-home", env),
         )
+    except IndexqError as exc:  # the corpus cannot be built: a model that does not load, a full disk
+        raise click.UsageError(first_line(exc)) from None
     finally:
         if keep:
             click.echo(f"kept {work}", err=True)
