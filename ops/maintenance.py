@@ -48,6 +48,7 @@ def run_check(config: Config, deep: bool = False) -> Report:
     such when the ledger can still be written, so that status does not say "healthy".
     """
     config.require_home()
+    Ledger(config.ledger_path).close()  # a damaged ledger is said so in one line (DamageFoundError) first
     kind = "deep" if deep else "quick"
     try:
         lock = CommitLock(config.commit_lock_path)

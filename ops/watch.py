@@ -160,8 +160,14 @@ def watch(fetch: Callable[[], dict[str, Any]], interval: float, out: TextIO | No
     try:
         if not out.isatty():
             while True:
-                out.write(plain(view, *_snapshot(fetch), interval) + "\n")
-                out.flush()
+                text = plain(view, *_snapshot(fetch), interval) + "\n"
+                try:
+                    out.write(text)
+                    out.flush()
+                except BrokenPipeError:  # `| head`: the reader has had enough
+                    raise
+                except OSError as exc:  # `> /dev/full`: not the data home's disk
+                    raise IndexqError(f"cannot write the output: {exc.strerror or exc}") from None
                 time.sleep(interval)
         from rich.console import Console
         from rich.live import Live

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,11 @@ def _fail(exc: IndexqError) -> None:
     sys.exit(exc.exit_code)
 
 
+def _in_echo(exc: BaseException) -> bool:
+    """Whether ``exc`` rose from writing the command's own output (click.echo)."""
+    return any(f.name == "echo" and f.filename == click.utils.__file__ for f in traceback.extract_tb(exc.__traceback__))
+
+
 def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -76,6 +82,9 @@ def _errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except IndexqError as exc:
             _fail(exc)
         except Exception as exc:
+            # `indexq status > /dev/full`: not the home's disk (a closed pipe, `| head`, as before)
+            if isinstance(exc, OSError) and not isinstance(exc, BrokenPipeError) and _in_echo(exc):
+                _fail(IndexqError(f"cannot write the output: {exc.strerror or exc}"))
             # SQLite, Huey, chromadb or the OS refusing to read or write the data home
             # (disk full, read-only, permission, I/O): exit 6 with one line, never a traceback.
             home = kwargs.get("home") or Path(DEFAULT_HOME)

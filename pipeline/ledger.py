@@ -30,6 +30,7 @@ from typing import Any
 import sqlite_utils
 
 from pipeline.embedder import model_identity
+from pipeline.errors import DamageFoundError
 from pipeline.events import Events
 from pipeline.jobs import Jobs
 from pipeline.rows import COMMITTED, DELETING, OUTSTANDING, ROW_COLUMNS, Row, id_lists
@@ -57,14 +58,24 @@ class Ledger:
         conn = sqlite3.connect(str(path), timeout=120, isolation_level=None, check_same_thread=False)
         if new:
             path.chmod(0o600)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=120000")
-        self.conn = conn
-        self.db = sqlite_utils.Database(conn)
-        # The writer's worker thread and status probes may share one Ledger.
-        self._lock = threading.RLock()
-        self._create()
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=120000")
+            self.conn = conn
+            self.db = sqlite_utils.Database(conn)
+            # The writer's worker thread and status probes may share one Ledger.
+            self._lock = threading.RLock()
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+                raise  # a disk that refuses, a lock: the caller's to say
+            raise DamageFoundError(
+                f"the ledger {path} is damaged: {exc}",
+                hint="the ledger is the record of every chunk and cannot be rebuilt from Chroma: put back a copy"
+                " of it (your own backup of the data home), or start a new data home and index again",
+            ) from None
         self.sources = Sources(conn, self._tx)
         self.jobs = Jobs(conn, self._tx)
         self.events = Events(conn, self._tx)

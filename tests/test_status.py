@@ -13,6 +13,7 @@ import pickle
 import re
 import sqlite3
 import stat
+import subprocess
 import threading
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import psutil
 import pytest
 
 from pipeline.config import Config
-from tests.conftest import BIN, Proc, copy_corpus, ledger_query, run_cli, start_worker, wait_for
+from tests.conftest import BIN, Proc, copy_corpus, env_for, ledger_query, run_cli, start_worker, wait_for
 
 MODEL = {"INDEXQ_MODEL": "hash:384"}
 SECRET_URL = "http://u:pw123@127.0.0.1:1"
@@ -500,3 +501,37 @@ def test_the_watch_view_of_a_producers_machine_has_no_job_table() -> None:
     shown = plain(View(), info, None, 2.0)
     assert "queue:       3 tasks (redis redis://127.0.0.1:6379/0), 0 intake parts waiting" in shown
     assert "follow a job here with `indexq index --wait`" in shown
+
+
+def test_a_ledger_that_is_not_a_database_is_one_line_from_every_command(tmp_path: Path) -> None:
+    """Every command printed SQLite's traceback ("file is not a database")."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "ledger.db").write_bytes(b"garbage, not SQLite\n" * 10)
+    said = f"Error: the ledger {home / 'ledger.db'} is damaged: file is not a database"
+    for argv in (
+        ["status"],
+        ["status", "--json"],
+        ["check", "--deep"],
+        ["recover"],
+        ["worker"],
+        ["search", "x", "-c", "docs"],
+    ):
+        result = run_cli(home, *argv, timeout=60, **MODEL)
+        assert (result.returncode, result.stderr.splitlines()[0]) == (1, said), (argv, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert (home / "ledger.db").read_bytes() == b"garbage, not SQLite\n" * 10
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full here")
+def test_output_that_cannot_be_written_is_not_blamed_on_the_data_home(tmp_path: Path) -> None:
+    """`indexq status > /dev/full` said the data home's disk was full (exit 6)."""
+    home = tmp_path / "home"
+    assert run_cli(home, "resume").returncode == 0
+    for argv in (["status"], ["status", "--json"], ["backups"], ["status", "--watch", "--interval", "0.1"]):
+        with open("/dev/full", "w") as full:
+            result = subprocess.run(
+                [str(BIN / "indexq"), *argv], env=env_for(home), stdout=full, stderr=subprocess.PIPE, text=True,
+                timeout=60,
+            )  # fmt: skip
+        assert (result.returncode, result.stderr) == (1, "Error: cannot write the output: No space left on device\n")
