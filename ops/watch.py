@@ -57,6 +57,7 @@ class View:
         self._last = (now, committed)
         outstanding = sum(chunks.get(state, 0) for state in ("pending", "embedded", "deleting"))
         memory, disk, check, alerts = info["memory"], info["disk"], info["last_check"], info["alerts"]
+        recovery = info.get("last_recovery")
         rows += [
             ("rate", f"{current}{info['recent_rate']:.1f} chunks/s over the last minute"),
             ("last commit", _ago(info["last_commit"])),
@@ -68,6 +69,8 @@ class View:
             ("disk", f"{disk['free_mb']} MB free (minimum {disk['min_free_mb']} MB)"),
             ("backup", _backup(info["last_backup"])),
             ("check", f"{check['summary']}, {_ago(check['time'])}" if check else "none"),
+            # After a repair the last check may still be the one that found the damage.
+            ("recovery", f"{recovery['summary']}, {_ago(recovery['time'])}" if recovery else "none"),
             ("alerts", f"{len(alerts)} in the last day"
                        + (f", newest {_ago(alerts[0]['time'])}: {alerts[0]['summary']}" if alerts else "")),
         ]  # fmt: skip

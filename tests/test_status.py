@@ -535,3 +535,18 @@ def test_output_that_cannot_be_written_is_not_blamed_on_the_data_home(tmp_path: 
                 timeout=60,
             )  # fmt: skip
         assert (result.returncode, result.stderr) == (1, "Error: cannot write the output: No space left on device\n")
+
+
+def test_the_watch_view_shows_the_last_recovery(tmp_path: Path) -> None:
+    """After a repair the watch still showed the check that found the damage, and no recovery."""
+    import time
+
+    from ops.watch import View, plain
+    from pipeline import api
+
+    home = tmp_path / "home"
+    assert run_cli(home, "resume").returncode == 0
+    info = api.status(Config(home=home))
+    assert "\nrecovery:    none\n" in plain(View(), info, None, 2.0)
+    info["last_recovery"] = {"time": time.time() - 30, "summary": "recovery restore: healthy after"}
+    assert re.search(r"\nrecovery:    recovery restore: healthy after, 3\ds ago\n", plain(View(), info, None, 2.0))
