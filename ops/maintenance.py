@@ -21,7 +21,7 @@ from ops.recovery import recover
 from pipeline import alerts
 from pipeline.config import Config
 from pipeline.errors import BusyError, IndexqError, StorageError, UnreachableError, first_line, storage_error
-from pipeline.ledger import Ledger
+from pipeline.ledger import Ledger, check_ledger
 from pipeline.locks import CommitLock
 from pipeline.queue import QueueClient
 
@@ -48,9 +48,9 @@ def run_check(config: Config, deep: bool = False) -> Report:
     such when the ledger can still be written, so that status does not say "healthy".
     """
     config.require_home()
-    Ledger(config.ledger_path).close()  # a damaged ledger is said so in one line (DamageFoundError) first
     kind = "deep" if deep else "quick"
     try:
+        check_ledger(config.ledger_path)  # a damaged ledger is said so in one line (DamageFoundError) first
         lock = CommitLock(config.commit_lock_path)
         try:
             with lock.held(timeout=config.lock_timeout):

@@ -51,6 +51,32 @@ def _tally(conn: sqlite3.Connection, kind: str, collection: str, n: int) -> None
         )
 
 
+def _damaged(path: Path, exc: sqlite3.DatabaseError) -> DamageFoundError | None:
+    """A ledger SQLite calls no database or malformed, as the one line every command gives."""
+    if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return None  # a disk that refuses, a lock: the caller's to say
+    return DamageFoundError(
+        f"the ledger {path} is damaged: {exc}",
+        hint="the ledger is the record of every chunk and cannot be rebuilt from Chroma: put back a copy"
+        " of it (your own backup of the data home), or start a new data home and index again",
+    )
+
+
+def check_ledger(path: Path) -> None:
+    """Raise DamageFoundError if the ledger at ``path`` is not a SQLite database; read-only
+    (a full disk must still say "cannot check", not this)."""
+    if not path.exists():
+        return
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        conn.execute("PRAGMA schema_version").fetchone()
+    except sqlite3.DatabaseError as exc:
+        if (damage := _damaged(path, exc)) is not None:
+            raise damage from None
+    finally:
+        conn.close()
+
+
 class Ledger:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -69,13 +95,9 @@ class Ledger:
             self._create()
         except sqlite3.DatabaseError as exc:
             conn.close()
-            if getattr(exc, "sqlite_errorname", "") not in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
-                raise  # a disk that refuses, a lock: the caller's to say
-            raise DamageFoundError(
-                f"the ledger {path} is damaged: {exc}",
-                hint="the ledger is the record of every chunk and cannot be rebuilt from Chroma: put back a copy"
-                " of it (your own backup of the data home), or start a new data home and index again",
-            ) from None
+            if (damage := _damaged(path, exc)) is None:
+                raise
+            raise damage from None
         self.sources = Sources(conn, self._tx)
         self.jobs = Jobs(conn, self._tx)
         self.events = Events(conn, self._tx)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from pipeline import collection as settings_of
 from pipeline.collection import CollectionSettings
 from pipeline.config import Config, redact_url
 from pipeline.embedder import is_hash_model, resolve_model
-from pipeline.errors import UnreachableError, first_line
+from pipeline.errors import BadInputError, UnreachableError, first_line
 from pipeline.rows import Row
 
 T = TypeVar("T")
@@ -140,6 +141,24 @@ def _bound_requests(client: Any) -> None:
     session.timeout = httpx.Timeout(HTTP_READ_TIMEOUT, connect=HTTP_CONNECT_TIMEOUT)
 
 
+# The processes that opened a local Chroma directory: a child forked from one of them
+# inherits its Rust runtime without the runtime's threads.
+_opened_in: set[int] = set()
+
+
+def _not_forked_from_a_chroma_process() -> None:
+    """Refuse a local Chroma in a process forked after its parent opened one: Chroma's Rust
+    runtime does not survive a fork, and its first query there waited forever (measured:
+    ``pipeline.search`` in a ``multiprocessing`` fork child, holding the commit lock the
+    writer then waited on). A child started with "spawn" or "forkserver" is fine."""
+    if _opened_in and os.getpid() not in _opened_in:
+        raise BadInputError(
+            "this process was forked from one that had opened Chroma, whose runtime does not survive a fork",
+            hint="start it with multiprocessing.get_context('spawn') (or 'forkserver'), or fork before the first"
+            " search",
+        )
+
+
 class Store:
     def __init__(
         self, path: Path | None = None, url: str | None = None, model: str | None = None,
@@ -174,7 +193,9 @@ class Store:
                 ) from exc
         else:
             assert path is not None
+            _not_forked_from_a_chroma_process()
             self.client = chromadb.PersistentClient(path=str(path), settings=chroma_settings)
+            _opened_in.add(os.getpid())
         self._collections: dict[str, Any] = {}
         self._configured: set[str] = set()  # collections whose embedding function was checked
         self.model = model

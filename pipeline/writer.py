@@ -37,7 +37,7 @@ from pipeline.batches import batched, longest_first
 from pipeline.collection import held
 from pipeline.config import Config
 from pipeline.embedder import Embedder, load_embedder, model_identity
-from pipeline.errors import ForgedPayloadError, StoreError, UnreachableError, first_line
+from pipeline.errors import ForgedPayloadError, IndexqError, StoreError, first_line
 from pipeline.faults import fault_point
 from pipeline.guards import ResourceGuard, check_vector, clean_metadata, clean_text
 from pipeline.heap import HeapTrimmer
@@ -87,7 +87,7 @@ def open_store(config: Config, ledger: Ledger | None = None) -> Store:
     has_database(config, ledger)
     try:
         return Store.open(config)
-    except UnreachableError:
+    except IndexqError:  # a server that does not answer, a process forked from a Chroma one: as they are
         raise
     except Exception as exc:  # Chroma refusing its own directory is damage, said plainly
         raise StoreError(

@@ -398,3 +398,36 @@ def test_a_chroma_directory_without_its_database_is_refused_not_made_afresh(tmp_
     no_collection = f"Error: no collection 'code' in {fresh / 'chroma'}"
     assert (nothing.returncode, nothing.stderr.splitlines()[0]) == (1, no_collection)
     assert not (fresh / "chroma").exists()
+
+
+def _search_in_child(home: str, answer: Any) -> None:
+    try:
+        api.search("decode", "code", 3, Config(home=Path(home), model="hash:384"))
+        answer.put("searched")
+    except BadInputError as exc:
+        answer.put(f"{exc} | {exc.hint}")
+
+
+def test_a_search_in_a_process_forked_after_one_is_refused_not_hung(tmp_path: Path, procs: list[Proc]) -> None:
+    """Chroma's Rust runtime does not survive a fork: a search in a multiprocessing fork
+    child waited forever, holding the commit lock, and the writer stopped committing."""
+    import multiprocessing
+
+    home = tmp_path / "home"
+    hashed = {"INDEXQ_MODEL": "hash:384"}
+    corpus = copy_corpus(tmp_path / "corpus", ["json/__init__.py"])
+    writer = _writer(procs, home, **hashed)
+    _index(home, corpus, **hashed)
+    assert writer.terminate() == 0  # searched here, in this process, with no writer to ask
+    assert api.search("decode", "code", 3, Config(home=home, model="hash:384"))
+    for method, said in (("fork", "this process was forked from one that had opened Chroma"), ("spawn", "searched")):
+        context = multiprocessing.get_context(method)
+        answer = context.Queue()
+        child = context.Process(target=_search_in_child, args=(str(home), answer))
+        child.start()
+        try:
+            assert answer.get(timeout=120).startswith(said)
+        finally:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
