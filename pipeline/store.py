@@ -256,6 +256,7 @@ class Store:
             # The writer's open, to write: a collection made before the configuration named the model.
             self._configure(self._collections[name])
             self._warn_full_text(name)
+            self._warn_space(self._collections[name])
             self._configured.add(name)
         return self._collections[name]
 
@@ -269,6 +270,19 @@ class Store:
                 "collection %s has Chroma's full-text index %s, though it was recorded %s: it was made outside"
                 " indexq, and Chroma cannot change it; a rebuild from the ledger would make it %s",
                 name, "on" if have else "off", "on" if want else "off", "on" if want else "off",
+            )  # fmt: skip
+
+    @staticmethod
+    def _warn_space(col: Any) -> None:
+        """Say so when Chroma's collection measures another distance than cosine (one made by
+        another client before indexq's first commit): the ranking is the same for indexq's unit
+        vectors, but the distances searches report are not (Chroma's l2 is twice cosine's)."""
+        config = col.configuration_json or {}
+        space = (config.get("hnsw") or config.get("spann") or {}).get("space")
+        if space and space != "cosine":
+            logger.warning(
+                "collection %s measures %s distance, not cosine: it was made outside indexq; searches rank the same,"
+                " but report other distances; a rebuild from the ledger would make it cosine", col.name, space,
             )  # fmt: skip
 
     def settings_for(self, name: str) -> CollectionSettings:

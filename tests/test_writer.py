@@ -504,3 +504,14 @@ def test_a_collection_another_client_deleted_is_made_again_and_the_writer_goes_o
     assert sorted(writer.store.dump(COLLECTION)) == sorted(more)
     writer.store.client.delete_collection(COLLECTION)
     assert writer.store.query(COLLECTION, np.ones(32, dtype=np.float32), 3) == []  # not a traceback
+
+
+def test_a_collection_made_outside_indexq_with_another_distance_is_said_so(
+    writer: Writer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Made by another client with l2 before indexq's first commit: searches reported twice
+    cosine's distances, and nothing said why."""
+    writer.store.client.create_collection(COLLECTION, embedding_function=None)  # Chroma's default: l2
+    with caplog.at_level("WARNING", logger="pipeline.store"):
+        assert writer.index(COLLECTION, seed(writer.ledger, rows(writer.ledger, 2))) == 2
+    assert f"collection {COLLECTION} measures l2 distance, not cosine: it was made outside indexq" in caplog.text
