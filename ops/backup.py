@@ -264,7 +264,7 @@ def _create_backup(config: Config, verify: bool) -> dict[str, Any]:
             error = storage_error(exc, f"backup {name} could not be verified, so it was removed", config.home)
             if error is None:
                 raise
-            shutil.rmtree(final, ignore_errors=True)
+            _discard(final)
             ledger.close()
             raise error from exc
     ok = bool(result.get("verified", True))
@@ -456,13 +456,25 @@ def prune(config: Config, now: float | None = None) -> list[str]:
         return _prune(config, time.time() if now is None else now)
 
 
+def _discard(path: Path) -> None:
+    """Delete a backup folder: renamed out of the listing first, then removed. A delete
+    killed half-way (rmtree walks file by file) left a backup with files missing that was
+    still listed, as verified; a ``.deleting-*`` folder is a leftover the next prune removes."""
+    doomed = path.with_name(f".deleting-{path.name}")
+    try:
+        os.rename(path, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _remove_leftovers(config: Config) -> list[str]:
-    """Remove the ``.partial-*`` and ``.verify-*`` folders a killed backup or verification
-    left (call it under backups_lock); returns their names."""
+    """Remove the ``.partial-*``, ``.verify-*`` and ``.deleting-*`` folders a killed backup,
+    verification or prune left (call it under backups_lock); returns their names."""
     removed: list[str] = []
     if config.backups_path.is_dir():
         for path in config.backups_path.iterdir():
-            if path.name.startswith((".partial-", ".verify-")):
+            if path.name.startswith((".partial-", ".verify-", ".deleting-")):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path.name)
     return removed
@@ -481,7 +493,7 @@ def _prune(config: Config, now: float) -> list[str]:
         # backups are restored, and nothing verifies an older one later.
         superseded = backup["verified"] is None and keep is not None and backup["time"] < keep["time"]
         if backup["verified"] is False or superseded or now - backup["time"] > config.retention:
-            shutil.rmtree(backup["path"], ignore_errors=True)
+            _discard(Path(backup["path"]))
             removed.append(backup["name"])
     if removed:
         logger.info("pruned backups: %s", ", ".join(removed))

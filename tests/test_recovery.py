@@ -475,6 +475,27 @@ def test_retention_prunes_old_backups_but_keeps_the_newest_verified(home: Path) 
     assert set(removed) == {backups[0]["name"], backups[2]["name"]}
 
 
+def test_a_prune_killed_while_it_deletes_leaves_no_backup_listed_with_files_missing(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rmtree deletes file by file: a prune killed in the middle left a backup listed as
+    verified with files missing. It is renamed out of the listing before it is deleted."""
+    import ops.backup
+    from ops.backup import list_backups, prune
+
+    config = Config(home=home, model="hash:384")
+    assert run_cli(home, "backup", **MODEL).returncode == 0
+    old, new = list_backups(config)
+    killed: list[str] = []
+    monkeypatch.setattr(ops.backup.shutil, "rmtree", lambda path, **_: killed.append(Path(path).name))
+    prune(config, now=old["time"] + config.retention + 1)  # old is past retention; killed before any file went
+    assert killed == [f".deleting-{old['name']}"]
+    assert [b["name"] for b in list_backups(config)] == [new["name"]]
+    monkeypatch.undo()
+    assert prune(config, now=old["time"] + config.retention + 1) == [f".deleting-{old['name']}"]
+    assert sorted(p.name for p in config.backups_path.iterdir() if p.name != ".lock") == [new["name"]]
+
+
 def test_maintenance_consumer_catches_up_on_a_missed_backup(home: Path, procs: list[Proc]) -> None:
     (old,) = json.loads(run_cli(home, "backups", "--json").stdout)
     manifest = Path(old["path"]) / "manifest.json"
