@@ -409,7 +409,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.guards import unicode_problem
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
-    from pipeline.writer import has_database, open_store
+    from pipeline.writer import open_store
 
     if not isinstance(text, str):
         raise BadInputError(f"the search text must be a string, got {type(text).__name__}")
@@ -426,7 +426,9 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     ledger = _existing_ledger(cfg)
     try:  # a query embedded by another model than the collection's ranks nonsense
         ledger.sources.check_model(collection, cfg.model)
-        if not has_database(cfg, ledger):  # nothing committed yet: said so, no directory made
+        # Nothing committed and no database: said so, no directory made. With chunks committed,
+        # a missing database is judged under the commit lock (a recovery renames it meanwhile).
+        if not cfg.chroma_url and not (cfg.chroma_dir / "chroma.sqlite3").exists() and not ledger.committed_count():
             raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_shown}")
     finally:
         ledger.close()

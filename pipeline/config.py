@@ -160,7 +160,10 @@ def parse_metrics_port(setting: str, value: str | int | None) -> tuple[str, int]
     """(address, port) from ``9464``, ``0.0.0.0:9464`` or ``[::1]:9464``; None when unset."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    address, _, port = str(value).strip().rpartition(":")
+    text = str(value).strip()
+    address, _, port = text.rpartition(":")
+    if text.startswith("[") and text.endswith("]"):  # "[::1]": an address, and no port
+        address, port = text, ""
     hint = "for example 9464 (at 127.0.0.1), 0.0.0.0:9464 or [::1]:9464; unset, no metrics are served"
     if ":" in address and not (address.startswith("[") and address.endswith("]")):
         # "::1" would be the address ":" and port 1: an IPv6 address takes brackets.

@@ -163,21 +163,22 @@ class Private:
 
     def __init__(self, folders: dict[Path, str]) -> None:
         self.folders = {Path(os.path.realpath(p)): what for p, what in folders.items()}
-        self._ids: dict[tuple[int, int], str] = {}
+        # (device, inode) -> the private path that had it, and what it is part of
+        self._ids: dict[tuple[int, int], tuple[str, str]] = {}
         for folder, what in self.folders.items():
             pending = [str(folder)]
             while pending:  # not os.walk: no recursion, and the folders' own identities too
                 top = pending.pop()
                 try:
                     st = os.stat(top, follow_symlinks=False)
-                    self._ids.setdefault((st.st_dev, st.st_ino), what)
+                    self._ids.setdefault((st.st_dev, st.st_ino), (top, what))
                     with os.scandir(top) as entries:
                         for entry in entries:
                             if entry.is_dir(follow_symlinks=False):
                                 pending.append(entry.path)
                             elif entry.is_file(follow_symlinks=False):
                                 est = entry.stat(follow_symlinks=False)
-                                self._ids.setdefault((est.st_dev, est.st_ino), what)
+                                self._ids.setdefault((est.st_dev, est.st_ino), (entry.path, what))
                 except OSError:  # not there (yet), or unreadable to this user: its path still counts
                     continue
 
@@ -190,9 +191,18 @@ class Private:
                 return what
         try:
             st = real.stat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a broken link: said by the caller
             return None
-        return self._ids.get((st.st_dev, st.st_ino))
+        known = self._ids.get((st.st_dev, st.st_ino))
+        if known is None:
+            return None
+        # Still that file or folder of the home? Files the home deletes meanwhile (intake
+        # parts, a pruned backup) give their inode numbers to new files elsewhere.
+        try:
+            again = os.stat(known[0], follow_symlinks=False)
+        except OSError:
+            return None
+        return known[1] if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino) else None
 
 
 def _tree(

@@ -456,12 +456,14 @@ class Writer:
         stamp = _generation_stamp(self.config)
         if stamp == self._stamp:
             return
-        self._stamp = stamp
         generation = read_generation(self.config)
         if generation != self._generation:
             logger.warning("the Chroma directory was restored (generation %s): reopening it", generation)
+            # Taken as followed only once reopened: a directory a killed recovery left without
+            # its database is refused at every commit, not written through the old client.
             self.store = open_store(self.config, self.ledger)
             self._generation = generation
+        self._stamp = stamp
 
     def delete(self, collection: str, ids: Sequence[str]) -> int:
         """Remove stale chunks from Chroma, then from the ledger."""

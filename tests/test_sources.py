@@ -721,3 +721,19 @@ def test_proc_files_are_read_and_a_pipe_named_as_a_path_is_refused() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_a_symlink_through_a_regular_file_is_a_broken_symlink() -> None:
+    """``notdir -> regular/x``: the identity check of the data home met ENOTDIR and called it
+    unreadable (chunks kept, the target named) instead of a broken symlink (chunks stale)."""
+    import tempfile
+
+    from pipeline.corpus import Private, Skipped, walk
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch).resolve() / "tree"
+        tree.mkdir()
+        (tree / "regular").write_text("a file\n")
+        (tree / "notdir").symlink_to(tree / "regular" / "x")
+        found = list(walk([tree], private=Private({Path(scratch) / "home": "the data home"})))
+        assert found == [Skipped(str(tree / "notdir"), "broken symlink"), tree / "regular"]

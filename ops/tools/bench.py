@@ -44,7 +44,7 @@ from pipeline.config import (
     QUERY_RUNTIMES,
     Config,
 )
-from pipeline.errors import IndexqError, first_line
+from pipeline.errors import BadInputError, IndexqError, first_line
 from pipeline.ledger import Ledger
 
 QUICK_CHUNKS = 600
@@ -809,8 +809,11 @@ def main(
             "operations: backup, deep check, restore and replay",
             lambda: operations(work / "pipeline-home", env),
         )
-    except IndexqError as exc:  # the corpus cannot be built: a model that does not load, a full disk
+    except BadInputError as exc:  # the corpus cannot be built: a model that does not load
         raise click.UsageError(first_line(exc)) from None
+    except IndexqError as exc:  # a full disk: its own exit code (6), one line
+        click.echo(f"Error: {first_line(exc)}", err=True)
+        sys.exit(exc.exit_code)
     finally:
         if keep:
             click.echo(f"kept {work}", err=True)
