@@ -17,11 +17,14 @@ Against a Chroma server (``chroma_url``) the files are the server's: only layers
 and 5 run, through the API. A server that does not answer raises UnreachableError:
 unavailable is not damage, and must never start a recovery. Likewise a disk that
 refuses a read or a write (full, read-only, permission, I/O error: "database or disk
-is full" from Chroma opening its directory) raises StorageError: cannot check.
+is full" from Chroma opening its directory) raises StorageError: cannot check. And a
+lock another program holds on chroma.sqlite3 ("database is locked", past the lock
+timeout) raises BusyError: busy, not damage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -33,11 +36,12 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import redact_url
-from pipeline.errors import StorageError, storage_error, storage_errors
+from pipeline.config import DEFAULT_LOCK_TIMEOUT, redact_url
+from pipeline.errors import BusyError, IndexqError, StorageError, first_line, storage_error, storage_errors
 
 if TYPE_CHECKING:
     from pipeline.config import Config
@@ -108,13 +112,56 @@ class _NoGlobals(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing {module}.{name}: not plain data")
 
 
-def _not_storage(exc: BaseException) -> None:
-    """Re-raise a storage problem met by a layer: it could not look, which is not damage."""
+def _not_storage(exc: BaseException, db: Path | None = None) -> None:
+    """Re-raise a storage problem met by a layer: it could not look, which is not damage.
+    So is a lock another program holds on ``db`` (BusyError)."""
     if storage_error(exc) is not None:
         raise exc
+    if db is not None and (why := busy(exc)) is not None:
+        raise busy_error(db, why) from exc
 
 
-def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
+# SQLite's SQLITE_BUSY (5) and SQLITE_LOCKED (6), in the low byte of an extended result
+# code, and how they read in a message (Chroma's Rust core passes only the message).
+_BUSY_CODES = frozenset({5, 6})
+_BUSY_WORDS = ("database is locked", "database table is locked", "database schema is locked")
+
+
+def busy(exc: BaseException) -> str | None:
+    """What ``exc`` (or one of its causes) says if it is SQLite's "locked" or "busy": another
+    connection held a lock past the busy timeout, which is not damage. Else None."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        code = getattr(cause, "sqlite_errorcode", None)
+        if (isinstance(code, int) and code & 0xFF in _BUSY_CODES) or any(w in str(cause).lower() for w in _BUSY_WORDS):
+            return first_line(cause)
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def busy_error(db: Path, why: str) -> BusyError:
+    return BusyError(
+        f"cannot check {db}: another program holds a lock on it ({why}); this is not damage",
+        hint="nothing was judged damaged or changed; run it again once that program lets go (`fuser` names it)",
+    )
+
+
+@contextlib.contextmanager
+def _busy_is_not_damage(db: Path) -> Iterator[None]:
+    """A lock another program holds on ``db``, met anywhere in the block, as BusyError."""
+    try:
+        yield
+    except IndexqError:
+        raise
+    except Exception as exc:
+        if (why := busy(exc)) is None:
+            raise
+        raise busy_error(db, why) from exc
+
+
+def check_sqlite(chroma: Path, deep: bool, busy_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[Problem]:
     db = chroma / "chroma.sqlite3"
     if not db.exists():
         return [Problem("sqlite", str(db), "missing")]
@@ -124,14 +171,16 @@ def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
         # Read-only, SQLite refuses to read past it ("attempt to write a readonly
         # database") and the check would blame the disk. The check holds the commit
         # lock; on a read-only mount SQLite opens the file read-only all the same.
-        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=30)
+        # Another program's lock is waited for as long as the commit lock (lock_timeout);
+        # still held then, it is BusyError ("database is locked" is no damage).
+        conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=busy_timeout)
         try:
             rows = conn.execute("PRAGMA integrity_check" if deep else "PRAGMA quick_check").fetchall()
             conn.execute("SELECT count(*) FROM segments").fetchone()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        _not_storage(exc)
+        _not_storage(exc, db)
         return [Problem("sqlite", str(db), str(exc))]
     messages = [r[0] for r in rows]
     if messages != ["ok"]:
@@ -139,12 +188,13 @@ def check_sqlite(chroma: Path, deep: bool) -> list[Problem]:
     return []
 
 
-def check_fts(chroma: Path) -> list[Problem]:
+def check_fts(chroma: Path, busy_timeout: float = DEFAULT_LOCK_TIMEOUT) -> list[Problem]:
     db = chroma / "chroma.sqlite3"
     try:
         # 'integrity-check' is spelled as an INSERT but changes nothing; rank 1 also
-        # compares the index with the content table.
-        conn = sqlite3.connect(str(db), timeout=30)
+        # compares the index with the content table. As an INSERT it waits for another
+        # program's write lock too (BusyError past busy_timeout, never damage).
+        conn = sqlite3.connect(str(db), timeout=busy_timeout)
         try:
             conn.execute(
                 "INSERT INTO embedding_fulltext_search(embedding_fulltext_search, rank) VALUES ('integrity-check', 1)"
@@ -153,7 +203,7 @@ def check_fts(chroma: Path) -> list[Problem]:
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
-        _not_storage(exc)
+        _not_storage(exc, db)
         return [Problem("fts", "embedding_fulltext_search", str(exc))]
     return []
 
@@ -251,7 +301,7 @@ def check_hnsw(chroma: Path) -> list[Problem]:
     try:
         segments = vector_segments(chroma)
     except sqlite3.DatabaseError as exc:
-        _not_storage(exc)
+        _not_storage(exc, chroma / "chroma.sqlite3")
         return [Problem("hnsw", str(chroma), f"cannot list segments: {exc}")]
     for segment, collection in segments:
         folder = chroma / segment
@@ -294,10 +344,16 @@ def run_probe(chroma: Path, ledger: Path, deep: bool, url: str | None = None) ->
     if "storage" in result:
         where = redact_url(url) if url else str(chroma)
         raise StorageError(f"cannot check {where} (this is not damage): {result['storage']}", hint=result.get("hint"))
+    if "busy" in result:  # Chroma met another program's lock on its database: busy, not damage
+        raise busy_error(chroma / "chroma.sqlite3", result["busy"])
     if "error" in result:
         where = redact_url(url) if url else str(chroma)
         return {}, [Problem("chroma", where, f"Chroma could not be read: {result['error']}")]
-    return result["collections"], problems_of(result["collections"])
+    # A collection of the ledger's name that holds vectors of another dimension than the
+    # ledger's was made by another program: no replay can fill it (Chroma refuses every
+    # vector), so it is damage beyond chunks missing, repaired by a restore or a rebuild.
+    unlike = [Problem("ledger", name, what) for name, what in result.get("unlike", {}).items()]
+    return result["collections"], unlike + problems_of(result["collections"])
 
 
 def problems_of(collections: dict[str, Any]) -> list[Problem]:
@@ -375,7 +431,9 @@ INTERRUPTED_RESTORE = "a restore was interrupted before its replay finished"
 
 def check_home(config: Config, deep: bool = False) -> Report:
     """Every layer on a data home's Chroma (directory or server) against its ledger."""
-    report = check(config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url)
+    report = check(
+        config.chroma_dir, config.ledger_path, deep=deep, url=config.chroma_url, busy_timeout=config.lock_timeout
+    )
     if config.pending_replay_path.exists():
         # Chunks committed after the backup's watermark may still hold the backup's older
         # text, which only a deep read-back would see: say so at every depth.
@@ -383,21 +441,32 @@ def check_home(config: Config, deep: bool = False) -> Report:
     return report
 
 
-def check(chroma: Path, ledger: Path, deep: bool = False, url: str | None = None) -> Report:
+def check(
+    chroma: Path,
+    ledger: Path,
+    deep: bool = False,
+    url: str | None = None,
+    busy_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> Report:
     """Every layer, cheap to deep. Structural damage skips the probe (it could only crash).
 
     Raises StorageError if the files could not be read (or Chroma could not open them)
-    for want of space, permission or a working disk: cannot check, never damage.
+    for want of space, permission or a working disk: cannot check, never damage. Raises
+    BusyError if another program holds a lock on chroma.sqlite3 for ``busy_timeout``
+    seconds: busy, never damage.
     """
     started = time.monotonic()
     report = Report(deep=deep)
-    with storage_errors(f"cannot check {redact_url(url) if url else chroma} (this is not damage)", chroma):
+    with (
+        storage_errors(f"cannot check {redact_url(url) if url else chroma} (this is not damage)", chroma),
+        _busy_is_not_damage(chroma / "chroma.sqlite3"),
+    ):
         if not url and nothing_written(chroma, ledger):
             return report  # a fresh home: the writer has not created its directory yet
         if not url:
-            report.problems.extend(check_sqlite(chroma, deep))
+            report.problems.extend(check_sqlite(chroma, deep, busy_timeout))
             if not report.problems:
-                report.problems.extend(check_fts(chroma))
+                report.problems.extend(check_fts(chroma, busy_timeout))
                 report.problems.extend(check_hnsw(chroma))
         if not report.layers - {"fts"}:
             report.collections, found = run_probe(chroma, ledger, deep, url)

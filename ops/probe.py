@@ -5,8 +5,10 @@
 
 Prints one JSON object: per collection, the ids Chroma has against the ledger's
 committed set, and with --deep, embeddings and documents read back against the ledger
-and self-recall on a sample. Exit 0 whatever it finds; a crash is the caller's finding.
-A disk that refuses (full, read-only, I/O) is reported as ``storage``: cannot check.
+and self-recall on a sample; under ``unlike``, collections of the ledger's names that
+indexq did not create (vectors of another dimension). Exit 0 whatever it finds; a crash
+is the caller's finding. A disk that refuses (full, read-only, I/O) is reported as
+``storage``: cannot check; another program's lock on Chroma's database as ``busy``.
 """
 
 from __future__ import annotations
@@ -42,11 +44,21 @@ _SHOWN = 5
 
 
 def probe(chroma: Path | None, ledger_path: Path, deep: bool, url: str | None = None) -> dict[str, Any]:
+    return findings(chroma, ledger_path, deep, url)[0]
+
+
+def findings(
+    chroma: Path | None, ledger_path: Path, deep: bool, url: str | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What ``probe`` returns, and the collections not as indexq created them (name -> what
+    is wrong): vectors of another dimension than the ledger's, a collection another program
+    recreated under the ledger's name."""
     from pipeline.store import Store
 
     ledger = Ledger(ledger_path)
     store = Store(chroma, url=url)
     out: dict[str, Any] = {}
+    unlike: dict[str, str] = {}
     # One read transaction: a producer changing rows meanwhile cannot make the
     # ledger disagree with itself between two reads (WAL gives a snapshot).
     ledger.conn.execute("BEGIN")
@@ -57,6 +69,8 @@ def probe(chroma: Path | None, ledger_path: Path, deep: bool, url: str | None = 
             if not committed and not store.exists(name):
                 continue
             have = store.ids(name)
+            if (why := _unlike(store, ledger, name)) is not None:
+                unlike[name] = why
             missing = sorted(committed - have)
             unknown = sorted(have - set(states))
             result: dict[str, Any] = {
@@ -72,7 +86,29 @@ def probe(chroma: Path | None, ledger_path: Path, deep: bool, url: str | None = 
             out[name] = result
     finally:
         ledger.close()
-    return out
+    return out, unlike
+
+
+def _unlike(store: Any, ledger: Ledger, name: str) -> str | None:
+    """Why collection ``name`` is not the one indexq created, if it is not: Chroma fixed its
+    dimension with its first vector, and the ledger's committed vectors have another."""
+    col = store.collection(name, create=False)
+    have = getattr(getattr(col, "_model", None), "dimension", None) if col is not None else None
+    if not isinstance(have, int):
+        return None  # no such collection, or empty: a replay fills it
+    sizes = [
+        size // 4
+        for (size,) in ledger.conn.execute(
+            "SELECT length(embedding) FROM chunks WHERE collection=? AND state=? AND embedding IS NOT NULL LIMIT 1",
+            (name, COMMITTED),
+        )
+    ]
+    if not sizes or have in sizes:
+        return None
+    return (
+        f"Chroma's collection takes vectors of dimension {have}, the ledger's committed chunks have"
+        f" {', '.join(map(str, sorted(sizes)))}: not the collection indexq created (another program made it)"
+    )
 
 
 def _deep(store: Any, ledger: Ledger, name: str, ids: list[str]) -> dict[str, Any]:
@@ -148,16 +184,20 @@ def _found(col: Any, id_: str, vector: np.ndarray, depth: int, anywhere: bool) -
 @click.option("--ledger", "ledger_path", type=click.Path(path_type=Path), required=True)
 @click.option("--deep", is_flag=True)
 def main(chroma: Path | None, chroma_url: str | None, ledger_path: Path, deep: bool) -> None:
+    from ops.integrity import busy
     from pipeline.errors import UnreachableError, first_line, storage_error
 
     try:
-        result: dict[str, Any] = {"collections": probe(chroma, ledger_path, deep, url=chroma_url)}
+        collections, unlike = findings(chroma, ledger_path, deep, url=chroma_url)
+        result: dict[str, Any] = {"collections": collections, "unlike": unlike}
     except UnreachableError as exc:  # a server that does not answer is not damage
         result = {"unreachable": str(exc)}
     except Exception as exc:  # Chroma refusing to load a segment is a finding, not a crash
         storage = storage_error(exc, path=chroma, unexplained=True)
         if storage is not None:  # ... unless the disk refused (full, read-only, I/O): cannot check
             result = {"storage": storage.reason, "hint": storage.hint}
+        elif (why := busy(exc)) is not None:  # ... or another program holds a lock: busy
+            result = {"busy": why}
         else:
             result = {"error": f"{type(exc).__name__}: {first_line(exc)}"}
     json.dump(result, sys.stdout)

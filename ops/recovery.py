@@ -17,6 +17,13 @@ the swap and removed when the replay ends; while it exists every check reports t
 interrupted restore, and the next recovery finishes the replay from its watermark.
 The run ends with a deep check, an event in the ledger and a line in the log.
 
+The directory set aside may hold collections the ledger does not know (another
+program's, through a plain Chroma client): they are not carried into the restored or
+rebuilt directory. Recovery names them (``foreign`` in its result, a warning in the
+log, the event's summary) and where they now are, in quarantine with the damaged
+directory. They are read from chroma.sqlite3's ``collections`` table, read-only; a
+table too damaged to read is said so, and never stops the recovery of the ledger's.
+
 Nothing moves until recovery knows it can finish (``preflight``): the data home takes
 a write, the Chroma directory is on its filesystem (quarantine and restore are
 renames), and there is room for what the step writes (a backup's copy, replayed
@@ -37,18 +44,21 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 from ops.backup import checksum_problems, discredit, home_of, list_backups
-from ops.integrity import INTERRUPTED_RESTORE, Report, check_home
+from ops.integrity import INTERRUPTED_RESTORE, Report, busy, check_home
 from pipeline import alerts
+from pipeline import collection as settings_of
 from pipeline.batches import batched
 from pipeline.config import Config
 from pipeline.errors import (
     CHROMA_NEARLY_FULL,
+    BusyError,
     NotFoundError,
     RecoveryFailedError,
     StorageError,
@@ -179,8 +189,11 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
             if dry_run or result["action"] == NONE:
                 return {**result, "dry_run": dry_run}
             logger.warning("recovery: %s (%s)", result["action"], result["reason"])
+            unlisted = None
             try:
                 result.update(_execute(config, ledger, result))
+                # Said in the log and the event, not in the result: its contract lists ``foreign`` only.
+                unlisted = result.pop("foreign_unlisted", None)
             except Exception as exc:
                 result["error"] = f"{type(exc).__name__}: {exc}"
                 # Chroma's errors may not say why (a full disk fails its compaction with
@@ -189,6 +202,15 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
                 error = storage_error(
                     exc, doing, config.home, unexplained=from_chroma(exc), nearly_full=CHROMA_NEARLY_FULL
                 )
+                why = busy(exc) if error is None else None
+                if why is not None:  # another program took a lock on Chroma's database meanwhile: busy
+                    logger.error("%s: another program holds a lock on Chroma's database (%s)", doing, why)
+                    raise BusyError(
+                        f"{doing}: another program holds a lock on {config.chroma_dir / 'chroma.sqlite3'} ({why});"
+                        " this is not damage",
+                        hint="run `indexq recover` again once that program lets go (`fuser` names it);"
+                        " each step can be run again",
+                    ) from exc
                 if error is None:
                     logger.exception("recovery %s failed", result["action"])
                 else:  # the estimate fell short, or the disk failed meanwhile
@@ -214,13 +236,21 @@ def recover(config: Config, source: str | None = None, dry_run: bool = False) ->
     summary = f"recovery {result['action']}: " + (
         "healthy after" if result["healthy"] else f"still damaged: {result['remaining'][:2]}"
     )
+    if result.get("foreign"):
+        summary += f"; {_foreign_note(result)}"
+    elif unlisted:
+        summary += f"; collections the ledger does not know in {result['quarantine']}/chroma {unlisted}"
     ledger.events.add("recovery", result["healthy"], summary, result)
     if not result["healthy"]:
         alerts.raise_alert(config, ledger, summary)
     ledger.close()
     logger.warning("%s (writer paused %.2fs)", summary, result["pause_seconds"])
     if not result["healthy"]:
-        raise RecoveryFailedError(summary, hint="the damaged directory is in quarantine/; see logs/alerts.log")
+        if "quarantine" in result:
+            hint = f"the damaged directory is in {result['quarantine']}; see logs/alerts.log"
+        else:  # repaired in place (or on a server): nothing was set aside
+            hint = "nothing was moved to quarantine/; see logs/alerts.log, and `indexq recover --from BACKUP`"
+        raise RecoveryFailedError(summary, hint=hint)
     return {**result, "dry_run": False}
 
 
@@ -234,6 +264,8 @@ def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Repo
     if config.chroma_engine == "server":
         return {"action": action}  # the server's disk is the server's; the ledger is only read
     chroma = config.chroma_dir
+    if action in (FTS, REPLAY):
+        _writable(chroma / "chroma.sqlite3", config.lock_timeout)
     if action in (RESTORE, REBUILD) and chroma.exists() and chroma.stat().st_dev != home.stat().st_dev:
         raise RecoveryFailedError(
             f"cannot recover: {chroma} is not on the filesystem of the data home {home}; nothing was changed",
@@ -261,6 +293,26 @@ def preflight(config: Config, ledger: Ledger, step: dict[str, Any], report: Repo
             hint="free space on that filesystem, then run `indexq recover` again",
         )
     return {"action": action, "needs_bytes": need, "free_bytes": free}
+
+
+def _writable(db: Path, timeout: float) -> None:
+    """Raise BusyError if another program holds a lock on ``db`` that a repair in place would
+    wait on past ``timeout`` (a write lock taken and given back at once; nothing written)."""
+    if not db.exists():
+        return
+    conn = sqlite3.connect(f"file:{db}?mode=rw", uri=True, timeout=timeout, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+    except sqlite3.OperationalError as exc:
+        if (why := busy(exc)) is None:
+            raise
+        raise BusyError(
+            f"cannot recover: another program holds a lock on {db} ({why}); nothing was changed",
+            hint="run `indexq recover` again once that program lets go (`fuser` names it)",
+        ) from exc
+    finally:
+        conn.close()
 
 
 def _mb(size: int) -> str:
@@ -334,11 +386,12 @@ def _execute(config: Config, ledger: Ledger, step: dict[str, Any]) -> dict[str, 
     if action == RESTORE:
         backup = next(b for b in list_backups(config) if b["name"] == step["backup"])
         return _swap_in(config, ledger, backup, step["reason"])
+    foreign = _not_ours(config.chroma_dir, ledger)
     quarantined = _quarantine(config, step["reason"])
     config.chroma_dir.mkdir(mode=0o700, exist_ok=True)
     result = {"quarantine": str(quarantined), **replay(config, ledger)}
     _replayed(config)  # every committed chunk: a restore's unfinished replay is done too
-    return result
+    return {**result, **_left_behind(config, quarantined, foreign)}
 
 
 def restore_backup(config: Config, name: str, watermark: int | None = None) -> dict[str, Any]:
@@ -370,11 +423,63 @@ def _swap_in(
     # Before the swap: a kill from here until the replay ends leaves the backup's older
     # text on chunks committed since, which checks then report and recovery replays.
     write_json_atomic(config.pending_replay_path, {"watermark": after, "backup": backup["name"], "time": time.time()})
+    foreign = _not_ours(config.chroma_dir, ledger)
     quarantined = _quarantine(config, reason)
     _restore(config, staging, quarantined)
     result = {"quarantine": str(quarantined), **replay(config, ledger, after)}
     _replayed(config)
-    return result
+    return {**result, **_left_behind(config, quarantined, foreign, backup["name"])}
+
+
+def _collection_names(chroma: Path) -> list[str]:
+    """The names in a Chroma directory's ``collections`` table, read-only (none without a database)."""
+    db = chroma / "chroma.sqlite3"
+    if not db.is_file():
+        return []
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return sorted(name for (name,) in conn.execute("SELECT name FROM collections"))
+    finally:
+        conn.close()
+
+
+def _not_ours(chroma: Path, ledger: Ledger) -> list[str] | str:
+    """The collections of the directory about to be set aside that the ledger does not know
+    (another program's), or why they could not be listed (a damaged database): never raises,
+    since naming them must not stop the recovery of the ledger's own."""
+    try:
+        known = set(settings_of.all_recorded(ledger.conn))
+        return [name for name in _collection_names(chroma) if name not in known]
+    except Exception as exc:
+        return f"could not be listed: {type(exc).__name__}: {first_line(exc)}"
+
+
+def _left_behind(
+    config: Config, quarantined: Path, foreign: list[str] | str, backup: str | None = None
+) -> dict[str, Any]:
+    """``foreign`` for the result: what of another program's stayed with the damaged directory
+    (in quarantine), said in the log, with the older copies the restored backup holds."""
+    where = quarantined / "chroma"
+    if isinstance(foreign, str):
+        logger.warning("collections the ledger does not know in %s %s; any stay there", where, foreign)
+        return {"foreign": [], "foreign_unlisted": foreign}
+    if foreign:
+        note = _foreign_note({"foreign": foreign, "quarantine": str(quarantined)})
+        try:
+            older = [name for name in foreign if name in _collection_names(config.chroma_dir)]
+        except Exception:
+            older = []
+        if older:
+            note += f" (backup {backup} restored an older copy of {', '.join(older)})"
+        logger.warning("%s", note)
+    return {"foreign": foreign}
+
+
+def _foreign_note(result: dict[str, Any]) -> str:
+    return (
+        f"collections not indexq's, left in {Path(result['quarantine']) / 'chroma'} with the damaged directory:"
+        f" {', '.join(result['foreign'])}"
+    )
 
 
 def _pending_replay(config: Config) -> int | None:
