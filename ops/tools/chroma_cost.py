@@ -2,13 +2,16 @@
 
     python -m ops.tools.chroma_cost               # about a minute here
     python -m ops.tools.chroma_cost --upserts 300 --rounds 5
+    python -m ops.tools.chroma_cost --dir /dev/shm    # the same without the disk
 
 Upserts of 10 records (random unit vectors of 384 floats, ~800-character code-like
 documents, the ids and metadata indexq's writer gives a file's chunks: eight keys, the
 LlamaIndex node among them) into fresh persistent directories, one variant at a time and
 interleaved over rounds: ids and vectors only, with metadata, with documents and one
-metadata key (the records of the benchmark's bare loop), with documents (indexq's records),
-with documents and the full-text index off. Then the
+metadata key (the records of the benchmark's bare loop), with documents and indexq's keys
+but LlamaIndex's node, with documents, one key and LlamaIndex's node, with documents
+(indexq's records), with documents and the full-text index off: where a record's cost
+lies, key by key. Then the
 parts of a commit measured apart with plain SQLite: a rollback-journal transaction of
 ten rows (the log), and ten documents into an FTS5 trigram table (the full-text index).
 Last, whether Python's other threads can run while Chroma upserts: a thread that only
@@ -36,7 +39,7 @@ import numpy as np
 from pipeline.chunking import Chunk
 from pipeline.collection import CollectionSettings
 from pipeline.ids import content_hash
-from pipeline.producer import file_record
+from pipeline.producer import NODE_KEYS, file_record
 from pipeline.store import Store
 
 BATCH = 10
@@ -44,14 +47,28 @@ DIM = 384
 DOC_CHARS = 800
 WORDS = ("def", "return", "self", "import", "class", "value", "for", "in", "if", "else", "None", "list",
          "config", "path", "commit", "ledger", "chunk", "write", "read", "error", "raise", "with")  # fmt: skip
-# (name, metadata: none, "one" key or "indexq"'s, documents, full-text index)
+# (name, metadata: none, "one" key, "plain" (indexq's without LlamaIndex's node), "node"
+# (one key and the node) or "indexq"'s, documents, full-text index)
 VARIANTS = (
     ("ids + vectors", "", False, True),
     ("+ metadata", "indexq", False, True),
     ("+ documents, one key (bare loop)", "one", True, True),
+    ("+ documents, keys but the node", "plain", True, True),
+    ("+ documents, one key + node", "node", True, True),
     ("+ documents (indexq default)", "indexq", True, True),
     ("+ documents, full-text off", "indexq", True, False),
 )
+
+
+def _metadata(kind: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """The keys a variant upserts of a record's metadata (``kind`` as in VARIANTS)."""
+    if kind == "one":
+        return {"ordinal": metadata["ordinal"]}
+    if kind == "plain":
+        return {k: v for k, v in metadata.items() if k not in NODE_KEYS}
+    if kind == "node":
+        return {"ordinal": metadata["ordinal"], **{k: metadata[k] for k in NODE_KEYS}}
+    return metadata
 
 
 def _document(rng: random.Random) -> str:
@@ -86,10 +103,8 @@ def _variant(
     for n in range(upserts + 5):
         group = records[n * BATCH : (n + 1) * BATCH]
         kwargs: dict[str, Any] = {"ids": [r[0] for r in group], "embeddings": np.stack([r[1] for r in group])}
-        if metadata == "one":
-            kwargs["metadatas"] = [{"ordinal": r[3]["ordinal"]} for r in group]
-        elif metadata:
-            kwargs["metadatas"] = [r[3] for r in group]
+        if metadata:
+            kwargs["metadatas"] = [_metadata(metadata, r[3]) for r in group]
         if documents:
             kwargs["documents"] = [r[2] for r in group]
         start = time.perf_counter()
@@ -198,9 +213,14 @@ def _other_thread(work: Path, upserts: int) -> dict[str, float]:
 @click.option("--upserts", default=150, show_default=True, help="Upserts of 10 records per variant and round.")
 @click.option("--rounds", default=3, show_default=True, help="Rounds (variants interleaved) to tame a noisy machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
-def main(upserts: int, rounds: int, as_json: bool) -> None:
+@click.option(
+    "--dir", "where", type=click.Path(exists=True, file_okay=False, writable=True, path_type=Path),
+    help="Folder for the scratch collections (default: the system's temporary folder); a tmpfs such as"
+    " /dev/shm shows what the disk's share is.",
+)  # fmt: skip
+def main(upserts: int, rounds: int, as_json: bool, where: Path | None) -> None:
     results: dict[str, list[dict[str, Any]]] = {v[0]: [] for v in VARIANTS}
-    with tempfile.TemporaryDirectory(prefix="chroma-cost-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="chroma-cost-", dir=where) as tmp:
         work = Path(tmp)
         for round_ in range(rounds):
             order = list(VARIANTS) if round_ % 2 == 0 else list(reversed(VARIANTS))
@@ -224,7 +244,8 @@ def main(upserts: int, rounds: int, as_json: bool) -> None:
             "log_rows": last["rows"]["embeddings_queue"],
         })  # fmt: skip
     out = {
-        "upserts": upserts, "rounds": rounds, "variants": table, "sqlite_ms_per_commit": parts, "other_thread": other,
+        "upserts": upserts, "rounds": rounds, "dir": str(where or tempfile.gettempdir()), "variants": table,
+        "sqlite_ms_per_commit": parts, "other_thread": other,
     }  # fmt: skip
     if as_json:
         click.echo(json.dumps(out, indent=2))
