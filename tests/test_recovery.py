@@ -457,7 +457,12 @@ def test_restore_while_the_writer_works(home: Path, procs: list[Proc]) -> None:
     assert_equals_ledger(home)
 
 
-def test_retention_prunes_old_backups_but_keeps_the_newest_verified(home: Path) -> None:
+def test_retention_prunes_old_backups_but_keeps_the_newest_verified(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also: rmtree deletes file by file, and a prune killed in the middle left a backup
+    listed as verified with files missing. It is renamed out of the listing first."""
+    import ops.backup
     from ops.backup import list_backups, prune
 
     config = Config(home=home, model="hash:384")
@@ -469,31 +474,17 @@ def test_retention_prunes_old_backups_but_keeps_the_newest_verified(home: Path) 
     newest = Path(backups[-1]["path"])
     (newest / "verification.json").write_text(json.dumps({"verified": False, "problems": ["test"]}))
     now = time.time() + 30 * 86400
-    removed = prune(config, now=now)
+    killed: list[str] = []  # a prune killed before any file of the two went
+    monkeypatch.setattr(ops.backup.shutil, "rmtree", lambda path, **_: killed.append(Path(path).name))
+    prune(config, now=now)
+    assert sorted(killed) == sorted(f".deleting-{b['name']}" for b in (backups[0], backups[2]))
+    assert [b["name"] for b in list_backups(config)] == [backups[1]["name"]]
+    monkeypatch.undo()
+    removed = prune(config, now=now)  # the leftovers
     left = [b["name"] for b in list_backups(config)]
     assert left == [backups[1]["name"]]
-    assert set(removed) == {backups[0]["name"], backups[2]["name"]}
-
-
-def test_a_prune_killed_while_it_deletes_leaves_no_backup_listed_with_files_missing(
-    home: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """rmtree deletes file by file: a prune killed in the middle left a backup listed as
-    verified with files missing. It is renamed out of the listing before it is deleted."""
-    import ops.backup
-    from ops.backup import list_backups, prune
-
-    config = Config(home=home, model="hash:384")
-    assert run_cli(home, "backup", **MODEL).returncode == 0
-    old, new = list_backups(config)
-    killed: list[str] = []
-    monkeypatch.setattr(ops.backup.shutil, "rmtree", lambda path, **_: killed.append(Path(path).name))
-    prune(config, now=old["time"] + config.retention + 1)  # old is past retention; killed before any file went
-    assert killed == [f".deleting-{old['name']}"]
-    assert [b["name"] for b in list_backups(config)] == [new["name"]]
-    monkeypatch.undo()
-    assert prune(config, now=old["time"] + config.retention + 1) == [f".deleting-{old['name']}"]
-    assert sorted(p.name for p in config.backups_path.iterdir() if p.name != ".lock") == [new["name"]]
+    assert set(removed) == {f".deleting-{backups[0]['name']}", f".deleting-{backups[2]['name']}"}
+    assert sorted(p.name for p in config.backups_path.iterdir() if p.name != ".lock") == [backups[1]["name"]]
 
 
 def test_maintenance_consumer_catches_up_on_a_missed_backup(home: Path, procs: list[Proc]) -> None:
