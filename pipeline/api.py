@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
 import operator
 import os
 import shutil
@@ -200,7 +201,7 @@ def wait(
     """
     cfg = _config(config)
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf")
+        isinstance(timeout, bool) or not isinstance(timeout, numbers.Real) or not 0 <= timeout < float("inf")
     ):
         raise BadInputError(f"timeout must be None or a number of seconds, 0 or more, got {timeout!r}")
     remote = cfg.remote_producers
@@ -409,7 +410,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
     from pipeline.guards import unicode_problem
     from pipeline.locks import CommitLock
     from pipeline.queryserver import ask
-    from pipeline.writer import open_store
+    from pipeline.writer import no_database, open_store
 
     if not isinstance(text, str):
         raise BadInputError(f"the search text must be a string, got {type(text).__name__}")
@@ -428,7 +429,7 @@ def search(text: str, collection: str, k: int = 5, config: Config | None = None)
         ledger.sources.check_model(collection, cfg.model)
         # Nothing committed and no database: said so, no directory made. With chunks committed,
         # a missing database is judged under the commit lock (a recovery renames it meanwhile).
-        if not cfg.chroma_url and not (cfg.chroma_dir / "chroma.sqlite3").exists() and not ledger.committed_count():
+        if no_database(cfg) and not ledger.committed_count():
             raise NotFoundError(f"no collection {collection!r} in {cfg.chroma_shown}")
     finally:
         ledger.close()

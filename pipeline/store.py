@@ -221,12 +221,16 @@ class Store:
         """Delete a collection (server rebuilds); a missing one is fine."""
         from chromadb.errors import NotFoundError as ChromaNotFound
 
-        self._collections.pop(collection, None)
-        self._configured.discard(collection)
+        self._forget(collection)
         try:
             self.client.delete_collection(collection)
         except (ChromaNotFound, ValueError):
             pass
+
+    def _forget(self, name: str) -> None:
+        """Drop this process's handle of a collection: the next use looks it up again."""
+        self._collections.pop(name, None)
+        self._configured.discard(name)
 
     def close(self) -> None:
         """Stop this process's Chroma system now, while the caller still holds the commit lock.
@@ -352,8 +356,7 @@ class Store:
         try:
             return op(col)
         except ChromaNotFound:
-            self._collections.pop(name, None)
-            self._configured.discard(name)
+            self._forget(name)
             col = self.collection(name, create)
             logger.warning(
                 "collection %s was deleted by another Chroma client since this process opened it: %s", name,

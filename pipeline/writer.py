@@ -64,27 +64,23 @@ def _refusal_types() -> tuple[type[BaseException], ...]:
 _REFUSALS = _refusal_types()
 
 
-def has_database(config: Config, ledger: Ledger | None = None) -> bool:
-    """Whether the data home's Chroma has its database (a server always has). A local
-    directory without it while the ledger holds committed chunks (a restore killed before
-    it copied, a directory removed) is a StoreError: made afresh, a writer would fill an
-    empty directory and searches would see only its new chunks, until a check found the
-    rest missing."""
-    if config.chroma_url is not None or (config.chroma_dir / "chroma.sqlite3").exists():
-        return True
-    committed = _committed(config, ledger)
-    if committed:
+def no_database(config: Config) -> bool:
+    """Whether the data home's Chroma is a local directory without its database yet (a
+    server always has one)."""
+    return config.chroma_url is None and not (config.chroma_dir / "chroma.sqlite3").exists()
+
+
+def open_store(config: Config, ledger: Ledger | None = None) -> Store:
+    """The data home's Chroma, made if there is none yet. A local directory without its
+    database while the ledger holds committed chunks (a restore killed before it copied, a
+    directory removed) is a StoreError: made afresh, a writer would fill an empty directory
+    and searches would see only its new chunks, until a check found the rest missing."""
+    if no_database(config) and (committed := _committed(config, ledger)):
         raise StoreError(
             f"the Chroma directory {config.chroma_dir} has no database, but the ledger holds"
             f" {committed:,} committed chunks",
             hint="run `indexq recover`: it restores the newest backup or rebuilds from the ledger",
         )
-    return False
-
-
-def open_store(config: Config, ledger: Ledger | None = None) -> Store:
-    """The data home's Chroma, made if there is none yet (``has_database``)."""
-    has_database(config, ledger)
     try:
         return Store.open(config)
     except IndexqError:  # a server that does not answer, a process forked from a Chroma one: as they are
